@@ -1,0 +1,188 @@
+"""Ingestion: the wave's manifest (checksums, splits, quarantine) and its 256 px slice shards."""
+
+
+import tempfile
+import time
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import polars as pl
+
+from mri_assets.core.ingest import DecodeSettings, SourceObject, decode_wave
+from mri_assets.core.manifest import READY_MARKER, finish_manifest, raw_prefix, reconcile
+from mri_assets.core.slice_shards import (
+    manifest_key,
+    pack_shard,
+    read_npy,
+    slice_keys,
+    staging_keys,
+    write_npy,
+)
+from mri_assets.partitions import N_SHARDS, wave_and_shard, wave_partitions, wave_shard_partitions
+from mri_assets.resources.object_store import LocalObjectStore, ObjectStore
+from mri_assets.resources.settings import IngestSettings
+
+RECONCILE_CHECK = "counts_reconcile"
+
+
+def list_raw_sources(store: ObjectStore, wave: str) -> list[SourceObject]:
+    """The wave's raw objects, each pinned to the version read (where the store versions)."""
+    infos = [
+        info
+        for info in store.list(raw_prefix(wave))
+        if Path(info.key).name != READY_MARKER
+    ]
+    if isinstance(store, LocalObjectStore):
+        return [SourceObject(info.key, None, path=str(store.local_path(info.key))) for info in infos]
+    sources = []
+    for info in infos:
+        data, version = store.get_versioned(info.key)
+        sources.append(SourceObject(info.key, version, data=data))
+    return sources
+
+
+def _write_parquet(store: ObjectStore, key: str, frame: pl.DataFrame, scratch: Path) -> None:
+    path = scratch / Path(key).name
+    frame.write_parquet(path, compression="zstd", statistics=True)
+    store.put_file(key, path)
+
+
+def _stage_shards(store: ObjectStore, wave: str, staged, scratch: Path) -> int:
+    written = 0
+    for shard in range(N_SHARDS):
+        npy_key, index_key = staging_keys(wave, shard)
+        pixels = staged.shard_array(shard)
+        store.put_file(npy_key, write_npy(scratch / f"stage-{shard:02d}.npy", pixels))
+        ids = pl.DataFrame({"image_id": staged.index.get(shard, [])}, schema={"image_id": pl.String})
+        _write_parquet(store, index_key, ids, scratch)
+        written += len(pixels)
+    return written
+
+
+def _markdown_table(frame: pl.DataFrame) -> str:
+    if frame.height == 0:
+        return "none"
+    header = "| " + " | ".join(frame.columns) + " |\n|" + "---|" * len(frame.columns) + "\n"
+    body = "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in frame.iter_rows())
+    return header + body
+
+
+def _summary_table(manifest: pl.DataFrame, column: str) -> dict[str, int]:
+    return {str(k): int(v) for k, v in manifest.group_by(column).len().sort(column).iter_rows()}
+
+
+@dg.asset(
+    partitions_def=wave_partitions,
+    group_name="ingest",
+    kinds={"polars", "parquet"},
+    check_specs=[dg.AssetCheckSpec(RECONCILE_CHECK, asset="manifest", blocking=True,
+                                   description="listed = ok + duplicate + quarantined")],
+)
+def manifest(context: dg.AssetExecutionContext, object_store: ObjectStore, ingest: IngestSettings):
+    """One row per slice of the wave's raw objects: checksums, patient split, status and reason.
+
+    Every object is decoded once here (a broken or duplicate slice can only be found by decoding);
+    the 256 px pixels are staged per shard for the `slices` asset.
+    """
+    wave = context.partition_key
+    started = time.perf_counter()
+    sources = list_raw_sources(object_store, wave)
+    context.log.info(f"wave {wave}: {len(sources)} raw objects listed under {raw_prefix(wave)}")
+    settings = ingest.manifest_settings(N_SHARDS)
+    decode = DecodeSettings(wave=wave, n_shards=N_SHARDS, window=ingest.window())
+    done = {"objects": 0}
+
+    def log_progress(n: int) -> None:
+        done["objects"] += n
+        if done["objects"] % 200 < n or done["objects"] == len(sources):
+            context.log.info(f"decoded {done['objects']}/{len(sources)} objects")
+
+    with tempfile.TemporaryDirectory(dir=None) as scratch_dir:
+        scratch = Path(scratch_dir)
+        rows, staged = decode_wave(sources, decode, scratch / "spill", ingest.workers(), log_progress)
+        frame = finish_manifest(rows, settings).with_columns(
+            pl.lit(wave).alias("wave"),
+            pl.col("source_key").map_elements(object_store.uri, return_dtype=pl.String)
+            .alias("source_uri"),
+        )
+        _write_parquet(object_store, manifest_key(wave), frame, scratch)
+        staged_count = _stage_shards(object_store, wave, staged, scratch)
+    seconds = time.perf_counter() - started
+    check = reconcile([s.key for s in sources], frame)
+    counts = _summary_table(frame, "status")
+    reasons = (
+        frame.filter(pl.col("status") == "quarantined")
+        .group_by("reason").len().sort("len", descending=True).head(20)
+    )
+    yield dg.Output(
+        frame,
+        metadata={
+            "objects_listed": len(sources),
+            "slices": frame.height,
+            "ok": counts.get("ok", 0),
+            "duplicate": counts.get("duplicate", 0),
+            "quarantined": counts.get("quarantined", 0),
+            "staged_slices": staged_count,
+            "splits": dg.MetadataValue.json(_summary_table(frame.filter(pl.col("status") == "ok"), "split")),
+            "formats": dg.MetadataValue.json(_summary_table(frame, "format")),
+            "quarantine_reasons": dg.MetadataValue.md(_markdown_table(reasons)),
+            "seconds": round(seconds, 2),
+            "slices_per_s": round(frame.height / max(seconds, 1e-9), 1),
+            "store_path": object_store.uri(manifest_key(wave)),
+            "salt": "development salt: set MRI_ASSETS_SALT" if ingest.uses_dev_salt() else "secret",
+            "dagster/row_count": frame.height,
+        },
+    )
+    yield dg.AssetCheckResult(
+        check_name=RECONCILE_CHECK,
+        passed=check.passed,
+        metadata={
+            "listed_objects": check.listed_objects,
+            "rows": check.rows,
+            "ok": check.ok,
+            "duplicate": check.duplicate,
+            "quarantined": check.quarantined,
+            "detail": check.describe(),
+        },
+    )
+
+
+@dg.asset(
+    partitions_def=wave_shard_partitions,
+    deps=[manifest],
+    group_name="ingest",
+    kinds={"numpy"},
+)
+def slices(context: dg.AssetExecutionContext, object_store: ObjectStore) -> dg.Output[dict]:
+    """The shard's `ok` slices, 256 px uint8, lossless, in a memmap-able `.npy` with an index."""
+    wave, shard = wave_and_shard(context)
+    started = time.perf_counter()
+    wanted = (
+        pl.scan_parquet(object_store.local_path(manifest_key(wave)))
+        .filter((pl.col("shard") == shard) & (pl.col("status") == "ok"))
+        .select("image_id", "split", "slice_index", "source_uri")
+        .collect()
+    )
+    stage_npy, stage_index = staging_keys(wave, shard)
+    staged = read_npy(object_store.local_path(stage_npy))
+    staged_ids = pl.read_parquet(object_store.local_path(stage_index))["image_id"].to_list()
+    packed = pack_shard(staged, staged_ids, wanted)
+    npy_key, index_key = slice_keys(wave, shard)
+    with tempfile.TemporaryDirectory() as scratch_dir:
+        scratch = Path(scratch_dir)
+        object_store.put_file(npy_key, write_npy(scratch / "slices.npy", packed.pixels))
+        _write_parquet(object_store, index_key, packed.index, scratch)
+    seconds = time.perf_counter() - started
+    value = {"wave": wave, "shard": shard, "count": packed.count, "npy_key": npy_key,
+             "index_key": index_key}
+    return dg.Output(
+        value,
+        metadata={
+            "count": packed.count,
+            "bytes": int(packed.pixels.nbytes),
+            "images_per_s": round(packed.count / max(seconds, 1e-9), 1),
+            "store_path": object_store.uri(npy_key),
+            "mean_intensity": float(np.mean(packed.pixels)) if packed.count else 0.0,
+        },
+    )

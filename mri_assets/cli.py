@@ -1,0 +1,167 @@
+"""The `mri-assets` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from mri_assets.core.home import MriHome
+
+
+def _home(args: argparse.Namespace) -> MriHome:
+    if getattr(args, "home", None):
+        os.environ["MRI_ASSETS_HOME"] = str(Path(args.home).resolve())
+    return MriHome.from_env().ensure()
+
+
+def _defs():
+    from mri_assets.definitions import build_defs
+
+    return build_defs()
+
+
+def cmd_sample_data(args: argparse.Namespace) -> int:
+    from mri_assets.core.sample_data import build_sample_data
+
+    summary = build_sample_data(
+        Path(args.out), n_slices=args.slices, seed=args.seed, wave_style=args.wave_style,
+        include_bad=not args.no_bad, progress=True,
+    )
+    print(summary)
+    return 0
+
+
+def _ingest(home: MriHome, wave: str, source: str) -> str:
+    from mri_assets.core.manifest import validate_wave_key
+    from mri_assets.local_run import dagster_instance
+    from mri_assets.partitions import WAVES
+    from mri_assets.resources.landing import land_wave
+    from mri_assets.resources.object_store import store_from_uri
+
+    validate_wave_key(wave)
+    defs = _defs()
+    store = defs.resources["object_store"]
+    salt = defs.resources["ingest"].salt
+    salt = salt.get_value() if hasattr(salt, "get_value") else salt
+    source_store = store_from_uri(source, cache_dir=str(home.cache))
+    with tqdm(desc=f"landing {wave}", unit="file") as bar:
+        report = land_wave(source_store, "", store, wave, salt, on_file=bar.update)
+    instance = dagster_instance(home)
+    if not instance.has_dynamic_partition(WAVES, wave):
+        instance.add_dynamic_partitions(WAVES, [wave])
+    return report.describe()
+
+
+def cmd_ingest_wave(args: argparse.Namespace) -> int:
+    print(_ingest(_home(args), args.wave, args.source))
+    return 0
+
+
+def _run_wave(home: MriHome, wave: str, selection: str | None) -> bool:
+    from mri_assets.local_run import dagster_instance, materialize_wave
+
+    defs = _defs()
+    instance = dagster_instance(home)
+    with tqdm(desc=f"materializing {wave}", unit="step") as bar:
+        report = materialize_wave(defs, instance, wave, selection, on_step=lambda _: bar.update())
+    if not report.success:
+        print(f"wave {wave}: failed at {report.failed}; see the run in `make dev` "
+              f"(run ids: {report.runs[-1:]})", file=sys.stderr)
+    return report.success
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return 0 if _run_wave(_home(args), args.wave, args.select) else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mri_assets.demo import run_demo
+
+    return run_demo(_home(args), slices=args.slices, seed=args.seed)
+
+
+def cmd_triage_serve(args: argparse.Namespace) -> int:
+    from mri_assets.triage.app import serve
+
+    _home(args)
+    serve(args.host, args.port)
+    return 0
+
+
+def cmd_triage_add_user(args: argparse.Namespace) -> int:
+    import getpass
+
+    from mri_assets.triage.app import add_user
+
+    _home(args)
+    password = sys.stdin.readline().rstrip("\n") if args.password_stdin else getpass.getpass()
+    add_user(args.username, password, args.role)
+    print(f"annotator {args.username!r} ({args.role}) added")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mri-assets", description=__doc__)
+    parser.add_argument("--home", help="state folder (default: $MRI_ASSETS_HOME or ./.mri_assets)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="sample data -> pilot wave -> every asset, with a summary")
+    demo.add_argument("--slices", type=int, default=2000)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+
+    sample = sub.add_parser("sample-data", help="write a landing folder built from real scans")
+    sample.add_argument("--out", required=True)
+    sample.add_argument("--slices", type=int, default=2000)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--wave-style", choices=["t1", "epi", "mixed"], default="t1")
+    sample.add_argument("--no-bad", action="store_true", help="leave out the broken files")
+    sample.set_defaults(func=cmd_sample_data)
+
+    ingest = sub.add_parser("ingest-wave", help="land a folder or S3 prefix as raw/WAVE/ and register it")
+    ingest.add_argument("wave")
+    ingest.add_argument("--source", required=True, help="a folder, file:// or s3://bucket/prefix")
+    ingest.set_defaults(func=cmd_ingest_wave)
+
+    run = sub.add_parser("run", help="materialize a wave in this process")
+    run.add_argument("wave")
+    run.add_argument("--select", help="Dagster asset selection, e.g. 'manifest slices'")
+    run.set_defaults(func=cmd_run)
+
+    triage = sub.add_parser("triage", help="the clinicians' labeling web app").add_subparsers(
+        dest="triage_command", required=True
+    )
+    serve = triage.add_parser("serve", help="run the triage app (env MRI_ASSETS_TRIAGE_SECRET, "
+                              "MRI_ASSETS_METRICS_TOKEN)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8765)
+    serve.set_defaults(func=cmd_triage_serve)
+    add_user = triage.add_parser("add-user", help="create a clinician or admin account")
+    add_user.add_argument("username")
+    add_user.add_argument("--role", choices=["clinician", "admin"], default="clinician")
+    add_user.add_argument("--password-stdin", action="store_true",
+                          help="read the password from stdin instead of prompting")
+    add_user.set_defaults(func=cmd_triage_add_user)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    started = time.perf_counter()
+    try:
+        code = args.func(args)
+    except (ValueError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.command in ("demo", "run", "ingest-wave"):
+        print(f"({time.perf_counter() - started:.1f} s)")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
