@@ -9,15 +9,20 @@ import os
 
 import dagster as dg
 
-from mri_assets.assets import ingest
+from mri_assets.assets import clustering, embeddings, ingest, labeling
 from mri_assets.core.home import MriHome
 from mri_assets.executors import check_profile, executor_for
-from mri_assets.jobs import ingest_wave_job
+from mri_assets.jobs import active_learning_job, drift_check_job, ingest_wave_job
+from mri_assets.resources.compute import ComputeResource
+from mri_assets.resources.dvc_tracking import DvcTracking
+from mri_assets.resources.label_store import LabelStore
+from mri_assets.resources.mlflow_tracking import MlflowTracking
 from mri_assets.resources.object_store import LocalObjectStore, ObjectStore
-from mri_assets.resources.settings import IngestSettings
-from mri_assets.sensors import wave_sensor
+from mri_assets.resources.settings import ClusteringSettings, IngestSettings, LabelingSettings
+from mri_assets.schedules import weekly_drift_check
+from mri_assets.sensors import ari_drift_sensor, wave_sensor
 
-ASSET_MODULES = [ingest]
+ASSET_MODULES = [ingest, embeddings, clustering, labeling]
 
 
 def _salt() -> str | dg.EnvVar:
@@ -50,11 +55,50 @@ def _io_manager(profile: str, home: MriHome):
     return dg.FilesystemIOManager(base_dir=str(home.dagster / "storage"))
 
 
+def _env_or(name: str, default: str) -> str | dg.EnvVar:
+    return dg.EnvVar(name) if os.environ.get(name) else default
+
+
+def _dvc(profile: str, home: MriHome) -> DvcTracking:
+    bucket = os.environ.get("MRI_ASSETS_S3_BUCKET")
+    if profile == "k8s" or bucket:
+        prefix = os.environ.get("MRI_ASSETS_S3_PREFIX", "").strip("/")
+        remote = f"s3://{bucket or 'mri-assets'}/{prefix + '/' if prefix else ''}dvc-remote"
+        return DvcTracking(repo_dir=str(home.dvc_repo), remote_url=remote,
+                           remote_endpoint_url=os.environ.get("MRI_ASSETS_S3_ENDPOINT_URL"))
+    return DvcTracking(repo_dir=str(home.dvc_repo), remote_url=str(home.dvc_remote))
+
+
+def _compute(profile: str) -> ComputeResource:
+    if profile == "local":
+        return ComputeResource()
+    return ComputeResource(device=os.environ.get("MRI_ASSETS_DEVICE", "auto"),
+                           num_workers=int(os.environ.get("MRI_ASSETS_LOADER_WORKERS", "0")),
+                           batch_size=int(os.environ.get("MRI_ASSETS_BATCH_SIZE", "64")))
+
+
+def _mlflow(home: MriHome) -> MlflowTracking:
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return MlflowTracking(tracking_uri=dg.EnvVar("MLFLOW_TRACKING_URI"),
+                              experiment_name=os.environ.get("MRI_ASSETS_EXPERIMENT", "mri_assets"))
+    return MlflowTracking.local(home.root)
+
+
+def _label_store(home: MriHome) -> LabelStore:
+    return LabelStore(url=_env_or("MRI_ASSETS_LABELS_URL", f"sqlite:///{home.labels_db}"))
+
+
 def resources_for(profile: str, home: MriHome) -> dict:
     return {
         "object_store": _object_store(profile, home),
         "ingest": IngestSettings(salt=_salt()),
         "io_manager": _io_manager(profile, home),
+        "compute": _compute(profile),
+        "dvc": _dvc(profile, home),
+        "mlflow": _mlflow(home),
+        "label_store": _label_store(home),
+        "clustering": ClusteringSettings(),
+        "labeling": LabelingSettings(),
     }
 
 
@@ -63,8 +107,9 @@ def build_defs(profile: str | None = None, home: MriHome | None = None) -> dg.De
     home = home or MriHome.from_env()
     return dg.Definitions(
         assets=dg.load_assets_from_modules(ASSET_MODULES),
-        jobs=[ingest_wave_job],
-        sensors=[wave_sensor],
+        jobs=[ingest_wave_job, active_learning_job, drift_check_job],
+        sensors=[wave_sensor, ari_drift_sensor],
+        schedules=[weekly_drift_check],
         resources=resources_for(profile, home),
         executor=executor_for(profile),
     )

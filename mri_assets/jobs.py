@@ -12,3 +12,19 @@ ingest_wave_job = dg.define_asset_job(
     partitions_def=wave_partitions,
     description="Build a wave's manifest; its shards follow by automation.",
 )
+
+ACTIVE_LEARNING_JOB = "active_learning"
+
+active_learning_job = dg.define_asset_job(
+    ACTIVE_LEARNING_JOB,
+    selection=dg.AssetSelection.assets("labeling_queue"),
+    partitions_def=wave_partitions,
+    description="Queue a wave's most informative slices for the clinicians (requested on ARI drift).",
+)
+
+drift_check_job = dg.define_asset_job(
+    "drift_check",
+    selection=dg.AssetSelection.assets("clusters"),
+    partitions_def=wave_partitions,
+    description="Re-cluster a wave with the current labels; the drift sensor reads the result.",
+)

@@ -14,6 +14,7 @@ from mri_assets.core.home import MriHome
 from mri_assets.executors import GPU_POOL
 from mri_assets.partitions import WAVES, shard_partitions, wave_shard_key, wave_shard_partitions
 
+QUIET_CONSOLE = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 REPO_DAGSTER_YAML = Path(__file__).resolve().parent.parent / "dagster.yaml"
 
 
@@ -93,6 +94,7 @@ def materialize_wave(
                 instance=instance,
                 resources=defs.resources,
                 raise_on_error=False,
+                run_config=QUIET_CONSOLE,
             )
             report.runs.append(result.run_id)
             if not result.success:

@@ -3,10 +3,12 @@
 
 import dagster as dg
 
+from mri_assets.core.drift_watch import ClustersObservation, DriftWatch
 from mri_assets.core.manifest import READY_MARKER, WaveKeyError, validate_wave_key
-from mri_assets.jobs import ingest_wave_job
+from mri_assets.jobs import ACTIVE_LEARNING_JOB, ingest_wave_job
 from mri_assets.partitions import WAVES, wave_partitions
 from mri_assets.resources.object_store import ObjectStore
+from mri_assets.resources.settings import ClusteringSettings
 
 
 def ready_waves(store: ObjectStore) -> list[str]:
@@ -39,3 +41,45 @@ def wave_sensor(context: dg.SensorEvaluationContext, object_store: ObjectStore):
         run_requests=[dg.RunRequest(run_key=wave, partition_key=wave) for wave in new_waves],
         dynamic_partitions_requests=[wave_partitions.build_add_request(new_waves)],
     )
+
+
+def clusters_observation(record, drift_k: int) -> ClustersObservation | None:
+    """The drift-relevant figures of one `clusters` materialization record."""
+    materialization = record.asset_materialization
+    if materialization is None or materialization.partition is None:
+        return None
+    metadata = {key: value.value for key, value in materialization.metadata.items()}
+    ari = metadata.get(f"ari_k{drift_k}")
+    return ClustersObservation(
+        storage_id=record.storage_id,
+        wave=materialization.partition,
+        model_id=str(metadata.get("model_id", "unknown")),
+        k=drift_k,
+        ari=float(ari) if isinstance(ari, (int, float)) else None,
+    )
+
+
+@dg.sensor(job_name=ACTIVE_LEARNING_JOB, minimum_interval_seconds=60,
+           default_status=dg.DefaultSensorStatus.RUNNING)
+def ari_drift_sensor(context: dg.SensorEvaluationContext, clustering: ClusteringSettings):
+    """Requests active learning for a wave whose ARI at k drops > 10 % below the baseline's."""
+    settings = clustering.checked()
+    watch = DriftWatch.from_cursor(context.cursor)
+    result = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("clusters"),
+                              after_storage_id=watch.after_storage_id or None),
+        limit=200, ascending=True,
+    )
+    requests = []
+    for record in result.records:
+        seen = clusters_observation(record, settings.drift_k)
+        if seen is None:
+            continue
+        decision, run_key = watch.observe(seen, settings.drift_threshold, settings.baseline_wave)
+        context.log.info(f"clusters[{seen.wave}]: {decision.status}: {decision.reason}")
+        if run_key is not None:
+            requests.append(dg.RunRequest(
+                run_key=run_key, partition_key=seen.wave,
+                tags={"mri_assets/trigger": "ari_drift", "mri_assets/drift": decision.reason[:200]},
+            ))
+    return dg.SensorResult(run_requests=requests, cursor=watch.to_cursor())

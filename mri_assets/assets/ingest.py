@@ -153,6 +153,7 @@ def manifest(context: dg.AssetExecutionContext, object_store: ObjectStore, inges
     deps=[manifest],
     group_name="ingest",
     kinds={"numpy"},
+    automation_condition=dg.AutomationCondition.eager(),
 )
 def slices(context: dg.AssetExecutionContext, object_store: ObjectStore) -> dg.Output[dict]:
     """The shard's `ok` slices, 256 px uint8, lossless, in a memmap-able `.npy` with an index."""

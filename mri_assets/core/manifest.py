@@ -182,21 +182,27 @@ def finish_manifest(rows: pl.DataFrame, settings: ManifestSettings) -> pl.DataFr
     )
     frame = frame.join(lookup, on="patient_identifier", how="left").drop("patient_identifier")
     frame = frame.sort(["source_key", "slice_index"])
-    first_copy = (
-        pl.when(pl.col("status") == "ok")
-        .then(pl.col("image_id").first().over("pixel_sha256", "status"))
-        .otherwise(None)
-    )
-    frame = frame.with_columns(first_copy.alias("_first"))
-    is_duplicate = (pl.col("status") == "ok") & (pl.col("_first") != pl.col("image_id"))
+    readable = pl.col("status") == "ok"
     frame = frame.with_columns(
-        pl.when(is_duplicate).then(pl.lit("duplicate")).otherwise(pl.col("status")).alias("status"),
-        pl.when(is_duplicate).then(pl.col("_first")).otherwise(None).alias("duplicate_of"),
-        pl.when(is_duplicate)
-        .then(pl.format("same pixels as {}", pl.col("_first")))
-        .otherwise(pl.col("reason"))
-        .alias("reason"),
-    ).drop("_first")
+        (readable & ~pl.col("pixel_sha256").is_first_distinct()).alias("_duplicate")
+    )
+    first_copies = (
+        frame.filter(readable & ~pl.col("_duplicate"))
+        .select("pixel_sha256", pl.col("image_id").alias("duplicate_of"))
+    )
+    duplicates = (
+        frame.filter(pl.col("_duplicate"))
+        .drop("_duplicate")
+        .join(first_copies, on="pixel_sha256", how="left")
+        .with_columns(
+            pl.lit("duplicate").alias("status"),
+            pl.format("same pixels as {}", pl.col("duplicate_of")).alias("reason"),
+        )
+    )
+    frame = pl.concat(
+        [frame.filter(~pl.col("_duplicate")).drop("_duplicate"), duplicates],
+        how="diagonal_relaxed",
+    ).sort(["source_key", "slice_index"])
     for name, dtype in MANIFEST_SCHEMA.items():
         if name not in frame.columns:
             frame = frame.with_columns(pl.lit(None, dtype=dtype).alias(name))

@@ -47,6 +47,15 @@ def _landing_bytes(data: bytes, salt: str) -> tuple[bytes, bool]:
         return data, False
 
 
+NOT_RAW_NAMES = ("labels.csv", READY_MARKER)
+
+
+def is_raw_file(relative: str) -> bool:
+    """Ground-truth tables, markers and hidden files sit beside the scans but are not scans."""
+    name = relative.split("/")[-1]
+    return bool(name) and name not in NOT_RAW_NAMES and not name.startswith(".")
+
+
 def land_wave(
     source: ObjectStore,
     source_prefix: str,
@@ -55,14 +64,14 @@ def land_wave(
     salt: str,
     on_file: Callable[[], None] | None = None,
 ) -> LandingReport:
-    """Copy every file below `source_prefix` into `raw/WAVE/`, skip identical ones, write `_READY`."""
+    """Copy every raw file below `source_prefix` into `raw/WAVE/`, skip identical ones, mark ready."""
     prefix = raw_prefix(wave)
     existing = {info.key for info in target.list(prefix)}
     listed = copied = skipped = deidentified = copied_bytes = 0
     base = source_prefix.strip("/")
     for info in source.list(base):
         relative = info.key[len(base):].lstrip("/") if base else info.key
-        if not relative or relative.split("/")[-1] == READY_MARKER:
+        if not is_raw_file(relative):
             continue
         listed += 1
         data, changed = _landing_bytes(source.get_bytes(info.key), salt)

@@ -45,3 +45,37 @@ class IngestSettings(ConfigurableResource):
 
     def uses_dev_salt(self) -> bool:
         return self.salt == DEV_SALT
+
+
+class ClusteringSettings(ConfigurableResource):
+    """PCA/KMeans and the drift rule."""
+
+    variance_target: float = Field(default=0.9, description="PCA keeps the fewest components reaching it")
+    seed: int = 0
+    drift_k: int = Field(default=4, description="the k whose ARI is watched for drift")
+    drift_threshold: float = Field(default=0.10, description="relative ARI drop that counts as drift")
+    baseline_wave: str | None = Field(
+        default=None, description="pin the drift baseline to this wave (default: first wave with ARI)"
+    )
+
+    def checked(self) -> "ClusteringSettings":
+        if not 0 < self.variance_target <= 1:
+            raise ValueError(f"variance_target must be in (0, 1], got {self.variance_target}")
+        if self.drift_k not in (2, 3, 4):
+            raise ValueError(f"drift_k must be one of 2, 3, 4 (the fitted k), got {self.drift_k}")
+        if not 0 < self.drift_threshold < 1:
+            raise ValueError(f"drift_threshold must be in (0, 1), got {self.drift_threshold}")
+        return self
+
+
+class LabelingSettings(ConfigurableResource):
+    """What the active-learning queue asks of the clinicians."""
+
+    classes: list[str] = Field(
+        default_factory=lambda: ["axial_inferior", "axial_superior", "coronal", "sagittal"],
+        description="the class set clinicians choose from",
+    )
+    batch_size: int = Field(default=200, description="training slices queued per wave and request")
+    holdout_per_wave: int = Field(default=100, description="holdout slices queued for evaluation")
+    duplicate_radius: float = Field(default=0.0, description="PCA distance below which two slices are near-duplicates")
+    seed: int = 0

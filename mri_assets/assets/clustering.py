@@ -1,0 +1,144 @@
+"""Clustering for drift monitoring: PCA keeping 90 % of the variance, KMeans at k = 2, 3, 4."""
+
+import base64
+import io
+
+import dagster as dg
+import polars as pl
+
+from mri_assets.assets.embeddings import embeddings, embeddings_key
+from mri_assets.core.clustering import PcaModel, cluster_scores, cluster_wave, fit_streaming_pca
+from mri_assets.core.embed import read_embeddings
+from mri_assets.core.expert_labels import align_labels, expert_label_per_image
+from mri_assets.core.plots import projection_png
+from mri_assets.partitions import N_SHARDS, wave_partitions
+from mri_assets.resources.label_store import LabelStore
+from mri_assets.resources.mlflow_tracking import MlflowTracking
+from mri_assets.resources.object_store import ObjectStore
+from mri_assets.resources.settings import ClusteringSettings
+
+KS = (2, 3, 4)
+
+
+def pca_key(wave: str) -> str:
+    return f"models/pca/{wave}.npz"
+
+
+def clusters_key(wave: str) -> str:
+    return f"clusters/{wave}/clusters.parquet"
+
+
+def wave_embeddings(store: ObjectStore, wave: str):
+    """A factory of the wave's embedding shards, in shard order, plus their ids and model id."""
+    paths = [store.local_path(embeddings_key(wave, shard)) for shard in range(N_SHARDS)]
+    ids: list[str] = []
+    model_ids: set[str] = set()
+    for path in paths:
+        shard_ids, _, meta = read_embeddings(path)
+        ids.extend(shard_ids)
+        model_ids.add(meta["model_id"])
+    if len(model_ids) > 1:
+        raise ValueError(
+            f"wave {wave} mixes embeddings of several models {sorted(model_ids)}: "
+            "re-materialize its embeddings with one model"
+        )
+
+    def shards():
+        for path in paths:
+            yield read_embeddings(path)[1]
+
+    return shards, ids, model_ids.pop() if model_ids else "none"
+
+
+@dg.asset(
+    partitions_def=wave_partitions,
+    deps=[embeddings],
+    group_name="drift",
+    kinds={"numpy", "mlflow"},
+    automation_condition=dg.AutomationCondition.eager(),
+)
+def pca_model(
+    context: dg.AssetExecutionContext,
+    object_store: ObjectStore,
+    mlflow: MlflowTracking,
+    clustering: ClusteringSettings,
+) -> dg.Output[dict]:
+    """PCA fitted once per wave, streaming over its shards; keeps the fewest components ≥ 90 %."""
+    wave = context.partition_key
+    shards, ids, model_id = wave_embeddings(object_store, wave)
+    pca = fit_streaming_pca(shards(), clustering.variance_target)
+    data = pca.to_bytes()
+    object_store.put_bytes(pca_key(wave), data)
+    with mlflow.start_wave_run(wave, "pca", tags={"model_id": model_id}, new_run=True) as run_id:
+        mlflow.log_params(run_id, {"model_id": model_id, "variance_target": clustering.variance_target,
+                                   "n_components": pca.n_components, "n_slices": len(ids)})
+        mlflow.log_metrics(run_id, {"explained_variance": pca.explained_variance_total})
+        mlflow.log_artifact_bytes(run_id, "pca.npz", data, artifact_path="models")
+    return dg.Output(
+        {"wave": wave, "key": pca_key(wave), "model_id": model_id, "n_components": pca.n_components},
+        metadata={
+            "n_components": pca.n_components,
+            "explained_variance": round(pca.explained_variance_total, 4),
+            "embedding_dim": pca.dim,
+            "slices": len(ids),
+            "model_id": model_id,
+            "store_path": object_store.uri(pca_key(wave)),
+            "mlflow_run_id": run_id,
+        },
+    )
+
+
+@dg.asset(
+    partitions_def=wave_partitions,
+    deps=[pca_model],
+    group_name="drift",
+    kinds={"polars", "mlflow"},
+    automation_condition=dg.AutomationCondition.eager(),
+)
+def clusters(
+    context: dg.AssetExecutionContext,
+    object_store: ObjectStore,
+    label_store: LabelStore,
+    mlflow: MlflowTracking,
+    clustering: ClusteringSettings,
+) -> dg.Output[pl.DataFrame]:
+    """KMeans at k = 2, 3, 4 on the wave's PCA projection; ARI/NMI on the labeled subset."""
+    wave = context.partition_key
+    shards, ids, model_id = wave_embeddings(object_store, wave)
+    pca = PcaModel.from_bytes(object_store.get_bytes(pca_key(wave)))
+    result = cluster_wave(shards, KS, seed=clustering.seed, pca=pca)
+    truth = align_labels(ids, expert_label_per_image(label_store.labels_snapshot(None)))
+    frame = pl.DataFrame({"image_id": ids, **{f"cluster_k{k}": result.labels[k] for k in KS}})
+    scores = {k: cluster_scores(truth, result.labels[k]) for k in KS}
+    plotted_truth = [truth[i] for i in result.plot_index]
+    png = projection_png(result.plot_coords, result.labels[clustering.drift_k][result.plot_index],
+                         plotted_truth, f"wave {wave}: PCA projection")
+    buffer = io.BytesIO()
+    frame.write_parquet(buffer)
+    object_store.put_bytes(clusters_key(wave), buffer.getvalue())
+    with mlflow.start_wave_run(wave, "clusters", tags={"model_id": model_id}, new_run=True) as run_id:
+        mlflow.log_params(run_id, {"model_id": model_id, "n_components": pca.n_components,
+                                   "seed": clustering.seed, "ks": ",".join(map(str, KS))})
+        mlflow.log_metrics(run_id, {f"{name}_k{k}": scores[k][name] for k in KS
+                                    for name in ("ari", "nmi")})
+        mlflow.log_png(run_id, "projection.png", png)
+    metadata = {
+        "model_id": model_id,
+        "n_components": pca.n_components,
+        "slices": len(ids),
+        "labeled_slices": int(sum(t is not None for t in truth)),
+        "drift_k": clustering.drift_k,
+        "mlflow_run_id": run_id,
+        "projection": dg.MetadataValue.md(_png_markdown(png)),
+    }
+    for k in KS:
+        for name in ("ari", "nmi"):
+            value = scores[k][name]
+            metadata[f"{name}_k{k}"] = float(value) if value is not None else "not computable"
+    if scores[clustering.drift_k]["ari"] is None:
+        metadata["ari_reason"] = str(scores[clustering.drift_k]["reason"])
+    return dg.Output(frame, metadata=metadata)
+
+
+def _png_markdown(png: bytes) -> str:
+    return f"![projection](data:image/png;base64,{base64.b64encode(png).decode()})"

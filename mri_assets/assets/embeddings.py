@@ -1,0 +1,72 @@
+"""Embeddings: one float16 vector per slice, per shard, on the GPU pool, tracked by DVC."""
+
+import tempfile
+from pathlib import Path
+
+import dagster as dg
+
+from mri_assets.assets.ingest import slices
+from mri_assets.core.embed import embed_shard, write_embeddings
+from mri_assets.core.slice_shards import shard_name, slice_keys
+from mri_assets.executors import GPU_POOL, gpu_step_tags
+from mri_assets.partitions import wave_and_shard, wave_shard_partitions
+from mri_assets.resources.compute import ComputeResource
+from mri_assets.resources.dvc_tracking import DvcTracking
+from mri_assets.resources.object_store import ObjectStore
+
+
+def embeddings_key(wave: str, shard: int) -> str:
+    return f"embeddings/{wave}/{shard_name(shard)}.arrow"
+
+
+@dg.asset(
+    partitions_def=wave_shard_partitions,
+    deps=[slices],
+    group_name="embed",
+    kinds={"pytorch", "dvc"},
+    pool=GPU_POOL,
+    op_tags=gpu_step_tags(),
+    retry_policy=dg.RetryPolicy(max_retries=2, delay=5),
+    automation_condition=dg.AutomationCondition.eager(),
+)
+def embeddings(
+    context: dg.AssetExecutionContext,
+    object_store: ObjectStore,
+    compute: ComputeResource,
+    dvc: DvcTracking,
+) -> dg.Output[dict]:
+    """The shard's slices through the backbone: `image_id` + float16 vector, in the store and DVC."""
+    wave, shard = wave_and_shard(context)
+    npy_key, index_key = slice_keys(wave, shard)
+    model = compute.build_backbone()
+    device, precision, device_note = compute.device_and_precision()
+    result = embed_shard(
+        object_store.local_path(npy_key), object_store.local_path(index_key), model, device,
+        precision, compute.batch_size, compute.num_workers,
+    )
+    key = embeddings_key(wave, shard)
+    with tempfile.TemporaryDirectory() as scratch:
+        path = write_embeddings(Path(scratch) / Path(key).name, result.image_ids,
+                                result.embeddings, model.model_id)
+        object_store.put_file(key, path)
+        record = dvc.track(path, key)
+    context.log.info(f"{wave}/{shard:02d}: {result.images} slices in {result.seconds:.1f} s on {device}")
+    return dg.Output(
+        {"wave": wave, "shard": shard, "key": key, "count": result.images,
+         "model_id": model.model_id, "dim": model.dim},
+        metadata={
+            "images": result.images,
+            "seconds": round(result.seconds, 3),
+            "ms_per_image": round(result.ms_per_image, 3),
+            "images_per_s": round(result.images / max(result.seconds, 1e-9), 1),
+            "device": str(device),
+            "device_note": device_note,
+            "precision": precision,
+            "model_id": model.model_id,
+            "dim": model.dim,
+            "store_path": object_store.uri(key),
+            "dvc_path": record.dvc_path,
+            "dvc_md5": record.md5,
+            "dvc_remote": record.remote,
+        },
+    )

@@ -1,0 +1,128 @@
+"""The labeling loop: the active-learning queue and the snapshot of the clinicians' labels."""
+
+import io
+
+import dagster as dg
+import numpy as np
+import polars as pl
+
+from mri_assets.assets.clustering import pca_key, pca_model, wave_embeddings
+from mri_assets.core.clustering import PcaModel
+from mri_assets.core.expert_labels import expert_label_per_image
+from mri_assets.core.selection import (
+    entropy_from_probs,
+    holdout_for_evaluation,
+    select_for_labeling,
+    soft_assignment,
+)
+from mri_assets.core.slice_shards import manifest_key
+from mri_assets.partitions import wave_partitions
+from mri_assets.resources.label_store import LabelStore
+from mri_assets.resources.object_store import ObjectStore
+from mri_assets.resources.settings import ClusteringSettings, LabelingSettings
+
+
+def wave_projection(store: ObjectStore, wave: str) -> tuple[list[str], np.ndarray]:
+    """The wave's image ids and their PCA coordinates (the fitted transform, never refitted)."""
+    shards, ids, _ = wave_embeddings(store, wave)
+    pca = PcaModel.from_bytes(store.get_bytes(pca_key(wave)))
+    coords = np.concatenate([pca.transform(block) for block in shards()]) if ids else np.zeros((0, 1))
+    return ids, coords
+
+
+def cluster_centroids(coords: np.ndarray, assignment: np.ndarray) -> np.ndarray:
+    return np.stack([coords[assignment == c].mean(axis=0) for c in np.unique(assignment)])
+
+
+def split_of(store: ObjectStore, wave: str, image_ids: list[str]) -> np.ndarray:
+    manifest = pl.read_parquet(io.BytesIO(store.get_bytes(manifest_key(wave))),
+                               columns=["image_id", "split", "status"])
+    lookup = dict(manifest.filter(pl.col("status") == "ok").select("image_id", "split").iter_rows())
+    return np.array([lookup.get(i, "train") for i in image_ids])
+
+
+@dg.asset(
+    partitions_def=wave_partitions,
+    deps=[pca_model],
+    group_name="labeling",
+    kinds={"sqlalchemy"},
+)
+def labeling_queue(
+    context: dg.AssetExecutionContext,
+    clusters: pl.DataFrame,
+    object_store: ObjectStore,
+    label_store: LabelStore,
+    clustering: ClusteringSettings,
+    labeling: LabelingSettings,
+) -> dg.MaterializeResult:
+    """Top-entropy, diverse, cluster-balanced slices pushed to the label store, within budget.
+
+    Holdout-split slices are queued only as `holdout` items (evaluation), never for training.
+    """
+    wave = context.partition_key
+    ids, coords = wave_projection(object_store, wave)
+    frame = pl.DataFrame({"image_id": ids}).join(clusters, on="image_id", how="left")
+    assignment = frame[f"cluster_k{clustering.drift_k}"].to_numpy().astype(np.int64)
+    probs = soft_assignment(coords, cluster_centroids(coords, assignment))
+    entropy = entropy_from_probs(probs)
+    labeled = set(expert_label_per_image(label_store.labels_snapshot(None))["image_id"].to_list())
+    exclude = np.array([i in labeled for i in ids])
+    holdout = split_of(object_store, wave, ids) == "holdout"
+    stats = label_store.stats()
+    room = int(stats["budget_left_cases"])
+    n_holdout = min(labeling.holdout_per_wave, room)
+    n_train = min(labeling.batch_size, max(room - n_holdout, 0))
+    picked = select_for_labeling(entropy, coords, assignment, n_train, labeling.seed,
+                                 exclude=exclude, holdout=holdout,
+                                 duplicate_radius=labeling.duplicate_radius)
+    reserved = holdout_for_evaluation(assignment, holdout, n_holdout, labeling.seed, exclude=exclude)
+    items = [
+        {"image_id": ids[i], "priority": float(p), "reason": r, "kind": "expert"}
+        for i, p, r in zip(picked.indices, picked.priority, picked.reason)
+    ] + [
+        {"image_id": ids[i], "priority": float(p) - 1.0, "reason": r, "kind": "holdout"}
+        for i, p, r in zip(reserved.indices, reserved.priority, reserved.reason)
+    ]
+    queued = label_store.enqueue(wave, items, labeling.classes)
+    after = label_store.stats()
+    return dg.MaterializeResult(metadata={
+        "offered": len(items),
+        "queued": queued,
+        "queued_for_training": len(picked),
+        "queued_holdout": len(reserved),
+        "queue_size": int(after["queue_size"]),
+        "budget_left_cases": int(after["budget_left_cases"]),
+        "budget_left_eur": float(after["budget_left_eur"]),
+        "mean_entropy_queued": float(np.mean(picked.entropy)) if len(picked) else 0.0,
+        "entropy_source": "k-means soft assignment",
+    })
+
+
+@dg.asset(
+    partitions_def=wave_partitions,
+    deps=[labeling_queue],
+    group_name="labeling",
+    kinds={"polars"},
+)
+def expert_labels(context: dg.AssetExecutionContext, label_store: LabelStore) -> dg.Output[pl.DataFrame]:
+    """The label store's labels at materialization time, so training is reproducible."""
+    wave = context.partition_key
+    snapshot = label_store.labels_snapshot(None)
+    per_image = expert_label_per_image(snapshot)
+    stats = label_store.stats()
+    per_class = dict(per_image.group_by("label").len().sort("label").iter_rows())
+    kappa = stats.get("kappa")
+    return dg.Output(
+        snapshot,
+        metadata={
+            "labels": snapshot.height,
+            "labeled_slices": per_image.height,
+            "per_class": dg.MetadataValue.json(per_class),
+            "annotators": dg.MetadataValue.json(stats["labels_per_annotator"]),
+            "agreement_kappa": float(kappa) if kappa is not None else "not computable",
+            "qa_pairs": int(stats["qa_pairs"]),
+            "label_count": label_store.label_count(),
+            "wave": wave,
+        },
+    )
+

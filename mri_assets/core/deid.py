@@ -1,0 +1,190 @@
+"""De-identification of DICOM objects after the DICOM PS3.15 Annex E basic profile.
+
+What this does, per Table E.1-1 of the basic application level confidentiality profile:
+
+- attributes that name or locate a person, an institution or a device, and every study/series/
+  acquisition date and time, are removed (`X`) or, where the standard makes them type 2, kept
+  as empty values (`Z`). That includes PatientSex (`Z`) and PatientAge/Size/Weight (`X`): they are
+  only kept under the "Retain Patient Characteristics" option, which we do not claim;
+- PatientName and PatientID are replaced with the caller's pseudonym;
+- instance UIDs (everything outside the `1.2.840.10008.` standard root) are replaced (`U`) by
+  `2.25.<int of sha256(uid)>`, so the same source UID always maps to the same new UID and a series
+  stays a series across files;
+- private tags and overlay groups (60xx, may hold burned text) are removed;
+- PatientIdentityRemoved = YES, DeidentificationMethod and its code sequence are set.
+
+The result is deterministic: the same bytes and pseudonym give the same output bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import struct
+
+from mri_assets.core.imaging import UnreadableImage, is_dicom
+
+EMPTY_KEYWORDS = (
+    "AccessionNumber",
+    "ContentDate",
+    "ContentTime",
+    "PatientBirthDate",
+    "PatientSex",
+    "ReferringPhysicianName",
+    "StudyDate",
+    "StudyID",
+    "StudyTime",
+)
+
+REMOVED_KEYWORDS = (
+    "AcquisitionDate",
+    "AcquisitionDateTime",
+    "AcquisitionTime",
+    "AdditionalPatientHistory",
+    "AdmissionID",
+    "AdmittingDiagnosesDescription",
+    "Allergies",
+    "BranchOfService",
+    "CountryOfResidence",
+    "CurrentPatientLocation",
+    "DeviceSerialNumber",
+    "EthnicGroup",
+    "FrameComments",
+    "ImageComments",
+    "InstanceCreationDate",
+    "InstanceCreationTime",
+    "InstanceCreatorUID",
+    "InstitutionAddress",
+    "InstitutionCodeSequence",
+    "InstitutionName",
+    "InstitutionalDepartmentName",
+    "IssuerOfPatientID",
+    "LastMenstrualDate",
+    "MedicalAlerts",
+    "MedicalRecordLocator",
+    "MilitaryRank",
+    "NameOfPhysiciansReadingStudy",
+    "Occupation",
+    "OperatorsName",
+    "OtherPatientIDs",
+    "OtherPatientIDsSequence",
+    "OtherPatientNames",
+    "PatientAddress",
+    "PatientAge",
+    "PatientBirthName",
+    "PatientBirthTime",
+    "PatientComments",
+    "PatientInsurancePlanCodeSequence",
+    "PatientMotherBirthName",
+    "PatientReligiousPreference",
+    "PatientSize",
+    "PatientState",
+    "PatientTelephoneNumbers",
+    "PatientWeight",
+    "PerformedProcedureStepDescription",
+    "PerformedProcedureStepID",
+    "PerformedProcedureStepStartDate",
+    "PerformedProcedureStepStartTime",
+    "PerformingPhysicianName",
+    "PhysiciansOfRecord",
+    "PregnancyStatus",
+    "ProtocolName",
+    "ReferencedPatientSequence",
+    "ReferringPhysicianAddress",
+    "ReferringPhysicianTelephoneNumbers",
+    "RegionOfResidence",
+    "RequestAttributesSequence",
+    "RequestingPhysician",
+    "ResponsibleOrganization",
+    "ResponsiblePerson",
+    "SeriesDate",
+    "SeriesDescription",
+    "SeriesTime",
+    "SmokingStatus",
+    "StationName",
+    "StudyDescription",
+)
+
+REPLACED_KEYWORDS = ("PatientName", "PatientID")
+
+PHI_KEYWORDS = tuple(sorted(EMPTY_KEYWORDS + REMOVED_KEYWORDS + REPLACED_KEYWORDS))
+
+STANDARD_UID_ROOT = "1.2.840.10008."
+DEIDENTIFICATION_METHOD = "PS3.15 E.1-1 basic profile; UIDs 2.25.sha256 (mri_assets)"
+
+
+def remapped_uid(uid: str) -> str:
+    """Deterministic replacement for an instance UID: `2.25.` + 128 bits of sha256(uid)."""
+    return "2.25." + str(int(hashlib.sha256(uid.encode()).hexdigest()[:32], 16))
+
+
+def _clean_dataset(ds, pseudonym: str) -> None:
+    for keyword in REMOVED_KEYWORDS:
+        if keyword in ds:
+            delattr(ds, keyword)
+    for keyword in EMPTY_KEYWORDS:
+        if keyword in ds:
+            ds.data_element(keyword).value = ""
+    for keyword in REPLACED_KEYWORDS:
+        if keyword in ds:
+            ds.data_element(keyword).value = pseudonym
+    for tag in [element.tag for element in ds if 0x6000 <= element.tag.group <= 0x60FF]:
+        del ds[tag]
+    for element in ds:
+        if element.VR == "UI" and element.value:
+            element.value = _remap_uid_value(element.value)
+        elif element.VR == "SQ":
+            for item in element.value:
+                _clean_dataset(item, pseudonym)
+
+
+def _remap_uid_value(value):
+    if isinstance(value, str):
+        return value if value.startswith(STANDARD_UID_ROOT) else remapped_uid(value)
+    return [
+        uid if str(uid).startswith(STANDARD_UID_ROOT) else remapped_uid(str(uid)) for uid in value
+    ]
+
+
+def _mark_deidentified(ds) -> None:
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = DEIDENTIFICATION_METHOD
+    code = Dataset()
+    code.CodeValue = "113100"
+    code.CodingSchemeDesignator = "DCM"
+    code.CodeMeaning = "Basic Application Confidentiality Profile"
+    ds.DeidentificationMethodCodeSequence = Sequence([code])
+    ds.LongitudinalTemporalInformationModified = "REMOVED"
+
+
+def deidentify_dicom(data: bytes, pseudonym: str) -> bytes:
+    """DICOM bytes with the basic-profile PHI removed and the patient renamed to `pseudonym`.
+
+    Bytes that are not DICOM come back unchanged. A cut-off header keeps only the elements pydicom
+    could parse (all cleaned); a header pydicom cannot parse at all raises `UnreadableImage`.
+    """
+    if not is_dicom(data):
+        return data
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except (InvalidDicomError, EOFError, ValueError, OSError, KeyError, struct.error) as exc:
+        raise UnreadableImage(f"unreadable DICOM header, cannot de-identify: {exc}") from exc
+    ds.remove_private_tags()
+    _clean_dataset(ds, pseudonym)
+    for keyword in REPLACED_KEYWORDS:
+        setattr(ds, keyword, pseudonym)
+    _mark_deidentified(ds)
+    file_meta = getattr(ds, "file_meta", None)
+    if file_meta is not None and "MediaStorageSOPInstanceUID" in file_meta:
+        file_meta.MediaStorageSOPInstanceUID = _remap_uid_value(
+            file_meta.MediaStorageSOPInstanceUID
+        )
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=file_meta is not None and "TransferSyntaxUID" in file_meta)
+    return out.getvalue()

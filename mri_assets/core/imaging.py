@@ -1,0 +1,491 @@
+"""Decode one raw object (PNG, JPEG, DICOM, NIfTI) into windowed, 256 px uint8 slices.
+
+The format comes from the content (PNG/JPEG signatures, the DICM preamble, the NIfTI header),
+never from the name alone; the name's extension is only checked against it. A 2-D file is one
+slice windowed on its own; a volume (NIfTI, multi-frame DICOM) is windowed once over all its
+voxels so its slices keep their relative contrast.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import struct
+import warnings
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+MIN_SIDE = 32
+MAX_SIDE = 8192
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_SIGNATURE = b"\xff\xd8\xff"
+GZIP_SIGNATURE = b"\x1f\x8b"
+
+_EXTENSION_FORMATS = (
+    (".nii.gz", "nifti"),
+    (".nii", "nifti"),
+    (".png", "png"),
+    (".jpg", "jpeg"),
+    (".jpeg", "jpeg"),
+    (".jpe", "jpeg"),
+    (".dcm", "dicom"),
+    (".dicom", "dicom"),
+    (".ima", "dicom"),
+)
+
+_SUGGESTED_EXTENSION = {"png": ".png", "jpeg": ".jpg", "dicom": ".dcm", "nifti": ".nii / .nii.gz"}
+
+_INTEGER_HISTOGRAM_MAX_RANGE = 1 << 20
+
+
+class UnreadableImage(ValueError):
+    """Raised when an object cannot be decoded into slices; `reason` says what is wrong."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ProcessedSlice:
+    slice_index: int
+    pixels: np.ndarray
+    pixel_sha256: str
+    height: int
+    width: int
+    window_low: float
+    window_high: float
+
+
+@dataclass(frozen=True)
+class ProcessedObject:
+    format: str
+    patient_id: str | None
+    slices: tuple[ProcessedSlice, ...]
+    quarantined_slices: tuple[tuple[int, str], ...]
+    normalization: str
+
+
+@dataclass(frozen=True)
+class _DecodedStack:
+    """Raw decoded slices, shape (n, rows, cols), native byte order. NIfTI slices are stored
+    (i, j) and shown transposed with rows flipped, so anterior/superior is at the top."""
+
+    stack: np.ndarray
+    is_volume: bool
+    patient_id: str | None
+    nifti_display: bool
+
+
+def format_from_extension(name: str) -> str | None:
+    lower = name.lower()
+    for suffix, fmt in _EXTENSION_FORMATS:
+        if lower.endswith(suffix):
+            return fmt
+    return None
+
+
+def _nifti_sizeof_hdr(data: bytes) -> int | None:
+    if len(data) < 4:
+        return None
+    for order in ("<", ">"):
+        (size,) = struct.unpack(order + "i", data[:4])
+        if size in (348, 540):
+            return size
+    return None
+
+
+def detect_format(data: bytes) -> str | None:
+    """The format the bytes hold: "png", "jpeg", "dicom", "nifti" or None."""
+    if data.startswith(PNG_SIGNATURE):
+        return "png"
+    if data.startswith(JPEG_SIGNATURE):
+        return "jpeg"
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "dicom"
+    if data.startswith(GZIP_SIGNATURE):
+        head = _gunzip_head(data, 4)
+        return "nifti" if head is not None and _nifti_sizeof_hdr(head) else None
+    if _nifti_sizeof_hdr(data):
+        return "nifti"
+    if len(data) >= 8 and data[:2] in (b"\x08\x00", b"\x02\x00") and data[4:6].isalpha():
+        return "dicom"
+    return None
+
+
+def is_dicom(data: bytes) -> bool:
+    return detect_format(data) == "dicom"
+
+
+def _gunzip_head(data: bytes, n: int) -> bytes | None:
+    try:
+        return zlib.decompressobj(31).decompress(data, n)
+    except zlib.error:
+        return None
+
+
+def _check_side_lengths(rows: int, cols: int, what: str) -> None:
+    for side in (rows, cols):
+        if side < MIN_SIDE or side > MAX_SIDE:
+            raise UnreadableImage(
+                f"{what} is {rows}x{cols} px (height x width); every side must be between {MIN_SIDE} and {MAX_SIDE} px"
+            )
+
+
+def _native(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype.byteorder not in ("=", "|") and arr.dtype.byteorder != _NATIVE_ORDER:
+        return arr.astype(arr.dtype.newbyteorder("="))
+    return arr
+
+
+_NATIVE_ORDER = "<" if np.little_endian else ">"
+
+
+def _decode_pil(data: bytes, fmt: str) -> _DecodedStack:
+    label = fmt.upper()
+    try:
+        img = Image.open(io.BytesIO(data))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise UnreadableImage(f"unreadable {label}: {exc}") from exc
+    width, height = img.size
+    _check_side_lengths(height, width, f"{label} image")
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise UnreadableImage(f"truncated or corrupt {label}: {exc}") from exc
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F", "L"):
+        arr = np.asarray(img)
+    else:
+        arr = np.asarray(img.convert("L"))
+    return _DecodedStack(
+        _native(arr)[np.newaxis], is_volume=False, patient_id=None, nifti_display=False
+    )
+
+
+def _decode_dicom(data: bytes) -> _DecodedStack:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import get_decoder
+
+    has_preamble = len(data) >= 132 and data[128:132] == b"DICM"
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=not has_preamble)
+    except (InvalidDicomError, EOFError, ValueError, OSError, KeyError, struct.error) as exc:
+        raise UnreadableImage(f"unreadable DICOM header: {exc}") from exc
+    if "PixelData" not in ds:
+        raise UnreadableImage("DICOM object has no Pixel Data element: it is not an image")
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    _check_side_lengths(rows, cols, "DICOM image")
+    file_meta = getattr(ds, "file_meta", None)
+    tsuid = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    if tsuid is not None and tsuid.is_compressed:
+        decoder = get_decoder(tsuid)
+        if not decoder.is_available:
+            raise UnreadableImage(
+                f"no decoder installed for DICOM transfer syntax {tsuid.name} ({tsuid}); "
+                f"install one of: {'; '.join(decoder.missing_dependencies)}"
+            )
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*excess padding.*", category=UserWarning)
+            arr = ds.pixel_array
+    except (
+        ValueError,
+        EOFError,
+        OSError,
+        KeyError,
+        struct.error,
+        RuntimeError,
+        NotImplementedError,
+    ) as exc:
+        raise UnreadableImage(f"truncated or corrupt DICOM pixel data: {exc}") from exc
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if samples > 1:
+        arr = _luminance(arr)
+    if frames == 1:
+        arr = arr[np.newaxis]
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+        arr = arr.max() - arr
+    patient_id = str(ds.get("PatientID", "") or "").strip() or None
+    return _DecodedStack(
+        _native(arr), is_volume=frames > 1, patient_id=patient_id, nifti_display=False
+    )
+
+
+def _luminance(rgb: np.ndarray) -> np.ndarray:
+    weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    return (rgb[..., :3].astype(np.float32) @ weights).astype(np.float32)
+
+
+def _decode_nifti(data: bytes) -> _DecodedStack:
+    import nibabel as nib
+
+    if data.startswith(GZIP_SIGNATURE):
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise UnreadableImage(f"truncated or corrupt gzip stream around NIfTI: {exc}") from exc
+    size = _nifti_sizeof_hdr(data)
+    if size is None:
+        found = struct.unpack("<i", data[:4])[0] if len(data) >= 4 else None
+        raise UnreadableImage(
+            f"unreadable NIfTI header: sizeof_hdr is {found}, expected 348 (NIfTI-1) or 540 (NIfTI-2)"
+        )
+    magic = data[344:348] if size == 348 else data[4:8]
+    if magic[:3] in (b"ni1", b"ni2"):
+        raise UnreadableImage(
+            "NIfTI header of a .hdr/.img pair: upload a single-file .nii or .nii.gz"
+        )
+    image_class = nib.Nifti1Image if size == 348 else nib.Nifti2Image
+    try:
+        img = image_class.from_bytes(data)
+        arr = np.asanyarray(img.dataobj)
+    except (ValueError, EOFError, OSError, nib.filebasedimages.ImageFileError, TypeError) as exc:
+        detail = " ".join(str(exc).split())
+        raise UnreadableImage(f"unreadable or truncated NIfTI: {detail}") from exc
+    if arr.ndim < 2:
+        raise UnreadableImage(f"NIfTI data has {arr.ndim} dimension(s); an image needs at least 2")
+    if arr.dtype.kind not in "uifb":
+        raise UnreadableImage(
+            f"NIfTI data type {arr.dtype} (complex or RGB) is not a scalar intensity image; "
+            "store magnitude or grey values"
+        )
+    if arr.dtype.kind == "b":
+        arr = arr.astype(np.uint8)
+    if arr.ndim == 2:
+        stack = arr[np.newaxis]
+    else:
+        slice_dim = img.header.get_dim_info()[2]
+        axis = slice_dim if slice_dim is not None and slice_dim < 3 else 2
+        extra = int(np.prod(arr.shape[3:])) if arr.ndim > 3 else 1
+        spatial = arr.reshape(arr.shape[:3] + (extra,))
+        moved = np.moveaxis(spatial, (3, axis), (0, 1))
+        stack = moved.reshape((extra * moved.shape[1],) + moved.shape[2:])
+    _check_side_lengths(stack.shape[1], stack.shape[2], "NIfTI slice")
+    stack = np.ascontiguousarray(stack, dtype=stack.dtype.newbyteorder("="))
+    return _DecodedStack(stack, is_volume=stack.shape[0] > 1, patient_id=None, nifti_display=True)
+
+
+def _decode(data: bytes, fmt: str) -> _DecodedStack:
+    if fmt in ("png", "jpeg"):
+        return _decode_pil(data, fmt)
+    if fmt == "dicom":
+        return _decode_dicom(data)
+    return _decode_nifti(data)
+
+
+def _resolve_format(data: bytes, name: str) -> str:
+    if len(data) == 0:
+        raise UnreadableImage(f"empty object (0 bytes): {name}")
+    claimed = format_from_extension(name)
+    found = detect_format(data)
+    if found is None:
+        if claimed == "nifti":
+            size = struct.unpack("<i", data[:4])[0] if len(data) >= 4 else None
+            raise UnreadableImage(
+                f"unreadable NIfTI header: sizeof_hdr is {size}, expected 348 (NIfTI-1) or 540 (NIfTI-2)"
+            )
+        if claimed is not None:
+            raise UnreadableImage(
+                f"not a {claimed.upper()} file: the extension says {claimed} but the content has no "
+                f"{claimed.upper()} signature (first bytes {data[:8]!r})"
+            )
+        raise UnreadableImage(
+            f"not an image: the content matches no PNG, JPEG, DICOM or NIfTI signature (first bytes {data[:8]!r})"
+        )
+    if claimed is not None and claimed != found:
+        raise UnreadableImage(
+            f"wrong extension: the name says {claimed} but the content is {found}; "
+            f"rename it to {_SUGGESTED_EXTENSION[found]}"
+        )
+    return found
+
+
+def _small_integer_range(arr: np.ndarray) -> tuple[int, int] | None:
+    """(min, max) of an integer array whose value range is small enough for a histogram/LUT."""
+    if arr.dtype.kind not in "ui" or arr.size == 0:
+        return None
+    lo_val, hi_val = int(arr.min()), int(arr.max())
+    if hi_val - lo_val >= min(_INTEGER_HISTOGRAM_MAX_RANGE, max(arr.size, 256)):
+        return None
+    return lo_val, hi_val
+
+
+def _offset_values(arr: np.ndarray, lo_val: int) -> tuple[np.ndarray, int]:
+    """(indices, base): `arr - base` as non-negative integers; base is 0 (no copy) when possible."""
+    if lo_val >= 0 and arr.dtype.itemsize <= 2:
+        return arr, 0
+    return arr.astype(np.int64) - lo_val, lo_val
+
+
+def _integer_percentiles(
+    arr: np.ndarray, value_range: tuple[int, int], pcts: tuple[float, float]
+) -> tuple[float, float]:
+    """Exact linear-interpolated percentiles (as np.percentile) from a value histogram."""
+    lo_val, hi_val = value_range
+    if lo_val == hi_val:
+        return float(lo_val), float(hi_val)
+    indices, base = _offset_values(arr, lo_val)
+    counts = np.bincount(indices.ravel(), minlength=hi_val - base + 1)[lo_val - base :]
+    cumulative = np.cumsum(counts)
+    total = int(cumulative[-1])
+    result = []
+    for pct in pcts:
+        position = pct / 100.0 * (total - 1)
+        rank = int(np.floor(position))
+        frac = position - rank
+        below = int(np.searchsorted(cumulative, rank, side="right"))
+        above = int(np.searchsorted(cumulative, min(rank + 1, total - 1), side="right"))
+        result.append(lo_val + below + frac * (above - below))
+    return float(result[0]), float(result[1])
+
+
+@dataclass(frozen=True)
+class _Window:
+    low: float
+    high: float
+    finite: np.ndarray | None
+    value_range: tuple[int, int] | None
+
+
+def _window(arr: np.ndarray, low_pct: float, high_pct: float) -> _Window:
+    """Percentile window over the finite values, plus what `_apply_window` can reuse."""
+    value_range = _small_integer_range(arr)
+    if value_range is not None:
+        return _Window(
+            *_integer_percentiles(arr, value_range, (low_pct, high_pct)), None, value_range
+        )
+    finite = None
+    values = arr
+    if arr.dtype.kind == "f":
+        finite_mask = np.isfinite(arr)
+        if not finite_mask.all():
+            finite = finite_mask
+            values = arr[finite_mask]
+    if values.size == 0:
+        return _Window(0.0, 0.0, finite, None)
+    low, high = np.percentile(values, (low_pct, high_pct))
+    return _Window(float(low), float(high), finite, None)
+
+
+def _apply_window(arr: np.ndarray, window: _Window) -> np.ndarray:
+    low, high = window.low, window.high
+    scale = 255.0 / (high - low) if high > low else 0.0
+    if window.value_range is not None:
+        lo_val, hi_val = window.value_range
+        indices, base = _offset_values(arr, lo_val)
+        levels = np.arange(base, hi_val + 1, dtype=np.float64)
+        lut = np.clip((levels - low) * scale + 0.5, 0, 255).astype(np.uint8)
+        return lut[indices]
+    scaled = (arr.astype(np.float32) - np.float32(low)) * np.float32(scale) + np.float32(0.5)
+    if window.finite is not None:
+        scaled[~window.finite] = 0
+    np.clip(scaled, 0, 255, out=scaled)
+    return scaled.astype(np.uint8)
+
+
+def normalize_to_uint8(
+    arr: np.ndarray, low_pct: float, high_pct: float
+) -> tuple[np.ndarray, float, float]:
+    """Map `arr` to uint8 through its [low_pct, high_pct] percentile window (finite values only)."""
+    arr = _native(np.asarray(arr))
+    window = _window(arr, low_pct, high_pct)
+    return _apply_window(arr, window), window.low, window.high
+
+
+def resize_to_square(img_u8: np.ndarray, size: int = 256) -> np.ndarray:
+    """Scale the longer side to `size` (aspect kept, bilinear) and centre on a zero square."""
+    height, width = img_u8.shape
+    if height == size and width == size:
+        return np.ascontiguousarray(img_u8)
+    scale = size / max(height, width)
+    new_h = max(1, min(size, round(height * scale)))
+    new_w = max(1, min(size, round(width * scale)))
+    resized = np.asarray(
+        Image.fromarray(np.ascontiguousarray(img_u8)).resize((new_w, new_h), Image.BILINEAR)
+    )
+    if new_h == size and new_w == size:
+        return resized
+    out = np.zeros((size, size), dtype=np.uint8)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    out[top : top + new_h, left : left + new_w] = resized
+    return out
+
+
+def _slice_sha256(raw_slice: np.ndarray) -> str:
+    digest = hashlib.sha256(f"{raw_slice.dtype.str}:{raw_slice.shape}:".encode())
+    digest.update(np.ascontiguousarray(raw_slice).data)
+    return digest.hexdigest()
+
+
+def _slice_problems(stack: np.ndarray) -> dict[int, str]:
+    problems: dict[int, str] = {}
+    if stack.dtype.kind == "f":
+        non_finite = (~np.isfinite(stack)).sum(axis=(1, 2))
+        for index in np.flatnonzero(non_finite):
+            problems[int(index)] = (
+                f"slice has {int(non_finite[index])} non-finite values (NaN/inf); fix or mask the source data"
+            )
+    lows = stack.min(axis=(1, 2))
+    highs = stack.max(axis=(1, 2))
+    for index in np.flatnonzero(lows == highs):
+        if int(index) not in problems:
+            problems[int(index)] = (
+                f"constant slice (every pixel is {lows[index].item()}): no image content"
+            )
+    return problems
+
+
+def process_object(
+    data: bytes, name: str, size: int = 256, window: tuple[float, float] = (0.5, 99.5)
+) -> ProcessedObject:
+    """Decode one raw object into windowed `size` px uint8 slices plus the slices it had to quarantine.
+
+    Raises `UnreadableImage` when the object as a whole cannot be read.
+    """
+    fmt = _resolve_format(data, name)
+    decoded = _decode(data, fmt)
+    stack = decoded.stack
+    low_pct, high_pct = window
+    problems = _slice_problems(stack)
+    if decoded.is_volume:
+        volume_window = _window(stack, low_pct, high_pct)
+        stack_u8 = _apply_window(stack, volume_window)
+        windows = [(volume_window.low, volume_window.high)] * stack.shape[0]
+        scope = "per volume"
+    else:
+        stack_u8 = np.empty(stack.shape, dtype=np.uint8)
+        windows = []
+        for index in range(stack.shape[0]):
+            stack_u8[index], low, high = normalize_to_uint8(stack[index], low_pct, high_pct)
+            windows.append((low, high))
+        scope = "per image"
+    slices = []
+    for index in range(stack.shape[0]):
+        if index in problems:
+            continue
+        shown = stack_u8[index].T[::-1] if decoded.nifti_display else stack_u8[index]
+        slices.append(
+            ProcessedSlice(
+                slice_index=index,
+                pixels=resize_to_square(shown, size),
+                pixel_sha256=_slice_sha256(stack[index]),
+                height=int(shown.shape[0]),
+                width=int(shown.shape[1]),
+                window_low=windows[index][0],
+                window_high=windows[index][1],
+            )
+        )
+    return ProcessedObject(
+        format=fmt,
+        patient_id=decoded.patient_id,
+        slices=tuple(slices),
+        quarantined_slices=tuple(sorted(problems.items())),
+        normalization=f"percentile {low_pct:g}/{high_pct:g} {scope} -> uint8, bilinear resize to {size} px, zero-padded",
+    )

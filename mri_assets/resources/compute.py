@@ -1,0 +1,58 @@
+"""Compute configuration for GPU-shaped work: which device, precision, batch size, workers and backbone."""
+
+from __future__ import annotations
+
+import dagster as dg
+import torch
+
+from mri_assets.core.backbone import ARCHS, WEIGHTS, Backbone, build_backbone
+from mri_assets.core.embed import DEVICES, PRECISIONS, resolve_device, resolve_precision
+
+MAX_BATCH_SIZE = 65536
+
+
+class ComputeResource(dg.ConfigurableResource):
+    """Device, precision and loader settings plus the backbone to build.
+
+    Defaults fit a small CPU node; GPU nodes set `device: cuda`, `num_workers: 8` and a large
+    `batch_size` in their profile's config.
+    """
+
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 64
+    num_workers: int = 0
+    arch: str = "resnet18"
+    weights: str = "none"
+    seed: int = 0
+    input_size: int | None = None
+
+    def validate(self) -> None:
+        """Raise ValueError naming the allowed values for the first setting that is off."""
+        checks = (
+            (self.device in DEVICES, f"compute.device={self.device!r}: allowed values are {list(DEVICES)}"),
+            (
+                self.precision in PRECISIONS,
+                f"compute.precision={self.precision!r}: allowed values are {list(PRECISIONS)}",
+            ),
+            (
+                1 <= self.batch_size <= MAX_BATCH_SIZE,
+                f"compute.batch_size={self.batch_size}: use an integer from 1 to {MAX_BATCH_SIZE}",
+            ),
+            (self.num_workers >= 0, f"compute.num_workers={self.num_workers}: use 0 (load in-process) or more"),
+            (self.arch in ARCHS, f"compute.arch={self.arch!r}: allowed values are {sorted(ARCHS)}"),
+            (self.weights in WEIGHTS, f"compute.weights={self.weights!r}: allowed values are {list(WEIGHTS)}"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def device_and_precision(self) -> tuple[torch.device, str, str]:
+        """(device, precision, note); the note says when `auto` fell back to the CPU."""
+        self.validate()
+        device, note = resolve_device(self.device)
+        return device, resolve_precision(self.precision, device), note
+
+    def build_backbone(self, checkpoint: bytes | None = None) -> Backbone:
+        self.validate()
+        return build_backbone(self.arch, self.weights, self.seed, checkpoint=checkpoint, input_size=self.input_size)

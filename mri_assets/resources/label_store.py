@@ -1,0 +1,809 @@
+"""The label store: labeling queue, expert labels, annotators, audit log and the labeling budget.
+
+SQLAlchemy Core over SQLite (default: `MRI_ASSETS_HOME/labels.db`, WAL mode, busy timeout) or
+PostgreSQL (by URL). The schema is versioned with Alembic (`resources/migrations/`) and brought
+to head automatically the first time the store is used.
+
+Every write happens in one transaction that first takes the write lock: `BEGIN IMMEDIATE` on
+SQLite, `SELECT ... FOR UPDATE` on the item and the budget row on PostgreSQL. So two clinicians
+never lease the same item and concurrent submissions cannot spend past the budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import polars as pl
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from dagster import ConfigurableResource
+from pydantic import PrivateAttr
+
+from mri_assets.core.agreement import cohen_kappa
+from mri_assets.core.budget import LabelBudget, cases_affordable, period_end, period_start
+from mri_assets.core.home import MriHome
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+ROLES = ("clinician", "admin")
+ENQUEUE_KINDS = ("expert", "holdout")
+_OPEN_STATES = ("queued", "leased")
+_PASSWORD_HASHER = PasswordHasher()
+_DUMMY_HASH = _PASSWORD_HASHER.hash("not-a-real-password")
+
+
+class LabelStoreError(RuntimeError):
+    """A label store operation was refused; the message says what to change."""
+
+
+class UnknownItem(LabelStoreError):
+    pass
+
+
+class LabelNotInClassSet(LabelStoreError):
+    pass
+
+
+class ItemLeasedToOther(LabelStoreError):
+    pass
+
+
+class LeaseLost(LabelStoreError):
+    pass
+
+
+class ItemClosed(LabelStoreError):
+    pass
+
+
+class BudgetExhausted(LabelStoreError):
+    pass
+
+
+class AnnotatorExists(LabelStoreError):
+    pass
+
+
+_metadata = sa.MetaData()
+queue_items = sa.Table(
+    "queue_items",
+    _metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("wave", sa.String),
+    sa.Column("image_id", sa.String),
+    sa.Column("priority", sa.Float),
+    sa.Column("reason", sa.Text),
+    sa.Column("state", sa.String),
+    sa.Column("lease_owner", sa.String),
+    sa.Column("lease_expires_at", sa.DateTime),
+    sa.Column("kind", sa.String),
+    sa.Column("class_set", sa.Text),
+    sa.Column("excluded_annotator", sa.String),
+    sa.Column("prediction", sa.String),
+    sa.Column("created_at", sa.DateTime),
+)
+labels = sa.Table(
+    "labels",
+    _metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("item_id", sa.Integer),
+    sa.Column("image_id", sa.String),
+    sa.Column("wave", sa.String),
+    sa.Column("label", sa.String),
+    sa.Column("annotator", sa.String),
+    sa.Column("created_at", sa.DateTime),
+    sa.Column("seconds_spent", sa.Float),
+    sa.Column("kind", sa.String),
+)
+annotators = sa.Table(
+    "annotators",
+    _metadata,
+    sa.Column("username", sa.String, primary_key=True),
+    sa.Column("password_hash", sa.Text),
+    sa.Column("role", sa.String),
+    sa.Column("created_at", sa.DateTime),
+)
+audit_log = sa.Table(
+    "audit_log",
+    _metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("who", sa.String),
+    sa.Column("what", sa.String),
+    sa.Column("at", sa.DateTime),
+    sa.Column("payload", sa.Text),
+)
+budget_periods = sa.Table(
+    "budget_periods",
+    _metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("starts_on", sa.Date),
+    sa.Column("ends_on", sa.Date),
+    sa.Column("cases_cap", sa.Integer),
+    sa.Column("cap_cents", sa.Integer),
+    sa.Column("cases_used", sa.Integer),
+    sa.Column("spent_cents", sa.Integer),
+)
+
+SNAPSHOT_SCHEMA = {
+    "label_id": pl.Int64,
+    "item_id": pl.Int64,
+    "wave": pl.String,
+    "image_id": pl.String,
+    "label": pl.String,
+    "annotator": pl.String,
+    "created_at": pl.Datetime("us"),
+    "seconds_spent": pl.Float64,
+    "kind": pl.String,
+    "queue_kind": pl.String,
+}
+
+
+def utc_now() -> datetime:
+    """Naive UTC, the form every timestamp has in the store."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def default_url() -> str:
+    home = MriHome.from_env()
+    home.root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{home.labels_db}"
+
+
+def migration_heads() -> list[str]:
+    from alembic.script import ScriptDirectory
+
+    return list(ScriptDirectory(str(MIGRATIONS_DIR)).get_heads())
+
+
+def _build_engine(url: str) -> sa.Engine:
+    if not url.startswith("sqlite"):
+        return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(connection) -> None:
+        write = connection.get_execution_options().get("label_store_write", False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    return engine
+
+
+def _picked_for_qa(image_id: str, fraction: float, seed: int) -> bool:
+    digest = hashlib.sha256(f"qa:{seed}:{image_id}".encode()).hexdigest()
+    return int(digest[:8], 16) / 2**32 < fraction
+
+
+def _item_dict(row) -> dict:
+    return {
+        "id": row.id,
+        "wave": row.wave,
+        "image_id": row.image_id,
+        "priority": row.priority,
+        "reason": row.reason,
+        "kind": row.kind,
+        "class_set": json.loads(row.class_set),
+        "prediction": row.prediction,
+        "lease_owner": row.lease_owner,
+        "lease_expires_at": row.lease_expires_at,
+    }
+
+
+def _validate_class_set(class_set: Sequence[str]) -> list[str]:
+    classes = list(class_set)
+    if not classes or not all(isinstance(c, str) and c for c in classes):
+        raise LabelStoreError(f"class_set must be a non-empty list of class names, got {classes!r}")
+    if len(set(classes)) != len(classes):
+        raise LabelStoreError(f"class_set has repeated names: {classes!r}")
+    return classes
+
+
+def _validate_queue_items(items: Sequence[dict]) -> list[dict]:
+    rows, seen = [], set()
+    for position, item in enumerate(items):
+        image_id = item.get("image_id")
+        if not isinstance(image_id, str) or not image_id:
+            raise LabelStoreError(f"item {position} has no image_id (a non-empty string): {item!r}")
+        if image_id in seen:
+            raise LabelStoreError(f"image_id {image_id!r} appears twice in one enqueue call")
+        seen.add(image_id)
+        priority = item.get("priority")
+        if not isinstance(priority, int | float) or not math.isfinite(priority):
+            raise LabelStoreError(f"item {image_id!r}: priority must be a finite number")
+        kind = item.get("kind", "expert")
+        if kind not in ENQUEUE_KINDS:
+            raise LabelStoreError(
+                f"item {image_id!r}: kind must be one of {ENQUEUE_KINDS} (QA items are made by "
+                f"the store), got {kind!r}"
+            )
+        rows.append(
+            {
+                "image_id": image_id,
+                "priority": float(priority),
+                "reason": str(item.get("reason", "")),
+                "kind": kind,
+                "prediction": item.get("prediction"),
+            }
+        )
+    return rows
+
+
+class LabelStore(ConfigurableResource):
+    """Durable queue + labels for the labeling loop. See the module docstring."""
+
+    url: str = ""
+    cases_per_period: int = 3000
+    eur_per_case: float = 0.50
+    eur_per_qa: float = 0.05
+    period_months: int = 3
+    qa_fraction: float = 0.10
+    qa_seed: int = 0
+    argon2_time_cost: int = 3
+    argon2_memory_kib: int = 65536
+
+    _engine: sa.Engine | None = PrivateAttr(default=None)
+    _engine_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _period_ready: object = PrivateAttr(default=None)
+
+    @property
+    def budget(self) -> LabelBudget:
+        return LabelBudget(
+            cases_per_period=self.cases_per_period,
+            eur_per_case=self.eur_per_case,
+            eur_per_qa=self.eur_per_qa,
+            period_months=self.period_months,
+        )
+
+    @property
+    def resolved_url(self) -> str:
+        return self.url or default_url()
+
+    @property
+    def dialect(self) -> str:
+        return self._db().dialect.name
+
+    def _db(self) -> sa.Engine:
+        with self._engine_lock:
+            if self._engine is None:
+                engine = _build_engine(self.resolved_url)
+                self._migrate(engine)
+                self._engine = engine
+            return self._engine
+
+    @staticmethod
+    def _migrate(engine: sa.Engine) -> None:
+        config = AlembicConfig()
+        config.set_main_option("script_location", str(MIGRATIONS_DIR))
+        with engine.connect() as connection:
+            connection.execution_options(label_store_write=True)
+            with connection.begin():
+                config.attributes["connection"] = connection
+                command.upgrade(config, "head")
+
+    def dispose(self) -> None:
+        """Close every pooled connection (the next call reopens)."""
+        with self._engine_lock:
+            if self._engine is not None:
+                self._engine.dispose()
+                self._engine = None
+
+    def schema_version(self) -> str | None:
+        with self._read() as conn:
+            return conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+
+    @contextmanager
+    def _write(self) -> Iterator[sa.Connection]:
+        with self._db().connect() as connection:
+            connection.execution_options(label_store_write=True)
+            with connection.begin():
+                yield connection
+
+    @contextmanager
+    def _read(self) -> Iterator[sa.Connection]:
+        with self._db().connect() as connection, connection.begin():
+            yield connection
+
+    @staticmethod
+    def _audit(conn: sa.Connection, who: str, what: str, payload: dict, now: datetime) -> None:
+        conn.execute(
+            audit_log.insert().values(
+                who=who, what=what, at=now, payload=json.dumps(payload, sort_keys=True)
+            )
+        )
+
+    def record_audit(self, who: str, what: str, payload: dict | None = None) -> None:
+        with self._write() as conn:
+            self._audit(conn, who, what, payload or {}, utc_now())
+
+    # -- budget ---------------------------------------------------------------------------
+
+    def _ensure_period(self, now: datetime):
+        starts_on = period_start(now, self.period_months)
+        if self._period_ready == starts_on:
+            return starts_on
+        budget = self.budget
+        try:
+            with self._write() as conn:
+                exists = conn.execute(
+                    sa.select(budget_periods.c.id).where(budget_periods.c.starts_on == starts_on)
+                ).first()
+                if exists is None:
+                    conn.execute(
+                        budget_periods.insert().values(
+                            starts_on=starts_on,
+                            ends_on=period_end(starts_on, self.period_months),
+                            cases_cap=budget.cases_per_period,
+                            cap_cents=budget.cap_cents,
+                            cases_used=0,
+                            spent_cents=0,
+                        )
+                    )
+        except sa.exc.IntegrityError:
+            pass  # another process created the same period row first
+        self._period_ready = starts_on
+        return starts_on
+
+    def _period_row(self, conn: sa.Connection, now: datetime, lock: bool):
+        query = sa.select(budget_periods).where(
+            budget_periods.c.starts_on == period_start(now, self.period_months)
+        )
+        return conn.execute(query.with_for_update() if lock else query).one()
+
+    def _affordable(self, period) -> int:
+        return cases_affordable(period.spent_cents / 100, self.budget, period.cases_used)
+
+    @staticmethod
+    def _outstanding_cases(conn: sa.Connection) -> int:
+        return conn.execute(
+            sa.select(sa.func.count())
+            .select_from(queue_items)
+            .where(queue_items.c.state.in_(_OPEN_STATES), queue_items.c.kind.in_(ENQUEUE_KINDS))
+        ).scalar_one()
+
+    # -- queue ----------------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        wave: str,
+        items: Sequence[dict],
+        class_set: Sequence[str],
+        now: datetime | None = None,
+    ) -> int:
+        """Queue new items for `wave`, highest priority first; return how many were queued.
+
+        Image ids already queued (in any state) or labeled are never queued again, and the
+        open queue never holds more expert/hold-out cases than the remaining budget pays for.
+        How many were offered, already known and over budget goes to the audit log.
+        """
+        if not isinstance(wave, str) or not wave or "," in wave:
+            raise LabelStoreError(f"wave must be a non-empty, comma-free string, got {wave!r}")
+        classes = _validate_class_set(class_set)
+        rows = _validate_queue_items(items)
+        now = now or utc_now()
+        self._ensure_period(now)
+        with self._write() as conn:
+            known = self._known_image_ids(conn, [r["image_id"] for r in rows])
+            fresh = sorted(
+                (r for r in rows if r["image_id"] not in known), key=lambda r: -r["priority"]
+            )
+            room = max(
+                0,
+                self._affordable(self._period_row(conn, now, lock=True))
+                - self._outstanding_cases(conn),
+            )
+            accepted = fresh[:room]
+            if accepted:
+                conn.execute(
+                    queue_items.insert(),
+                    [
+                        {
+                            **row,
+                            "wave": wave,
+                            "state": "queued",
+                            "class_set": json.dumps(classes),
+                            "created_at": now,
+                        }
+                        for row in accepted
+                    ],
+                )
+            self._audit(
+                conn,
+                "system",
+                "enqueue",
+                {
+                    "wave": wave,
+                    "offered": len(rows),
+                    "already_known": len(rows) - len(fresh),
+                    "over_budget": len(fresh) - len(accepted),
+                    "queued": len(accepted),
+                },
+                now,
+            )
+        return len(accepted)
+
+    @staticmethod
+    def _known_image_ids(conn: sa.Connection, image_ids: list[str]) -> set[str]:
+        known: set[str] = set()
+        for start in range(0, len(image_ids), 500):
+            chunk = image_ids[start : start + 500]
+            for table in (queue_items, labels):
+                known.update(
+                    conn.execute(
+                        sa.select(table.c.image_id).where(table.c.image_id.in_(chunk))
+                    ).scalars()
+                )
+        return known
+
+    def lease_next(
+        self,
+        annotator: str,
+        lease_seconds: float = 300,
+        held: Sequence[int] = (),
+        now: datetime | None = None,
+    ) -> dict | None:
+        """Lease the next item to `annotator`, or None when nothing is left for them.
+
+        Expired leases return to the queue first. An annotator's own unexpired lease that is
+        not in `held` (the items their page already shows) is handed back before a new item,
+        so a reloaded page or restarted server resumes where the clinician was.
+        """
+        now = now or utc_now()
+        self._ensure_period(now)
+        expires = now + timedelta(seconds=lease_seconds)
+        with self._write() as conn:
+            self._release_expired(conn, now)
+            row = self._own_lease(conn, annotator, held)
+            if row is None:
+                qa_only = self._affordable(self._period_row(conn, now, lock=False)) == 0
+                row = self._next_queued(conn, annotator, qa_only)
+            if row is None:
+                return None
+            conn.execute(
+                queue_items.update()
+                .where(queue_items.c.id == row.id)
+                .values(state="leased", lease_owner=annotator, lease_expires_at=expires)
+            )
+        item = _item_dict(row)
+        item.update(lease_owner=annotator, lease_expires_at=expires)
+        return item
+
+    @staticmethod
+    def _release_expired(conn: sa.Connection, now: datetime) -> None:
+        conn.execute(
+            queue_items.update()
+            .where(queue_items.c.state == "leased", queue_items.c.lease_expires_at <= now)
+            .values(state="queued", lease_owner=None, lease_expires_at=None)
+        )
+
+    @staticmethod
+    def _own_lease(conn: sa.Connection, annotator: str, held: Sequence[int]):
+        query = sa.select(queue_items).where(
+            queue_items.c.state == "leased", queue_items.c.lease_owner == annotator
+        )
+        if held:
+            query = query.where(queue_items.c.id.not_in([int(i) for i in held]))
+        return conn.execute(query.order_by(queue_items.c.id).limit(1).with_for_update()).first()
+
+    @staticmethod
+    def _next_queued(conn: sa.Connection, annotator: str, qa_only: bool):
+        query = sa.select(queue_items).where(
+            queue_items.c.state == "queued",
+            sa.or_(
+                queue_items.c.excluded_annotator.is_(None),
+                queue_items.c.excluded_annotator != annotator,
+            ),
+        )
+        if qa_only:
+            query = query.where(queue_items.c.kind == "qa")
+        query = query.order_by(queue_items.c.priority.desc(), queue_items.c.id).limit(1)
+        return conn.execute(query.with_for_update(skip_locked=True)).first()
+
+    def _leased_item(self, conn: sa.Connection, item_id: int, annotator: str, now: datetime):
+        """The item row, locked, if `annotator` holds an unexpired lease on it; else raise."""
+        row = conn.execute(
+            sa.select(queue_items).where(queue_items.c.id == item_id).with_for_update()
+        ).first()
+        if row is None:
+            raise UnknownItem(f"no queue item with id {item_id}; fetch items with /api/next")
+        if row.state in ("done", "skipped"):
+            raise ItemClosed(f"item {item_id} is already {row.state}; fetch the next item")
+        lease_live = row.state == "leased" and row.lease_expires_at > now
+        if lease_live and row.lease_owner != annotator:
+            raise ItemLeasedToOther(
+                f"item {item_id} is leased to another annotator; fetch your next item"
+            )
+        if not lease_live or row.lease_owner != annotator:
+            raise LeaseLost(
+                f"{annotator!r} holds no live lease on item {item_id} (it expired or was never "
+                "taken); fetch the next item and label it before the lease runs out"
+            )
+        return row
+
+    def submit_label(
+        self,
+        item_id: int,
+        annotator: str,
+        label: str,
+        seconds_spent: float,
+        now: datetime | None = None,
+    ) -> int:
+        """Record `annotator`'s label for a leased item; return the new label id.
+
+        Checks the class set, the lease and the budget and inserts the label in one
+        transaction. A picked fraction of expert labels is re-queued as QA for another
+        clinician.
+        """
+        if (
+            not isinstance(seconds_spent, int | float)
+            or not math.isfinite(seconds_spent)
+            or (seconds_spent < 0)
+        ):
+            raise LabelStoreError(
+                f"seconds_spent must be a finite number >= 0, got {seconds_spent!r}"
+            )
+        now = now or utc_now()
+        self._ensure_period(now)
+        with self._write() as conn:
+            row = self._leased_item(conn, int(item_id), annotator, now)
+            classes = json.loads(row.class_set)
+            if label not in classes:
+                raise LabelNotInClassSet(
+                    f"label {label!r} is not in wave {row.wave!r}'s class set {classes}"
+                )
+            label_kind = "qa" if row.kind == "qa" else "expert"
+            if label_kind == "expert":
+                self._spend_one_case(conn, now)
+            label_id = conn.execute(
+                labels.insert().values(
+                    item_id=row.id,
+                    image_id=row.image_id,
+                    wave=row.wave,
+                    label=label,
+                    annotator=annotator,
+                    created_at=now,
+                    seconds_spent=float(seconds_spent),
+                    kind=label_kind,
+                )
+            ).inserted_primary_key[0]
+            self._close_item(conn, row.id, "done")
+            if row.kind == "expert" and _picked_for_qa(
+                row.image_id, self.qa_fraction, self.qa_seed
+            ):
+                self._queue_qa(conn, row, annotator, now)
+            self._audit(
+                conn,
+                annotator,
+                "label",
+                {"item_id": row.id, "image_id": row.image_id, "label": label, "kind": label_kind},
+                now,
+            )
+        return label_id
+
+    def _spend_one_case(self, conn: sa.Connection, now: datetime) -> None:
+        period = self._period_row(conn, now, lock=True)
+        if self._affordable(period) < 1:
+            raise BudgetExhausted(
+                f"the labeling budget for the period starting {period.starts_on} is spent "
+                f"({period.cases_used} cases, €{period.spent_cents / 100:.2f}); wait for the "
+                "next period or raise cases_per_period"
+            )
+        conn.execute(
+            budget_periods.update()
+            .where(budget_periods.c.id == period.id)
+            .values(
+                cases_used=budget_periods.c.cases_used + 1,
+                spent_cents=budget_periods.c.spent_cents + self.budget.cents_per_case,
+            )
+        )
+
+    @staticmethod
+    def _close_item(conn: sa.Connection, item_id: int, state: str) -> None:
+        conn.execute(
+            queue_items.update()
+            .where(queue_items.c.id == item_id)
+            .values(state=state, lease_owner=None, lease_expires_at=None)
+        )
+
+    @staticmethod
+    def _queue_qa(conn: sa.Connection, row, first_annotator: str, now: datetime) -> None:
+        conn.execute(
+            queue_items.insert().values(
+                wave=row.wave,
+                image_id=row.image_id,
+                priority=row.priority,
+                reason=f"qa re-read of item {row.id}",
+                state="queued",
+                kind="qa",
+                class_set=row.class_set,
+                excluded_annotator=first_annotator,
+                prediction=row.prediction,
+                created_at=now,
+            )
+        )
+
+    def skip(self, item_id: int, annotator: str, now: datetime | None = None) -> None:
+        """The clinician cannot or will not label this image: it leaves the queue, unpaid."""
+        now = now or utc_now()
+        with self._write() as conn:
+            row = self._leased_item(conn, int(item_id), annotator, now)
+            self._close_item(conn, row.id, "skipped")
+            self._audit(conn, annotator, "skip", {"item_id": row.id, "image_id": row.image_id}, now)
+
+    def mark_unsure(self, item_id: int, annotator: str, now: datetime | None = None) -> None:
+        """Unsure: the item goes back to the queue for a different clinician, once.
+
+        A QA item, or one a second clinician is also unsure about, is skipped instead.
+        """
+        now = now or utc_now()
+        with self._write() as conn:
+            row = self._leased_item(conn, int(item_id), annotator, now)
+            if row.kind == "qa" or row.excluded_annotator is not None:
+                self._close_item(conn, row.id, "skipped")
+                outcome = "skipped"
+            else:
+                conn.execute(
+                    queue_items.update()
+                    .where(queue_items.c.id == row.id)
+                    .values(
+                        state="queued",
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        excluded_annotator=annotator,
+                    )
+                )
+                outcome = "requeued"
+            self._audit(
+                conn,
+                annotator,
+                "unsure",
+                {"item_id": row.id, "image_id": row.image_id, "outcome": outcome},
+                now,
+            )
+
+    def item(self, item_id: int) -> dict | None:
+        with self._read() as conn:
+            row = conn.execute(
+                sa.select(queue_items).where(queue_items.c.id == int(item_id))
+            ).first()
+        return None if row is None else {**_item_dict(row), "state": row.state}
+
+    # -- reading --------------------------------------------------------------------------
+
+    def labels_snapshot(self, wave: str | None = None) -> pl.DataFrame:
+        """Every label (of `wave`, or all), oldest first; `queue_kind` tells hold-out apart."""
+        query = (
+            sa.select(
+                labels.c.id.label("label_id"),
+                labels.c.item_id,
+                labels.c.wave,
+                labels.c.image_id,
+                labels.c.label,
+                labels.c.annotator,
+                labels.c.created_at,
+                labels.c.seconds_spent,
+                labels.c.kind,
+                queue_items.c.kind.label("queue_kind"),
+            )
+            .join(queue_items, queue_items.c.id == labels.c.item_id)
+            .order_by(labels.c.id)
+        )
+        if wave is not None:
+            query = query.where(labels.c.wave == wave)
+        with self._read() as conn:
+            rows = [tuple(r) for r in conn.execute(query)]
+        return pl.DataFrame(rows, schema=SNAPSHOT_SCHEMA, orient="row")
+
+    def label_count(self) -> int:
+        with self._read() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(labels)).scalar_one()
+
+    def qa_pairs(self) -> list[tuple[str, str]]:
+        """(first read, QA read) label pairs of every image that has both."""
+        first, second = labels.alias("first"), labels.alias("second")
+        query = (
+            sa.select(first.c.label, second.c.label)
+            .join(second, second.c.image_id == first.c.image_id)
+            .where(first.c.kind == "expert", second.c.kind == "qa")
+            .order_by(first.c.id)
+        )
+        with self._read() as conn:
+            return [(a, b) for a, b in conn.execute(query)]
+
+    def stats(self, now: datetime | None = None) -> dict:
+        now = now or utc_now()
+        self._ensure_period(now)
+        with self._read() as conn:
+            queue_size = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(queue_items)
+                .where(queue_items.c.state.in_(_OPEN_STATES))
+            ).scalar_one()
+            period = self._period_row(conn, now, lock=False)
+            per_annotator = dict(
+                conn.execute(
+                    sa.select(labels.c.annotator, sa.func.count())
+                    .group_by(labels.c.annotator)
+                    .order_by(labels.c.annotator)
+                ).all()
+            )
+            last_hour = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(labels)
+                .where(labels.c.created_at > now - timedelta(hours=1))
+            ).scalar_one()
+        pairs = self.qa_pairs()
+        return {
+            "queue_size": queue_size,
+            "budget_left_cases": self._affordable(period),
+            "budget_left_eur": (self.budget.cap_cents - period.spent_cents) / 100,
+            "budget_spent_eur": period.spent_cents / 100,
+            "labels_per_annotator": per_annotator,
+            "labels_total": sum(per_annotator.values()),
+            "kappa": cohen_kappa([a for a, _ in pairs], [b for _, b in pairs]),
+            "qa_pairs": len(pairs),
+            "labels_last_hour": last_hour,
+        }
+
+    # -- annotators -----------------------------------------------------------------------
+
+    def add_annotator(self, username: str, password: str, role: str = "clinician") -> None:
+        if not isinstance(username, str) or not username.strip() or len(username) > 128:
+            raise LabelStoreError("username must be 1..128 characters")
+        if any(not ch.isprintable() for ch in username):
+            raise LabelStoreError(f"username {username!r} holds control characters")
+        if role not in ROLES:
+            raise LabelStoreError(f"role must be one of {ROLES}, got {role!r}")
+        if not isinstance(password, str) or len(password) < 8:
+            raise LabelStoreError("password must be at least 8 characters")
+        now = utc_now()
+        try:
+            with self._write() as conn:
+                conn.execute(
+                    annotators.insert().values(
+                        username=username,
+                        password_hash=PasswordHasher(
+                            time_cost=self.argon2_time_cost, memory_cost=self.argon2_memory_kib
+                        ).hash(password),
+                        role=role,
+                        created_at=now,
+                    )
+                )
+                self._audit(
+                    conn, "system", "add_annotator", {"username": username, "role": role}, now
+                )
+        except sa.exc.IntegrityError as error:
+            raise AnnotatorExists(f"annotator {username!r} already exists") from error
+
+    def verify_password(self, username: str, password: str) -> bool:
+        with self._read() as conn:
+            stored = conn.execute(
+                sa.select(annotators.c.password_hash).where(annotators.c.username == username)
+            ).scalar()
+        try:
+            return _PASSWORD_HASHER.verify(stored or _DUMMY_HASH, password) and stored is not None
+        except (VerificationError, InvalidHashError):
+            return False
+
+    def annotator_role(self, username: str) -> str | None:
+        with self._read() as conn:
+            return conn.execute(
+                sa.select(annotators.c.role).where(annotators.c.username == username)
+            ).scalar()

@@ -1,0 +1,208 @@
+"""MLflow tracking: one experiment per deployment, one run per wave and stage.
+
+Everything goes through `MlflowClient` with explicit run ids; the resource never starts
+MLflow's process-global "active run", so nothing can be left dangling in a worker process.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from dagster import ConfigurableResource
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.tracking import MlflowClient
+from pydantic import Field
+
+WAVE_TAG = "mri_assets.wave"
+STAGE_TAG = "mri_assets.stage"
+SUPERSEDED_TAG = "mri_assets.superseded"
+DAGSTER_RUN_TAG = "dagster_run_id"
+
+
+class MlflowTrackingError(RuntimeError):
+    """A tracking call that cannot do what was asked; the message says what to change."""
+
+
+class MlflowTracking(ConfigurableResource):
+    """Logs params, metrics and artifacts for a wave's stage (e.g. `clusters`, `classifier`).
+
+    Local profile: `MlflowTracking.local(home)` keeps a SQLite store and an artifact folder
+    under MRI_ASSETS_HOME/mlflow; other profiles set `tracking_uri` to a tracking server.
+    """
+
+    tracking_uri: str = Field(
+        description="e.g. sqlite:////abs/path/mlflow.db or http://mlflow:5000"
+    )
+    experiment_name: str = Field(default="mri_assets", description="one experiment per deployment")
+    artifact_location: str | None = Field(
+        default=None,
+        description="where a NEW experiment stores artifacts (file:// URI or s3://...); "
+        "None lets the tracking server decide",
+    )
+
+    @classmethod
+    def local(cls, home: Path, experiment_name: str = "mri_assets-local") -> MlflowTracking:
+        root = Path(home).resolve() / "mlflow"
+        return cls(
+            tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
+            experiment_name=experiment_name,
+            artifact_location=(root / "artifacts").as_uri(),
+        )
+
+    def client(self) -> MlflowClient:
+        if self.tracking_uri.startswith("sqlite:///"):
+            Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(
+                parents=True, exist_ok=True
+            )
+        return MlflowClient(tracking_uri=self.tracking_uri)
+
+    def experiment_id(self, client: MlflowClient | None = None) -> str:
+        client = client or self.client()
+        experiment = client.get_experiment_by_name(self.experiment_name)
+        if experiment is not None:
+            return experiment.experiment_id
+        try:
+            return client.create_experiment(
+                self.experiment_name, artifact_location=self.artifact_location
+            )
+        except MlflowException as error:
+            if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+            existing = client.get_experiment_by_name(self.experiment_name)
+            if existing is None:
+                raise
+            return existing.experiment_id
+
+    def find_wave_run(self, wave: str, stage: str) -> str | None:
+        """The current run id for this wave and stage, or None."""
+        client = self.client()
+        runs = client.search_runs(
+            [self.experiment_id(client)],
+            filter_string=(
+                f"tags.`{WAVE_TAG}` = '{_quoted(wave)}' AND tags.`{STAGE_TAG}` = '{_quoted(stage)}'"
+            ),
+            order_by=["attributes.start_time DESC"],
+            max_results=10,
+        )
+        current = [run for run in runs if run.data.tags.get(SUPERSEDED_TAG) != "true"]
+        return current[0].info.run_id if current else None
+
+    @contextmanager
+    def start_wave_run(
+        self,
+        wave: str,
+        stage: str,
+        tags: Mapping[str, str] | None = None,
+        run_name: str | None = None,
+        new_run: bool = False,
+    ) -> Iterator[str]:
+        """Yield the run id of the (wave, stage) run, reusing it when one exists.
+
+        `new_run=True` marks the existing run superseded and starts a fresh one (needed when
+        a rematerialization changes params, which MLflow keeps immutable). The run ends
+        FINISHED, or FAILED when the block raises.
+        """
+        client = self.client()
+        run_id = self.find_wave_run(wave, stage)
+        if run_id is not None and new_run:
+            client.set_tag(run_id, SUPERSEDED_TAG, "true")
+            run_id = None
+        all_tags = {WAVE_TAG: wave, STAGE_TAG: stage, **dict(tags or {})}
+        if run_id is None:
+            run = client.create_run(
+                self.experiment_id(client),
+                tags=all_tags,
+                run_name=run_name or f"{wave}-{stage}",
+            )
+            run_id = run.info.run_id
+        else:
+            client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+            self._log_batch(client, run_id, tags=[RunTag(k, str(v)) for k, v in all_tags.items()])
+        status = RunStatus.FAILED
+        try:
+            yield run_id
+            status = RunStatus.FINISHED
+        finally:
+            client.set_terminated(run_id, status=RunStatus.to_string(status))
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        """Log params; a key already logged with a different value is an error (MLflow params
+        are immutable: start the wave's run with `new_run=True`)."""
+        client = self.client()
+        existing = client.get_run(run_id).data.params
+        fresh: list[Param] = []
+        for key, value in params.items():
+            text = str(value)
+            if key in existing and existing[key] != text:
+                raise MlflowTrackingError(
+                    f"param {key!r} is already {existing[key]!r} in MLflow run {run_id}, "
+                    f"cannot change it to {text!r}: start the wave's run with new_run=True"
+                )
+            if key not in existing:
+                fresh.append(Param(key, text))
+        self._log_batch(client, run_id, params=fresh)
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float | None], step: int = 0) -> None:
+        """Log numeric metrics; None values (e.g. ARI not computable) are not logged as numbers."""
+        now = int(time.time() * 1000)
+        entries = [
+            Metric(key, float(value), now, step)
+            for key, value in metrics.items()
+            if value is not None
+        ]
+        self._log_batch(self.client(), run_id, metrics=entries)
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        self._log_batch(self.client(), run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact_bytes(
+        self, run_id: str, name: str, data: bytes, artifact_path: str | None = None
+    ) -> str:
+        """Store `data` as artifact `artifact_path/name`; returns the artifact's relative path."""
+        if not name or "/" in name or name in (".", ".."):
+            raise MlflowTrackingError(f"artifact name {name!r} must be a plain file name")
+        with tempfile.TemporaryDirectory(prefix="mri-mlflow-") as folder:
+            local = Path(folder) / name
+            local.write_bytes(data)
+            self.client().log_artifact(run_id, str(local), artifact_path=artifact_path)
+        return f"{artifact_path}/{name}" if artifact_path else name
+
+    def log_png(self, run_id: str, name: str, png: bytes, artifact_path: str = "plots") -> str:
+        if not png.startswith(b"\x89PNG\r\n\x1a\n"):
+            raise MlflowTrackingError(f"{name!r} is not PNG data (missing the PNG signature)")
+        file_name = name if name.endswith(".png") else f"{name}.png"
+        return self.log_artifact_bytes(run_id, file_name, png, artifact_path)
+
+    def log_dict(
+        self, run_id: str, name: str, data: Mapping[str, Any], artifact_path: str | None = None
+    ) -> str:
+        file_name = name if name.endswith(".json") else f"{name}.json"
+        payload = json.dumps(data, indent=2, sort_keys=True, default=str).encode()
+        return self.log_artifact_bytes(run_id, file_name, payload, artifact_path)
+
+    @staticmethod
+    def _log_batch(
+        client: MlflowClient,
+        run_id: str,
+        metrics: list[Metric] | None = None,
+        params: list[Param] | None = None,
+        tags: list[RunTag] | None = None,
+    ) -> None:
+        metrics, params, tags = metrics or [], params or [], tags or []
+        for start in range(0, max(len(metrics), len(params), len(tags)), 100):
+            end = start + 100
+            client.log_batch(
+                run_id, metrics=metrics[start:end], params=params[start:end], tags=tags[start:end]
+            )
+
+
+def _quoted(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("'", "\\'")

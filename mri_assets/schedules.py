@@ -1,0 +1,22 @@
+"""Schedules: the plan's maintenance cadence (weekly drift checks, monthly retraining, nightly smoke)."""
+
+import dagster as dg
+
+from mri_assets.jobs import drift_check_job
+from mri_assets.partitions import WAVES
+
+
+def latest_wave(instance: dg.DagsterInstance) -> str | None:
+    waves = instance.get_dynamic_partitions(WAVES)
+    return waves[-1] if waves else None
+
+
+@dg.schedule(job=drift_check_job, cron_schedule="0 6 * * 1", execution_timezone="UTC",
+             default_status=dg.DefaultScheduleStatus.RUNNING)
+def weekly_drift_check(context: dg.ScheduleEvaluationContext):
+    """Every Monday 06:00 UTC: re-cluster the latest wave; `ari_drift_sensor` judges the result."""
+    wave = latest_wave(context.instance)
+    if wave is None:
+        return dg.SkipReason("no wave yet")
+    day = context.scheduled_execution_time.strftime("%Y-%m-%d")
+    return dg.RunRequest(run_key=f"weekly-drift:{wave}:{day}", partition_key=wave)

@@ -1,0 +1,164 @@
+"""DVC tracking against a local-folder remote and an S3 remote on a real moto server."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import multiprocessing
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import boto3
+import pytest
+
+from mri_assets.resources.dvc_tracking import (
+    DvcRecord,
+    DvcTracking,
+    DvcTrackingError,
+    local_dvc_tracking,
+)
+
+
+def _shard_bytes(seed: int, size: int = 20_000) -> bytes:
+    return hashlib.sha256(str(seed).encode()).digest() * (size // 32)
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def _forget_local_copies(tracking: DvcTracking, dvc_path: str) -> None:
+    repo = Path(tracking.repo_dir)
+    (repo / dvc_path).unlink()
+    shutil.rmtree(repo / ".dvc" / "cache")
+
+
+def _track_in_a_new_process(repo_dir: str, remote_url: str, source: str, dvc_path: str):
+    tracking = DvcTracking(repo_dir=repo_dir, remote_url=remote_url)
+    return tracking.track(Path(source), dvc_path)
+
+
+def test_tracked_file_reads_back_identical_from_the_remote(mri_home: Path, tmp_path: Path):
+    tracking = local_dvc_tracking(mri_home)
+    data = _shard_bytes(1)
+    source = _write(tmp_path / "out" / "shard-00.arrow", data)
+
+    record = tracking.track(source, "embeddings/pilot/shard-00.arrow")
+    _forget_local_copies(tracking, "embeddings/pilot/shard-00.arrow")
+
+    assert record == DvcRecord(
+        dvc_path="embeddings/pilot/shard-00.arrow",
+        md5=hashlib.md5(data).hexdigest(),
+        size=len(data),
+        remote=str((mri_home / "dvc-remote").resolve()),
+    )
+    assert tracking.read("embeddings/pilot/shard-00.arrow") == data
+    assert tracking.record("embeddings/pilot/shard-00.arrow") == record
+
+
+def test_retracking_changed_content_gives_a_new_revision(mri_home: Path, tmp_path: Path):
+    tracking = local_dvc_tracking(mri_home)
+    first = tracking.track(
+        _write(tmp_path / "a", _shard_bytes(1)), "embeddings/full-1/shard-02.arrow"
+    )
+    second = tracking.track(
+        _write(tmp_path / "b", _shard_bytes(2)), "embeddings/full-1/shard-02.arrow"
+    )
+
+    assert first.md5 != second.md5
+    assert tracking.read("embeddings/full-1/shard-02.arrow") == _shard_bytes(2)
+    assert tracking.read("embeddings/full-1/shard-02.arrow", md5=first.md5) == _shard_bytes(1)
+
+
+def test_a_revision_never_pushed_is_a_clear_error(mri_home: Path, tmp_path: Path):
+    tracking = local_dvc_tracking(mri_home)
+    tracking.track(_write(tmp_path / "a", _shard_bytes(1)), "embeddings/pilot/shard-01.arrow")
+    missing = hashlib.md5(b"never tracked").hexdigest()
+    with pytest.raises(DvcTrackingError, match=f"could not pull .* at md5 {missing}"):
+        tracking.read("embeddings/pilot/shard-01.arrow", md5=missing)
+
+
+def test_ensure_repo_is_idempotent_and_sets_the_default_remote(mri_home: Path):
+    from dvc.repo import Repo
+
+    tracking = local_dvc_tracking(mri_home)
+    assert tracking.ensure_repo() == tracking.ensure_repo()
+
+    with Repo(str(mri_home / "dvc")) as repo:
+        core = repo.config["core"]
+        remote = repo.config["remote"][core["remote"]]
+    assert core["no_scm"] is True
+    assert core["analytics"] is False
+    assert remote["url"] == str((mri_home / "dvc-remote").resolve())
+
+
+def test_tracks_from_four_processes_at_once_all_succeed(mri_home: Path, tmp_path: Path):
+    tracking = local_dvc_tracking(mri_home)
+    shards = {
+        f"embeddings/scale/shard-{shard:02d}.arrow": _write(
+            tmp_path / f"shard-{shard:02d}.arrow", _shard_bytes(shard)
+        )
+        for shard in range(4)
+    }
+    importlib.import_module("dvc.repo")  # imported once here, shared by the forked processes
+    with ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("fork")) as pool:
+        futures = [
+            pool.submit(
+                _track_in_a_new_process, tracking.repo_dir, tracking.remote_url, str(source), path
+            )
+            for path, source in shards.items()
+        ]
+        records = [future.result(timeout=300) for future in futures]
+
+    remote = mri_home / "dvc-remote" / "files" / "md5"
+    for record, (path, source) in zip(records, shards.items(), strict=True):
+        assert record.dvc_path == path
+        assert record.md5 == hashlib.md5(source.read_bytes()).hexdigest()
+        assert (remote / record.md5[:2] / record.md5[2:]).read_bytes() == source.read_bytes()
+    assert tracking.read("embeddings/scale/shard-03.arrow") == _shard_bytes(3)
+
+
+@pytest.mark.parametrize(
+    "dvc_path", ["", "/abs/shard.arrow", "../outside.arrow", "a//b", ".dvc/config", "x.dvc"]
+)
+def test_invalid_dvc_paths_are_refused(mri_home: Path, tmp_path: Path, dvc_path: str):
+    source = _write(tmp_path / "shard.arrow", b"x")
+    with pytest.raises(DvcTrackingError, match="invalid DVC path"):
+        local_dvc_tracking(mri_home).track(source, dvc_path)
+
+
+def test_tracking_a_missing_file_names_it(mri_home: Path, tmp_path: Path):
+    with pytest.raises(DvcTrackingError, match="shard-09.arrow: no such file"):
+        local_dvc_tracking(mri_home).track(tmp_path / "shard-09.arrow", "embeddings/x.arrow")
+
+
+def test_reading_an_untracked_path_says_so(mri_home: Path):
+    tracking = local_dvc_tracking(mri_home)
+    tracking.ensure_repo()
+    with pytest.raises(DvcTrackingError, match="is not tracked"):
+        tracking.read("embeddings/pilot/shard-15.arrow")
+
+
+@pytest.mark.integration
+def test_s3_remote_on_an_s3_compatible_server_round_trips(
+    mri_home: Path, tmp_path: Path, s3_endpoint: str, plain_bucket: str
+):
+    tracking = DvcTracking(
+        repo_dir=str(mri_home / "dvc"),
+        remote_url=f"s3://{plain_bucket}/mri/dvc",
+        remote_endpoint_url=s3_endpoint,
+    )
+    data = _shard_bytes(7)
+    record = tracking.track(
+        _write(tmp_path / "shard-07.arrow", data), "embeddings/pilot/shard-07.arrow"
+    )
+    _forget_local_copies(tracking, "embeddings/pilot/shard-07.arrow")
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    stored = client.list_objects_v2(Bucket=plain_bucket, Prefix="mri/dvc/")
+    assert [item["Size"] for item in stored["Contents"]] == [len(data)]
+    assert record.remote == f"s3://{plain_bucket}/mri/dvc"
+    assert tracking.read("embeddings/pilot/shard-07.arrow") == data

@@ -1,0 +1,23 @@
+import dagster as dg
+import pytest
+
+from mri_assets.core.home import MriHome
+from mri_assets.definitions import build_defs
+from mri_assets.executors import ProfileError
+
+
+@pytest.mark.parametrize("profile", ["local", "celery", "k8s"])
+def test_every_profile_builds_definitions_with_the_same_assets(profile, tmp_path, monkeypatch):
+    monkeypatch.setenv("MRI_ASSETS_S3_BUCKET", "mri-assets-test")
+    defs = build_defs(profile, MriHome(tmp_path))
+    graph = defs.resolve_asset_graph()
+    local_keys = build_defs("local", MriHome(tmp_path)).resolve_asset_graph().get_all_asset_keys()
+    assert graph.get_all_asset_keys() == local_keys
+    assert dg.AssetKey("manifest") in local_keys
+    defs.resolve_all_job_defs()
+    assert defs.resolve_sensor_def("wave_sensor") is not None
+
+
+def test_an_unknown_profile_is_refused_with_the_allowed_names(tmp_path):
+    with pytest.raises(ProfileError, match="local, celery, k8s"):
+        build_defs("kubernetes", MriHome(tmp_path))
