@@ -63,6 +63,23 @@ def _stages(defs: dg.Definitions, selection: set[dg.AssetKey]) -> list[tuple[str
     return stages
 
 
+def selected_keys(graph, selection: str | None) -> set[dg.AssetKey]:
+    """Asset names separated by spaces or commas; `name+` adds everything downstream of it."""
+    everything = set(graph.get_all_asset_keys())
+    if not selection:
+        return everything
+    chosen: set[dg.AssetKey] = set()
+    for token in selection.replace(",", " ").split():
+        key = dg.AssetKey(token.rstrip("+"))
+        if key not in everything:
+            names = ", ".join(sorted(k.to_user_string() for k in everything))
+            raise ValueError(f"unknown asset {token!r} in --select: choose from {names}")
+        chosen.add(key)
+        if token.endswith("+"):
+            chosen |= dg.AssetSelection.assets(key).downstream().resolve(graph)
+    return chosen
+
+
 def materialize_wave(
     defs: dg.Definitions,
     instance: dg.DagsterInstance,
@@ -74,10 +91,7 @@ def materialize_wave(
     if not instance.has_dynamic_partition(WAVES, wave):
         instance.add_dynamic_partitions(WAVES, [wave])
     graph = defs.resolve_asset_graph()
-    chosen = (
-        dg.AssetSelection.from_string(selection).resolve(graph)
-        if selection else set(graph.get_all_asset_keys())
-    )
+    chosen = selected_keys(graph, selection)
     chosen = {k for k in chosen if graph.get(k).is_materializable}
     report = WaveRunReport(wave)
     for kind, keys in _stages(defs, chosen):

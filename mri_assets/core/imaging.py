@@ -41,6 +41,7 @@ _EXTENSION_FORMATS = (
 _SUGGESTED_EXTENSION = {"png": ".png", "jpeg": ".jpg", "dicom": ".dcm", "nifti": ".nii / .nii.gz"}
 
 _INTEGER_HISTOGRAM_MAX_RANGE = 1 << 20
+_HISTOGRAM_RANGE_ALWAYS = 1 << 17
 
 
 class UnreadableImage(ValueError):
@@ -190,10 +191,53 @@ def _decode_dicom(data: bytes) -> _DecodedStack:
                 f"no decoder installed for DICOM transfer syntax {tsuid.name} ({tsuid}); "
                 f"install one of: {'; '.join(decoder.missing_dependencies)}"
             )
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    arr = _native_little_endian_pixels(ds, tsuid, rows, cols, frames, samples)
+    if arr is None:
+        arr = _pydicom_pixels(ds)
+        if samples > 1:
+            arr = _luminance(arr)
+        if frames == 1:
+            arr = arr[np.newaxis]
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+        arr = arr.max() - arr
+    patient_id = str(ds.get("PatientID", "") or "").strip() or None
+    return _DecodedStack(
+        _native(arr), is_volume=frames > 1, patient_id=patient_id, nifti_display=False
+    )
+
+
+_UNCOMPRESSED_LITTLE_ENDIAN = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
+
+
+def _native_little_endian_pixels(
+    ds, tsuid, rows: int, cols: int, frames: int, samples: int
+) -> np.ndarray | None:
+    """(frames, rows, cols) straight from the Pixel Data bytes for uncompressed little-endian
+    grey images whose stored bits fill the allocated bits; None for anything else."""
+    if tsuid not in _UNCOMPRESSED_LITTLE_ENDIAN or samples != 1:
+        return None
+    bits = int(ds.get("BitsAllocated", 0) or 0)
+    if bits not in (8, 16, 32) or int(ds.get("BitsStored", bits) or bits) != bits:
+        return None
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+    raw = ds.PixelData
+    count = frames * rows * cols
+    if len(raw) < count * dtype.itemsize:
+        raise UnreadableImage(
+            f"truncated or corrupt DICOM pixel data: {len(raw)} bytes, "
+            f"{count * dtype.itemsize} expected for {frames}x{rows}x{cols} at {bits} bits"
+        )
+    return np.frombuffer(raw, dtype=dtype, count=count).reshape(frames, rows, cols)
+
+
+def _pydicom_pixels(ds) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*excess padding.*", category=UserWarning)
-            arr = ds.pixel_array
+            return ds.pixel_array
     except (
         ValueError,
         EOFError,
@@ -204,18 +248,6 @@ def _decode_dicom(data: bytes) -> _DecodedStack:
         NotImplementedError,
     ) as exc:
         raise UnreadableImage(f"truncated or corrupt DICOM pixel data: {exc}") from exc
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    if samples > 1:
-        arr = _luminance(arr)
-    if frames == 1:
-        arr = arr[np.newaxis]
-    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
-        arr = arr.max() - arr
-    patient_id = str(ds.get("PatientID", "") or "").strip() or None
-    return _DecodedStack(
-        _native(arr), is_volume=frames > 1, patient_id=patient_id, nifti_display=False
-    )
 
 
 def _luminance(rgb: np.ndarray) -> np.ndarray:
@@ -307,12 +339,15 @@ def _resolve_format(data: bytes, name: str) -> str:
     return found
 
 
-def _small_integer_range(arr: np.ndarray) -> tuple[int, int] | None:
-    """(min, max) of an integer array whose value range is small enough for a histogram/LUT."""
+def _small_integer_range(
+    arr: np.ndarray, extremes: tuple[int, int] | None = None
+) -> tuple[int, int] | None:
+    """(min, max) of an integer array whose value range is small enough for a histogram/LUT;
+    `extremes` is the (min, max) when the caller already has it."""
     if arr.dtype.kind not in "ui" or arr.size == 0:
         return None
-    lo_val, hi_val = int(arr.min()), int(arr.max())
-    if hi_val - lo_val >= min(_INTEGER_HISTOGRAM_MAX_RANGE, max(arr.size, 256)):
+    lo_val, hi_val = extremes if extremes is not None else (int(arr.min()), int(arr.max()))
+    if hi_val - lo_val >= max(_HISTOGRAM_RANGE_ALWAYS, min(_INTEGER_HISTOGRAM_MAX_RANGE, arr.size)):
         return None
     return lo_val, hi_val
 
@@ -354,9 +389,11 @@ class _Window:
     value_range: tuple[int, int] | None
 
 
-def _window(arr: np.ndarray, low_pct: float, high_pct: float) -> _Window:
+def _window(
+    arr: np.ndarray, low_pct: float, high_pct: float, extremes: tuple[int, int] | None = None
+) -> _Window:
     """Percentile window over the finite values, plus what `_apply_window` can reuse."""
-    value_range = _small_integer_range(arr)
+    value_range = _small_integer_range(arr, extremes)
     if value_range is not None:
         return _Window(
             *_integer_percentiles(arr, value_range, (low_pct, high_pct)), None, value_range
@@ -377,13 +414,16 @@ def _window(arr: np.ndarray, low_pct: float, high_pct: float) -> _Window:
 def _apply_window(arr: np.ndarray, window: _Window) -> np.ndarray:
     low, high = window.low, window.high
     scale = 255.0 / (high - low) if high > low else 0.0
-    if window.value_range is not None:
+    if window.value_range is not None and window.value_range[1] - window.value_range[0] <= arr.size:
         lo_val, hi_val = window.value_range
         indices, base = _offset_values(arr, lo_val)
         levels = np.arange(base, hi_val + 1, dtype=np.float64)
         lut = np.clip((levels - low) * scale + 0.5, 0, 255).astype(np.uint8)
         return lut[indices]
-    scaled = (arr.astype(np.float32) - np.float32(low)) * np.float32(scale) + np.float32(0.5)
+    scaled = arr.astype(np.float32)
+    scaled -= np.float32(low)
+    scaled *= np.float32(scale)
+    scaled += np.float32(0.5)
     if window.finite is not None:
         scaled[~window.finite] = 0
     np.clip(scaled, 0, 255, out=scaled)
@@ -424,7 +464,7 @@ def _slice_sha256(raw_slice: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _slice_problems(stack: np.ndarray) -> dict[int, str]:
+def _slice_problems(stack: np.ndarray, lows: np.ndarray, highs: np.ndarray) -> dict[int, str]:
     problems: dict[int, str] = {}
     if stack.dtype.kind == "f":
         non_finite = (~np.isfinite(stack)).sum(axis=(1, 2))
@@ -432,8 +472,6 @@ def _slice_problems(stack: np.ndarray) -> dict[int, str]:
             problems[int(index)] = (
                 f"slice has {int(non_finite[index])} non-finite values (NaN/inf); fix or mask the source data"
             )
-    lows = stack.min(axis=(1, 2))
-    highs = stack.max(axis=(1, 2))
     for index in np.flatnonzero(lows == highs):
         if int(index) not in problems:
             problems[int(index)] = (
@@ -453,18 +491,25 @@ def process_object(
     decoded = _decode(data, fmt)
     stack = decoded.stack
     low_pct, high_pct = window
-    problems = _slice_problems(stack)
+    lows, highs = stack.min(axis=(1, 2)), stack.max(axis=(1, 2))
+    problems = _slice_problems(stack, lows, highs)
+    integer = stack.dtype.kind in "ui"
     if decoded.is_volume:
-        volume_window = _window(stack, low_pct, high_pct)
+        extremes = (int(lows.min()), int(highs.max())) if integer else None
+        volume_window = _window(stack, low_pct, high_pct, extremes)
         stack_u8 = _apply_window(stack, volume_window)
         windows = [(volume_window.low, volume_window.high)] * stack.shape[0]
         scope = "per volume"
     else:
-        stack_u8 = np.empty(stack.shape, dtype=np.uint8)
-        windows = []
+        stack_u8 = np.zeros(stack.shape, dtype=np.uint8)
+        windows = [(0.0, 0.0)] * stack.shape[0]
         for index in range(stack.shape[0]):
-            stack_u8[index], low, high = normalize_to_uint8(stack[index], low_pct, high_pct)
-            windows.append((low, high))
+            if index in problems:
+                continue
+            extremes = (int(lows[index]), int(highs[index])) if integer else None
+            image_window = _window(stack[index], low_pct, high_pct, extremes)
+            stack_u8[index] = _apply_window(stack[index], image_window)
+            windows[index] = (image_window.low, image_window.high)
         scope = "per image"
     slices = []
     for index in range(stack.shape[0]):

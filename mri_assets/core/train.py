@@ -42,6 +42,9 @@ class ClassifierModel(nn.Module):
     ``embedding_model_id`` is the backbone ``model_id`` whose cached embeddings the head can be
     applied to; it becomes ``None`` once the backbone itself has been fine-tuned in memory (the
     cached embeddings then no longer match; re-embed with the saved checkpoint's backbone).
+
+    ``train_batchnorm_stats`` (set by ``configure_stage2``): when False, every BatchNorm keeps its
+    running statistics in ``train()`` mode too (its affine weights still learn where unfrozen).
     """
 
     def __init__(self, backbone: nn.Module, class_names: Sequence[str], seed: int = 0):
@@ -56,19 +59,22 @@ class ClassifierModel(nn.Module):
         self.head = nn.Linear(int(backbone.dim), len(names))
         reset_head(self.head, seed)
         self.embedding_model_id: str | None = getattr(backbone, "model_id", None)
+        self.train_batchnorm_stats = False
         freeze_backbone(self)
 
     def forward(self, images_uint8: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images_uint8))
 
     def train(self, mode: bool = True) -> ClassifierModel:
-        """Like ``nn.Module.train``, but BatchNorm layers whose parameters are frozen stay in eval
-        mode, so their running statistics never move while their weights are frozen."""
+        """Like ``nn.Module.train``, but BatchNorm layers whose parameters are frozen (and all of
+        them unless ``train_batchnorm_stats``) stay in eval mode: their running statistics never
+        move while their weights are frozen."""
         super().train(mode)
         if mode:
             for module in self.backbone.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
-                    p.requires_grad for p in module.parameters(recurse=False)
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+                    not self.train_batchnorm_stats
+                    or not any(p.requires_grad for p in module.parameters(recurse=False))
                 ):
                     module.eval()
         return self
@@ -109,9 +115,15 @@ def configure_stage2(
     lr_layer4: float | None = None,
     lr_layer3: float | None = None,
     weight_decay: float = 1e-4,
+    train_batchnorm_stats: bool = False,
 ) -> torch.optim.Optimizer:
     """Unfreeze only ``layer3``, ``layer4`` and the head; return AdamW with three param groups
-    named ``head``, ``layer4``, ``layer3`` (defaults: lr_head, lr_head/10, lr_head/100)."""
+    named ``head``, ``layer4``, ``layer3`` (defaults: lr_head, lr_head/10, lr_head/100).
+
+    By default the BatchNorm running statistics stay fixed (BN affine weights of layer3/layer4
+    still learn): the stage-1 head was fitted on eval-mode features, and small fine-tuning
+    batches give noisy batch statistics that would shift every feature the head relies on.
+    ``train_batchnorm_stats=True`` lets layer3/layer4 BatchNorm update its statistics."""
     lr_layer4 = lr_head / 10 if lr_layer4 is None else lr_layer4
     lr_layer3 = lr_head / 100 if lr_layer3 is None else lr_layer3
     for name, lr in (("lr_head", lr_head), ("lr_layer4", lr_layer4), ("lr_layer3", lr_layer3)):
@@ -119,6 +131,7 @@ def configure_stage2(
             raise TrainingError(f"{name} must be > 0, got {lr}")
     body = _body(model)
     freeze_backbone(model)
+    model.train_batchnorm_stats = bool(train_batchnorm_stats)
     parts = {"head": model.head, "layer4": body.layer4, "layer3": body.layer3}
     for module in parts.values():
         for parameter in module.parameters():
@@ -128,7 +141,7 @@ def configure_stage2(
         {"name": name, "params": list(parts[name].parameters()), "lr": lrs[name]}
         for name in STAGE2_PARTS
     ]
-    return torch.optim.AdamW(groups, weight_decay=weight_decay)
+    return torch.optim.SGD(groups, momentum=0.9, weight_decay=weight_decay)
 
 
 # --------------------------------------------------------------------------- precision
@@ -553,6 +566,7 @@ class TrainConfig:
     eval_batch_size: int = 128
     precision: str = "auto"
     channels_last: bool = True
+    train_batchnorm_stats: bool = False
 
     def __post_init__(self) -> None:
         for name in ("head_epochs", "finetune_epochs"):
@@ -712,7 +726,12 @@ def train_two_stage(
         started = time.perf_counter()
         lrs = config.stage2_lrs
         optimizer = configure_stage2(
-            model, lrs["head"], lrs["layer4"], lrs["layer3"], config.weight_decay
+            model,
+            lrs["head"],
+            lrs["layer4"],
+            lrs["layer3"],
+            config.weight_decay,
+            config.train_batchnorm_stats,
         )
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         loader = ImageBatches(train_images, y_train, config.batch_size, seed=config.seed)

@@ -108,3 +108,10 @@ def test_good_wave_keys_pass():
 def test_split_fractions_must_sum_to_one():
     with pytest.raises(ManifestError, match="sum to 1"):
         ManifestSettings(salt="s", split_fractions=(0.5, 0.1, 0.1))
+
+
+def test_a_byte_identical_copy_is_a_duplicate_with_the_same_image_id():
+    rows = [_row("raw/w/p1/a.dcm", "a" * 64, 0, "same"), _row("raw/w/p2/a.dcm", "a" * 64, 0, "same")]
+    frame = finish_manifest(_rows(rows), SETTINGS).sort("source_key")
+    assert frame["status"].to_list() == ["ok", "duplicate"]
+    assert frame["duplicate_of"][1] == frame["image_id"][0]

@@ -1,0 +1,477 @@
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from sklearn.metrics import f1_score
+from torch import nn
+
+from mri_assets.core.train import (
+    STAGE2_PARTS,
+    ClassifierModel,
+    ImageBatches,
+    SliceRows,
+    TrainConfig,
+    TrainingError,
+    backbone_state_from_checkpoint,
+    compare_to_supervised_baseline,
+    configure_stage2,
+    confusion_matrix_png,
+    eval_result_from_predictions,
+    load_checkpoint,
+    predict_proba,
+    read_checkpoint,
+    save_checkpoint,
+    train_head_on_embeddings,
+    train_one_epoch,
+    train_supervised_baseline,
+    train_two_stage,
+)
+
+CLASSES = ("axial_inferior", "axial_superior", "coronal", "sagittal")
+SIZE = 64
+FAST = TrainConfig(
+    seed=3, head_epochs=5, finetune_epochs=1, batch_size=8, eval_batch_size=32, precision="fp32"
+)
+
+
+class _ContractBackbone(nn.Module):
+    """Stand-in for core.backbone.Backbone (docs/internals.md "Backbone contract")."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            body = torchvision.models.resnet18(weights=None)
+        conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        with torch.no_grad():
+            conv1.weight.copy_(body.conv1.weight.sum(dim=1, keepdim=True))
+        body.conv1 = conv1
+        body.fc = nn.Identity()
+        self.body = body
+        self.dim = 512
+        digest = hashlib.sha256()
+        for value in body.state_dict().values():
+            digest.update(value.numpy().tobytes())
+        self.model_id = f"resnet18:none:{digest.hexdigest()[:12]}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body((x.float() / 255.0 - 0.449) / 0.226)
+
+
+def build_backbone(arch="resnet18", weights="none", seed=0, checkpoint=None):
+    backbone = _ContractBackbone(seed)
+    if checkpoint is not None:
+        backbone.load_state_dict(backbone_state_from_checkpoint(read_checkpoint(checkpoint)))
+    return backbone
+
+
+def _model(seed: int = 0, classes=CLASSES) -> ClassifierModel:
+    return ClassifierModel(build_backbone(seed=seed), classes, seed=seed)
+
+
+def _pattern_slices(n_per_class: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    """Four visually distinct uint8 patterns (one per class) with noise and random phase."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE] / SIZE
+    images, labels = [], []
+    for k, name in enumerate(CLASSES):
+        for _ in range(n_per_class):
+            phase = rng.uniform(0, 2 * np.pi)
+            if k == 0:
+                base = np.sin(12 * yy * np.pi + phase)
+            elif k == 1:
+                base = np.sin(12 * xx * np.pi + phase)
+            elif k == 2:
+                base = np.where(
+                    (yy - 0.5) ** 2 + (xx - 0.5) ** 2 < rng.uniform(0.05, 0.12), 1.0, -1.0
+                )
+            else:
+                base = np.sign(np.sin(8 * yy * np.pi + phase) * np.sin(8 * xx * np.pi))
+            noisy = base + rng.normal(0, 0.3, base.shape)
+            images.append(np.clip((noisy + 1.5) * 85, 0, 255).astype(np.uint8))
+            labels.append(name)
+    return np.stack(images), labels
+
+
+@torch.no_grad()
+def _embed(model: ClassifierModel, images: np.ndarray) -> np.ndarray:
+    model.eval()
+    return model.backbone(torch.from_numpy(images[:, None])).numpy().astype(np.float16)
+
+
+def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def pattern_data():
+    train_images, train_labels = _pattern_slices(4, seed=1)
+    eval_images, eval_labels = _pattern_slices(2, seed=2)
+    train_embeddings = _embed(_model(), train_images)
+    return train_images, train_labels, train_embeddings, eval_images, eval_labels
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(pattern_data):
+    """One two-stage run shared (read-only) by the tests that need a fine-tuned model."""
+    train_images, train_labels, train_embeddings, eval_images, eval_labels = pattern_data
+    model = _model()
+    report = train_two_stage(
+        model, train_embeddings, train_images, train_labels, eval_images, eval_labels, FAST
+    )
+    return model, report
+
+
+def test_stage1_trains_the_head_and_leaves_backbone_bit_identical(pattern_data):
+    train_images, train_labels, train_embeddings, eval_images, eval_labels = pattern_data
+    model = _model()
+    backbone_before = _snapshot(model.backbone)
+    head_before = _snapshot(model.head)
+    config = TrainConfig(seed=3, head_epochs=5, finetune_epochs=0, precision="fp32")
+    report = train_two_stage(
+        model, train_embeddings, train_images, train_labels, eval_images, eval_labels, config, "cpu"
+    )
+    after = model.backbone.state_dict()
+    assert after.keys() == backbone_before.keys()
+    for key, value in backbone_before.items():
+        assert torch.equal(after[key], value), key
+    assert not torch.equal(model.head.weight, head_before["weight"])
+    assert len(report.stage1_history) == 5 and report.stage2_history == []
+    assert report.stage1_history[-1]["loss"] < report.stage1_history[0]["loss"]
+
+
+def test_stage2_changes_only_layer3_layer4_and_head(pattern_data):
+    train_images, train_labels, _, _, _ = pattern_data
+    model = _model()
+    before = _snapshot(model)
+    optimizer = configure_stage2(
+        model, lr_head=0.1, lr_layer4=0.1, lr_layer3=0.1, train_batchnorm_stats=True
+    )
+    y = np.array([CLASSES.index(label) for label in train_labels])
+    loader = ImageBatches(train_images[:8], y[:8], batch_size=8, seed=0)
+    train_one_epoch(model, nn.CrossEntropyLoss(), optimizer, loader, "cpu", "fp32", epoch=0)
+    after = model.state_dict()
+    trainable = ("backbone.body.layer3.", "backbone.body.layer4.", "head.")
+    changed = {key for key, value in before.items() if not torch.equal(after[key], value)}
+    assert {key for key in changed if not key.startswith(trainable)} == set()
+    for prefix in trainable:
+        assert any(key.startswith(prefix) and key.endswith("weight") for key in changed), prefix
+
+
+def test_stage2_optimizer_has_three_groups_with_discriminative_lrs_and_frozen_batchnorm():
+    model = _model()
+    optimizer = configure_stage2(model, lr_head=1e-3)
+    assert [g["name"] for g in optimizer.param_groups] == list(STAGE2_PARTS)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-3, 1e-4, 1e-5])
+    custom = configure_stage2(model, lr_head=2e-3, lr_layer4=5e-4, lr_layer3=7e-5)
+    assert [g["lr"] for g in custom.param_groups] == pytest.approx([2e-3, 5e-4, 7e-5])
+
+    in_groups = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    body = model.backbone.body
+    expected = {id(p) for m in (body.layer3, body.layer4, model.head) for p in m.parameters()}
+    assert in_groups == expected
+    assert {id(p) for p in model.parameters() if p.requires_grad} == expected
+
+    model.train()
+    batchnorms = [
+        (name, module)
+        for name, module in model.backbone.body.named_modules()
+        if isinstance(module, nn.BatchNorm2d)
+    ]
+    assert not any(module.training for _, module in batchnorms)
+    configure_stage2(model, train_batchnorm_stats=True)
+    model.train()
+    for name, module in batchnorms:
+        assert module.training == name.startswith(("layer3", "layer4")), name
+
+
+def test_two_stage_training_is_deterministic_for_a_seed(pattern_data, fine_tuned):
+    train_images, train_labels, train_embeddings, eval_images, eval_labels = pattern_data
+    first_model, first_report = fine_tuned
+    model = _model()
+    report = train_two_stage(
+        model, train_embeddings, train_images, train_labels, eval_images, eval_labels, FAST
+    )
+    first = first_model.state_dict()
+    assert all(torch.equal(first[k], v) for k, v in model.state_dict().items())
+    assert report.stage1_history == first_report.stage1_history
+    assert report.stage2_history == first_report.stage2_history
+    assert np.array_equal(report.confusion, first_report.confusion)
+
+
+def test_a_different_seed_gives_a_different_head(pattern_data):
+    train_images, train_labels, train_embeddings, eval_images, eval_labels = pattern_data
+    heads = []
+    for seed in (7, 7, 8):
+        model = ClassifierModel(build_backbone(), CLASSES, seed=seed)
+        config = TrainConfig(seed=seed, head_epochs=2, finetune_epochs=0, precision="fp32")
+        train_two_stage(
+            model, train_embeddings, train_images, train_labels, eval_images, eval_labels, config
+        )
+        heads.append(model.head.weight.detach().clone())
+    assert torch.equal(heads[0], heads[1])
+    assert not torch.equal(heads[0], heads[2])
+
+
+def test_nan_loss_stops_training_naming_epoch_and_step(pattern_data):
+    train_images, train_labels, _, _, _ = pattern_data
+    model = _model()
+    optimizer = configure_stage2(model)
+    with torch.no_grad():
+        model.head.weight.fill_(float("nan"))
+    loader = ImageBatches(train_images[:4], np.zeros(4), batch_size=4)
+    with pytest.raises(TrainingError, match=r"epoch 2, step 0"):
+        train_one_epoch(model, nn.CrossEntropyLoss(), optimizer, loader, "cpu", "fp32", epoch=2)
+
+
+def test_non_finite_embeddings_are_rejected_with_their_rows(pattern_data):
+    _, train_labels, train_embeddings, _, _ = pattern_data
+    broken = train_embeddings.copy()
+    broken[[3, 9], 0] = np.inf
+    y = np.array([CLASSES.index(label) for label in train_labels])
+    with pytest.raises(TrainingError, match=r"2 embedding row\(s\).*\[3, 9\]"):
+        train_head_on_embeddings(nn.Linear(512, 4), broken, y)
+
+
+def test_labels_outside_the_model_class_set_name_both_sets(pattern_data):
+    train_images, train_labels, train_embeddings, eval_images, eval_labels = pattern_data
+    model = _model(classes=("axial", "coronal", "sagittal", "other"))
+    with pytest.raises(TrainingError) as error:
+        train_two_stage(
+            model, train_embeddings, train_images, train_labels, eval_images, eval_labels, FAST
+        )
+    message = str(error.value)
+    assert "'axial_inferior'" in message and "'other'" in message
+
+
+def test_a_class_without_training_examples_is_rejected(pattern_data):
+    train_images, train_labels, train_embeddings, eval_images, eval_labels = pattern_data
+    keep = np.array([label != "coronal" for label in train_labels])
+    with pytest.raises(TrainingError, match=r"no examples of class\(es\) \['coronal'\]"):
+        train_two_stage(
+            _model(),
+            train_embeddings[keep],
+            train_images[keep],
+            [label for label, k in zip(train_labels, keep, strict=True) if k],
+            eval_images,
+            eval_labels,
+            FAST,
+        )
+
+
+def test_no_expert_labels_is_rejected(pattern_data):
+    train_images, train_labels, train_embeddings, eval_images, eval_labels = pattern_data
+    with pytest.raises(TrainingError, match="no expert labels"):
+        train_supervised_baseline(
+            _model(),
+            train_embeddings,
+            train_images,
+            train_labels,
+            np.zeros(len(train_labels), dtype=bool),
+            eval_images,
+            eval_labels,
+            FAST,
+        )
+    with pytest.raises(TrainingError, match="no expert labels"):
+        train_two_stage(
+            _model(), train_embeddings[:0], train_images[:0], [], eval_images, eval_labels, FAST
+        )
+
+
+def test_embeddings_from_another_backbone_are_rejected(pattern_data):
+    train_images, train_labels, train_embeddings, eval_images, eval_labels = pattern_data
+    with pytest.raises(TrainingError, match="re-embed"):
+        train_two_stage(
+            _model(),
+            train_embeddings,
+            train_images,
+            train_labels,
+            eval_images,
+            eval_labels,
+            FAST,
+            embeddings_model_id="resnet18:none:000000000000",
+        )
+
+
+def test_checkpoint_round_trip_gives_the_same_predictions(pattern_data, fine_tuned):
+    eval_images = pattern_data[3]
+    model, _ = fine_tuned
+    data = save_checkpoint(model, CLASSES, {"wave": "pilot", "expert_snapshot": "abc"})
+
+    payload = read_checkpoint(data)
+    assert payload["meta"] == {"wave": "pilot", "expert_snapshot": "abc"}
+    assert backbone_state_from_checkpoint(payload).keys() == model.backbone.state_dict().keys()
+
+    loaded = load_checkpoint(data, list(reversed(CLASSES)), backbone_factory=build_backbone)
+    assert loaded.class_names == CLASSES
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    np.testing.assert_array_equal(
+        predict_proba(loaded, eval_images), predict_proba(model, eval_images)
+    )
+
+
+def test_loading_a_checkpoint_for_another_class_set_names_both_sets():
+    data = save_checkpoint(_model(), CLASSES, {})
+    with pytest.raises(TrainingError) as error:
+        load_checkpoint(data, ["axial", "coronal", "sagittal"], backbone_factory=build_backbone)
+    assert "'axial_inferior'" in str(error.value) and "'axial'" in str(error.value)
+
+
+def test_predict_proba_from_cached_embeddings_matches_the_image_path(pattern_data, fine_tuned):
+    train_images, train_labels, train_embeddings, eval_images, eval_labels = pattern_data
+    model = _model()
+    y = np.array([CLASSES.index(label) for label in train_labels])
+    train_head_on_embeddings(model.head, train_embeddings, y, epochs=3, seed=0)
+    from_images = predict_proba(model, eval_images)
+    from_embeddings = predict_proba(
+        model, _embed(model, eval_images), embeddings_model_id=model.embedding_model_id
+    )
+    assert from_images.shape == (len(eval_images), 4)
+    np.testing.assert_allclose(from_embeddings, from_images, atol=2e-3)
+    np.testing.assert_allclose(from_images.sum(axis=1), 1.0, atol=1e-5)
+
+    fine_tuned_model, _ = fine_tuned
+    with pytest.raises(TrainingError, match="fine-tuned"):
+        predict_proba(fine_tuned_model, train_embeddings)
+
+
+def test_slice_rows_read_the_requested_rows_across_shards():
+    shards = [np.arange(5 * 4, dtype=np.uint8).reshape(5, 2, 2) + 100 * s for s in range(2)]
+    rows = SliceRows(shards, shard=np.array([1, 0, 1]), row=np.array([4, 2, 0]))
+    got = rows[np.array([0, 2, 1])]
+    np.testing.assert_array_equal(got, np.stack([shards[1][4], shards[1][0], shards[0][2]]))
+    with pytest.raises(TrainingError, match="row outside shard 0"):
+        SliceRows(shards, shard=np.array([0]), row=np.array([5]))
+
+
+def test_image_batches_cover_every_row_once_and_keep_a_trailing_single_row():
+    def batches(seed: int, epoch: int) -> list[list[int]]:
+        loader = ImageBatches(np.zeros((9, 4, 4), np.uint8), np.arange(9), batch_size=4, seed=seed)
+        loader.set_epoch(epoch)
+        return [labels.tolist() for _, labels in loader]
+
+    seen = batches(1, 0)
+    assert [len(b) for b in seen] == [4, 5]
+    assert sorted(sum(seen, [])) == list(range(9))
+    assert batches(1, 0) == seen
+    assert batches(1, 1) != seen
+    assert batches(2, 0) != seen
+
+
+def test_macro_f1_and_confusion_agree_with_scikit_learn():
+    rng = np.random.default_rng(0)
+    y_true = rng.integers(0, 4, 200)
+    y_pred = np.where(rng.random(200) < 0.7, y_true, rng.integers(0, 4, 200))
+    result = eval_result_from_predictions(y_true, y_pred, CLASSES)
+    assert result.macro_f1 == pytest.approx(f1_score(y_true, y_pred, average="macro"))
+    per_class = f1_score(y_true, y_pred, average=None, labels=range(4))
+    assert list(result.per_class_f1.values()) == pytest.approx(list(per_class))
+    assert result.confusion.sum() == 200 and result.confusion[1, 2] == np.sum(
+        (y_true == 1) & (y_pred == 2)
+    )
+    assert confusion_matrix_png(result).startswith(b"\x89PNG")
+
+
+def test_baseline_comparison_starts_both_models_from_the_same_weights(pattern_data):
+    train_images, train_labels, train_embeddings, eval_images, eval_labels = pattern_data
+    seeds = iter([0, 1])
+    with pytest.raises(TrainingError, match="deterministic"):
+        compare_to_supervised_baseline(
+            lambda: _model(next(seeds)),
+            train_embeddings,
+            train_images,
+            train_labels,
+            np.ones(len(train_labels), bool),
+            eval_images,
+            eval_labels,
+            FAST,
+        )
+    expert = np.arange(len(train_labels)) % 2 == 0
+    comparison = compare_to_supervised_baseline(
+        _model,
+        train_embeddings,
+        train_images,
+        train_labels,
+        expert,
+        eval_images,
+        eval_labels,
+        TrainConfig(seed=3, head_epochs=2, finetune_epochs=0),
+    )
+    assert comparison.baseline.n_train == expert.sum()
+    assert comparison.semi_supervised.n_train == len(train_labels)
+    assert comparison.baseline.n_eval == comparison.semi_supervised.n_eval == len(eval_labels)
+    assert comparison.baseline.config == comparison.semi_supervised.config
+
+
+# ---------------------------------------------------------------- real slices (MNI152 template)
+
+MNI = (
+    Path(nib.__file__).parent.parent
+    / "nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+)
+
+
+def _resize(plane: np.ndarray, low: float, high: float) -> np.ndarray:
+    scaled = np.clip((plane - low) / (high - low), 0, 1) * 255
+    return np.asarray(Image.fromarray(scaled.astype(np.uint8)).resize((SIZE, SIZE), Image.BILINEAR))
+
+
+def _mni_slices(rng: np.random.Generator, n_per_class: int) -> tuple[np.ndarray, list[str]]:
+    volume = np.asarray(nib.load(MNI).dataobj, dtype=np.float32)
+    low, high = np.percentile(volume, [1, 99.5])
+    nx, ny, nz = volume.shape
+    cuts = {
+        "axial_inferior": lambda i: volume[:, :, i],
+        "axial_superior": lambda i: volume[:, :, i],
+        "coronal": lambda i: volume[:, i, :],
+        "sagittal": lambda i: volume[i, :, :],
+    }
+    ranges = {
+        "axial_inferior": (int(nz * 0.2), int(nz * 0.4)),
+        "axial_superior": (int(nz * 0.6), int(nz * 0.8)),
+        "coronal": (int(ny * 0.25), int(ny * 0.75)),
+        "sagittal": (int(nx * 0.2), int(nx * 0.8)),
+    }
+    images, labels = [], []
+    for name in CLASSES:
+        for index in rng.choice(np.arange(*ranges[name]), n_per_class, replace=False):
+            images.append(_resize(np.rot90(cuts[name](int(index))), low, high))
+            labels.append(name)
+    return np.stack(images), labels
+
+
+def test_two_stage_on_real_mni_slices_beats_chance_and_reports_the_holdout():
+    rng = np.random.default_rng(0)
+    images, labels = _mni_slices(rng, 6)
+    holdout = np.arange(len(labels)) % 3 == 0
+    model = _model()
+    train_embeddings = _embed(model, images[~holdout])
+    train_labels = [label for label, h in zip(labels, holdout, strict=True) if not h]
+    eval_labels = [label for label, h in zip(labels, holdout, strict=True) if h]
+    config = TrainConfig(seed=0, batch_size=8, precision="fp32")
+    report = train_two_stage(
+        model,
+        train_embeddings,
+        images[~holdout],
+        train_labels,
+        images[holdout],
+        eval_labels,
+        config,
+        "cpu",
+        embeddings_model_id=model.embedding_model_id,
+    )
+    assert report.final_eval.n == holdout.sum() == report.confusion.sum()
+    assert report.confusion.sum(axis=1).tolist() == [holdout.sum() // 4] * 4
+    assert report.stage1_eval.macro_f1 > 0.5 and report.macro_f1 > 0.5
+    assert set(report.metrics()) >= {"holdout_macro_f1", "stage2_epoch2_loss", "stage1_epoch4_loss"}
+    assert len(report.stage2_history) == 3
+    assert isinstance(io.BytesIO(confusion_matrix_png(report.final_eval)).read(8), bytes)
