@@ -79,10 +79,50 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if _run_wave(_home(args), args.wave, args.select) else 1
 
 
+def label_from_csv(home: MriHome, wave: str, labels_csv: Path, limit: int | None = None):
+    import io
+
+    import polars as pl
+
+    from mri_assets.core.sample_labels import ground_truth_for_wave
+    from mri_assets.core.slice_shards import manifest_key
+    from mri_assets.simulated_clinician import label_queue_from_truth
+
+    defs = _defs()
+    store = defs.resources["object_store"]
+    manifest = pl.read_parquet(io.BytesIO(store.get_bytes(manifest_key(wave))))
+    truth = ground_truth_for_wave(Path(labels_csv), manifest, wave)
+    password = os.environ.get("MRI_ASSETS_SIMULATED_PASSWORD", "simulated-clinician-password")
+    with tqdm(desc=f"simulated clinician labeling {wave}", unit="label") as bar:
+        return label_queue_from_truth(defs.resources["label_store"], truth, password, limit,
+                                      on_item=bar.update)
+
+
+def cmd_label_from_csv(args: argparse.Namespace) -> int:
+    result = label_from_csv(_home(args), args.wave, Path(args.labels), args.limit)
+    print(f"simulated clinician: {result.labeled} labels, {result.qa_labeled} QA re-reads, "
+          f"{result.skipped_without_truth} skipped (no ground truth)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from mri_assets.demo import run_demo
 
     return run_demo(_home(args), slices=args.slices, seed=args.seed)
+
+
+def cmd_smoke(args: argparse.Namespace) -> int:
+    import json
+
+    from mri_assets.local_run import dagster_instance
+    from mri_assets.smoke_run import run_smoke
+
+    home = _home(args)
+    report = run_smoke(_defs(), dagster_instance(home), home, update_reference=args.update_reference)
+    print(f"smoke: {'PASS' if report.passed else 'FAIL'} in {report.seconds:.1f} s: {report.detail}")
+    if report.metadata.get("mismatches"):
+        print(json.dumps(report.metadata["mismatches"], indent=1))
+    return 0 if report.passed else 1
 
 
 def cmd_triage_serve(args: argparse.Namespace) -> int:
@@ -102,6 +142,15 @@ def cmd_triage_add_user(args: argparse.Namespace) -> int:
     password = sys.stdin.readline().rstrip("\n") if args.password_stdin else getpass.getpass()
     add_user(args.username, password, args.role)
     print(f"annotator {args.username!r} ({args.role}) added")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from mri_assets.workers import start_worker
+
+    home = _home(args)
+    start_worker(args.queue, home.dagster / "celery" / args.queue, name=args.name,
+                 concurrency=args.concurrency, pool=args.pool, loglevel=args.loglevel)
     return 0
 
 
@@ -128,10 +177,34 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--source", required=True, help="a folder, file:// or s3://bucket/prefix")
     ingest.set_defaults(func=cmd_ingest_wave)
 
+    simulated = sub.add_parser(
+        "label-from-csv",
+        help="SIMULATED clinician for demos: label the queued items of WAVE from a ground-truth CSV",
+    )
+    simulated.add_argument("wave")
+    simulated.add_argument("--labels", required=True, help="labels.csv written by sample-data")
+    simulated.add_argument("--limit", type=int, help="stop after this many labels")
+    simulated.set_defaults(func=cmd_label_from_csv)
+
     run = sub.add_parser("run", help="materialize a wave in this process")
     run.add_argument("wave")
     run.add_argument("--select", help="Dagster asset selection, e.g. 'manifest slices'")
     run.set_defaults(func=cmd_run)
+
+    worker = sub.add_parser("worker", help="a dagster-celery worker for the celery profile "
+                            "(env MRI_ASSETS_CELERY_BROKER, default redis://127.0.0.1:6379/0)")
+    worker.add_argument("--queue", choices=["gpu", "default"], required=True,
+                        help="gpu: steps tagged dagster-celery/queue=gpu; default: every other step")
+    worker.add_argument("--name", help="worker name before @host (default: the queue)")
+    worker.add_argument("--concurrency", type=int, default=1, help="steps run at once")
+    worker.add_argument("--pool", choices=["prefork", "solo", "threads"], default="prefork")
+    worker.add_argument("--loglevel", default="INFO")
+    worker.set_defaults(func=cmd_worker)
+
+    smoke = sub.add_parser("smoke", help="the nightly reproducibility run on the fixed smoke wave")
+    smoke.add_argument("--update-reference", action="store_true",
+                       help="rewrite the committed reference (mri_assets/smoke/) from this run")
+    smoke.set_defaults(func=cmd_smoke)
 
     triage = sub.add_parser("triage", help="the clinicians' labeling web app").add_subparsers(
         dest="triage_command", required=True

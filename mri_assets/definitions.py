@@ -9,20 +9,24 @@ import os
 
 import dagster as dg
 
-from mri_assets.assets import clustering, embeddings, ingest, labeling
+from mri_assets.assets import clustering, costs, embeddings, ingest, labeling
+from mri_assets.assets.smoke import smoke_reproduces
 from mri_assets.core.home import MriHome
 from mri_assets.executors import check_profile, executor_for
-from mri_assets.jobs import active_learning_job, drift_check_job, ingest_wave_job
+from mri_assets.jobs import active_learning_job, drift_check_job, ingest_wave_job, label_refresh_job
 from mri_assets.resources.compute import ComputeResource
+from mri_assets.resources.cost_settings import CostSettings
 from mri_assets.resources.dvc_tracking import DvcTracking
 from mri_assets.resources.label_store import LabelStore
+from mri_assets.resources.metrics import MetricsResource
 from mri_assets.resources.mlflow_tracking import MlflowTracking
 from mri_assets.resources.object_store import LocalObjectStore, ObjectStore
 from mri_assets.resources.settings import ClusteringSettings, IngestSettings, LabelingSettings
 from mri_assets.schedules import weekly_drift_check
-from mri_assets.sensors import ari_drift_sensor, wave_sensor
+from mri_assets.sensors import ari_drift_sensor, labels_sensor, wave_sensor
+from mri_assets.smoke_run import nightly_smoke, nightly_smoke_schedule
 
-ASSET_MODULES = [ingest, embeddings, clustering, labeling]
+ASSET_MODULES = [ingest, embeddings, clustering, labeling, costs]
 
 
 def _salt() -> str | dg.EnvVar:
@@ -99,6 +103,8 @@ def resources_for(profile: str, home: MriHome) -> dict:
         "label_store": _label_store(home),
         "clustering": ClusteringSettings(),
         "labeling": LabelingSettings(),
+        "metrics": MetricsResource(),
+        "cost": CostSettings(),
     }
 
 
@@ -107,9 +113,10 @@ def build_defs(profile: str | None = None, home: MriHome | None = None) -> dg.De
     home = home or MriHome.from_env()
     return dg.Definitions(
         assets=dg.load_assets_from_modules(ASSET_MODULES),
-        jobs=[ingest_wave_job, active_learning_job, drift_check_job],
-        sensors=[wave_sensor, ari_drift_sensor],
-        schedules=[weekly_drift_check],
+        asset_checks=[smoke_reproduces],
+        jobs=[ingest_wave_job, active_learning_job, drift_check_job, label_refresh_job, nightly_smoke],
+        sensors=[wave_sensor, ari_drift_sensor, labels_sensor],
+        schedules=[weekly_drift_check, nightly_smoke_schedule],
         resources=resources_for(profile, home),
         executor=executor_for(profile),
     )

@@ -23,6 +23,7 @@ def _manifest_summary(defs, wave: str) -> str:
 
 
 def run_demo(home: MriHome, slices: int, seed: int) -> int:
+    from mri_assets.assets.costs import cost_line
     from mri_assets.cli import _defs, _ingest, _run_wave
     from mri_assets.core.sample_data import build_sample_data
 
@@ -39,4 +40,5 @@ def run_demo(home: MriHome, slices: int, seed: int) -> int:
     print(f"  state: {home.root} (store, Dagster instance, MLflow, DVC, labels)")
     print("  look: `make dev` then http://127.0.0.1:3000 (assets, the waves partitions, sensors)")
     print(f"  total: {time.perf_counter() - started:.1f} s")
+    print(cost_line(defs, PILOT))
     return 0 if ok else 1

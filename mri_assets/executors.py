@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Mapping
 
 import dagster as dg
 
 GPU_POOL = "gpu"
 GPU_QUEUE = "gpu"
+DEFAULT_QUEUE = "dagster"
 PROFILES = ("local", "celery", "k8s")
+DEFAULT_CELERY_BROKER = "redis://127.0.0.1:6379/0"
+K8S_PASSED_ENV = (
+    "MRI_ASSETS_PROFILE",
+    "MRI_ASSETS_S3_BUCKET",
+    "MRI_ASSETS_S3_PREFIX",
+    "MRI_ASSETS_S3_ENDPOINT_URL",
+    "MRI_ASSETS_SHARDS",
+    "MRI_ASSETS_DEVICE",
+    "MRI_ASSETS_LOADER_WORKERS",
+    "MRI_ASSETS_BATCH_SIZE",
+    "MRI_ASSETS_LABELS_URL",
+    "MRI_ASSETS_SALT",
+    "MLFLOW_TRACKING_URI",
+)
 
 
 class ProfileError(ValueError):
@@ -23,16 +40,56 @@ def check_profile(profile: str) -> str:
     return profile
 
 
-def executor_for(profile: str) -> dg.ExecutorDefinition:
+def celery_executor_config(env: Mapping[str, str] = os.environ) -> dict:
+    """dagster-celery's executor config: the Redis broker (and result backend) named by the env.
+
+    Workers started by `mri-assets worker` read the same variables, so both sides meet on one broker.
+    """
+    broker = env.get("MRI_ASSETS_CELERY_BROKER") or DEFAULT_CELERY_BROKER
+    return {
+        "broker": broker,
+        "backend": env.get("MRI_ASSETS_CELERY_BACKEND") or broker,
+        "retries": {"enabled": {}},
+    }
+
+
+def k8s_executor_config(env: Mapping[str, str] = os.environ) -> dict:
+    """dagster-k8s's `k8s_job_executor` config: one Kubernetes Job per step, in the run's namespace.
+
+    Every step pod gets the profile's settings (`K8S_PASSED_ENV`, copied from the run pod where
+    set) and modest CPU/memory requests; GPU steps add their own `dagster-k8s/config` tag.
+    """
+    config: dict = {
+        "job_namespace": env.get("MRI_ASSETS_K8S_NAMESPACE", "dagster"),
+        "max_concurrent": int(env.get("MRI_ASSETS_K8S_MAX_CONCURRENT", "16")),
+        "env_vars": list(K8S_PASSED_ENV),
+        "retries": {"enabled": {}},
+        "step_k8s_config": {
+            "container_config": {
+                "resources": {
+                    "requests": {
+                        "cpu": env.get("MRI_ASSETS_K8S_STEP_CPU", "1"),
+                        "memory": env.get("MRI_ASSETS_K8S_STEP_MEMORY", "4Gi"),
+                    }
+                }
+            }
+        },
+    }
+    if env.get("MRI_ASSETS_K8S_IMAGE_PULL_POLICY"):
+        config["image_pull_policy"] = env["MRI_ASSETS_K8S_IMAGE_PULL_POLICY"]
+    return config
+
+
+def executor_for(profile: str, env: Mapping[str, str] = os.environ) -> dg.ExecutorDefinition:
     check_profile(profile)
     if profile == "celery":
         from dagster_celery import celery_executor
 
-        return celery_executor
+        return celery_executor.configured(celery_executor_config(env), name="celery")
     if profile == "k8s":
         from dagster_k8s import k8s_job_executor
 
-        return k8s_job_executor
+        return k8s_job_executor.configured(k8s_executor_config(env), name="k8s")
     return dg.multiprocess_executor.configured({"max_concurrent": 2})
 
 

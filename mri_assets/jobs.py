@@ -28,3 +28,12 @@ drift_check_job = dg.define_asset_job(
     partitions_def=wave_partitions,
     description="Re-cluster a wave with the current labels; the drift sensor reads the result.",
 )
+
+LABEL_REFRESH_JOB = "label_refresh"
+
+label_refresh_job = dg.define_asset_job(
+    LABEL_REFRESH_JOB,
+    selection=dg.AssetSelection.assets("expert_labels", "clusters"),
+    partitions_def=wave_partitions,
+    description="Snapshot new labels and re-score the wave's clusters with them.",
+)

@@ -1,12 +1,16 @@
 """Sensors: cursor-based and idempotent (every request carries a run_key)."""
 
 
+import json
+
 import dagster as dg
 
 from mri_assets.core.drift_watch import ClustersObservation, DriftWatch
 from mri_assets.core.manifest import READY_MARKER, WaveKeyError, validate_wave_key
-from mri_assets.jobs import ACTIVE_LEARNING_JOB, ingest_wave_job
+from mri_assets.core.expert_labels import label_counts_by_wave
+from mri_assets.jobs import ACTIVE_LEARNING_JOB, LABEL_REFRESH_JOB, ingest_wave_job
 from mri_assets.partitions import WAVES, wave_partitions
+from mri_assets.resources.label_store import LabelStore
 from mri_assets.resources.object_store import ObjectStore
 from mri_assets.resources.settings import ClusteringSettings
 
@@ -83,3 +87,19 @@ def ari_drift_sensor(context: dg.SensorEvaluationContext, clustering: Clustering
                 tags={"mri_assets/trigger": "ari_drift", "mri_assets/drift": decision.reason[:200]},
             ))
     return dg.SensorResult(run_requests=requests, cursor=watch.to_cursor())
+
+
+@dg.sensor(job_name=LABEL_REFRESH_JOB, minimum_interval_seconds=120,
+           default_status=dg.DefaultSensorStatus.RUNNING)
+def labels_sensor(context: dg.SensorEvaluationContext, label_store: LabelStore):
+    """New clinicians' labels in a wave request its refresh (snapshot, clusters' ARI, pseudo-labels)."""
+    seen: dict[str, int] = json.loads(context.cursor) if context.cursor else {}
+    counts = label_counts_by_wave(label_store.labels_snapshot(None))
+    known_waves = set(context.instance.get_dynamic_partitions(WAVES))
+    requests = [
+        dg.RunRequest(run_key=f"labels:{wave}:{count}", partition_key=wave,
+                      tags={"mri_assets/trigger": "new_labels"})
+        for wave, count in sorted(counts.items())
+        if count != seen.get(wave) and wave in known_waves
+    ]
+    return dg.SensorResult(run_requests=requests, cursor=json.dumps(counts, sort_keys=True))

@@ -7,12 +7,14 @@ import dagster as dg
 import polars as pl
 
 from mri_assets.assets.embeddings import embeddings, embeddings_key
+from mri_assets.assets.monitoring import cluster_gauges, push_figures
 from mri_assets.core.clustering import PcaModel, cluster_scores, cluster_wave, fit_streaming_pca
 from mri_assets.core.embed import read_embeddings
 from mri_assets.core.expert_labels import align_labels, expert_label_per_image
 from mri_assets.core.plots import projection_png
 from mri_assets.partitions import N_SHARDS, wave_partitions
 from mri_assets.resources.label_store import LabelStore
+from mri_assets.resources.metrics import MetricsResource
 from mri_assets.resources.mlflow_tracking import MlflowTracking
 from mri_assets.resources.object_store import ObjectStore
 from mri_assets.resources.settings import ClusteringSettings
@@ -101,6 +103,7 @@ def clusters(
     label_store: LabelStore,
     mlflow: MlflowTracking,
     clustering: ClusteringSettings,
+    metrics: MetricsResource,
 ) -> dg.Output[pl.DataFrame]:
     """KMeans at k = 2, 3, 4 on the wave's PCA projection; ARI/NMI on the labeled subset."""
     wave = context.partition_key
@@ -122,6 +125,7 @@ def clusters(
         mlflow.log_metrics(run_id, {f"{name}_k{k}": scores[k][name] for k in KS
                                     for name in ("ari", "nmi")})
         mlflow.log_png(run_id, "projection.png", png)
+    push_figures(metrics, "clusters", {"wave": wave}, cluster_gauges(wave, scores))
     metadata = {
         "model_id": model_id,
         "n_components": pca.n_components,

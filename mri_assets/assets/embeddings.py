@@ -5,13 +5,16 @@ from pathlib import Path
 
 import dagster as dg
 
+from mri_assets.assets.costs import gpu_budget
 from mri_assets.assets.ingest import slices
+from mri_assets.assets.monitoring import push_figures, throughput_gauges
 from mri_assets.core.embed import embed_shard, write_embeddings
 from mri_assets.core.slice_shards import shard_name, slice_keys
 from mri_assets.executors import GPU_POOL, gpu_step_tags
 from mri_assets.partitions import wave_and_shard, wave_shard_partitions
 from mri_assets.resources.compute import ComputeResource
 from mri_assets.resources.dvc_tracking import DvcTracking
+from mri_assets.resources.metrics import MetricsResource
 from mri_assets.resources.object_store import ObjectStore
 
 
@@ -21,19 +24,21 @@ def embeddings_key(wave: str, shard: int) -> str:
 
 @dg.asset(
     partitions_def=wave_shard_partitions,
-    deps=[slices],
+    deps=[slices, gpu_budget],
     group_name="embed",
     kinds={"pytorch", "dvc"},
     pool=GPU_POOL,
     op_tags=gpu_step_tags(),
     retry_policy=dg.RetryPolicy(max_retries=2, delay=5),
-    automation_condition=dg.AutomationCondition.eager(),
+    automation_condition=dg.AutomationCondition.eager()
+    & dg.AutomationCondition.all_deps_blocking_checks_passed(),
 )
 def embeddings(
     context: dg.AssetExecutionContext,
     object_store: ObjectStore,
     compute: ComputeResource,
     dvc: DvcTracking,
+    metrics: MetricsResource,
 ) -> dg.Output[dict]:
     """The shard's slices through the backbone: `image_id` + float16 vector, in the store and DVC."""
     wave, shard = wave_and_shard(context)
@@ -51,6 +56,8 @@ def embeddings(
         object_store.put_file(key, path)
         record = dvc.track(path, key)
     context.log.info(f"{wave}/{shard:02d}: {result.images} slices in {result.seconds:.1f} s on {device}")
+    push_figures(metrics, "embeddings", {"wave": wave, "shard": f"{shard:02d}"},
+                 throughput_gauges(wave, "embedding", result.images, result.seconds))
     return dg.Output(
         {"wave": wave, "shard": shard, "key": key, "count": result.images,
          "model_id": model.model_id, "dim": model.dim},

@@ -9,6 +9,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
+from mri_assets.assets.monitoring import manifest_gauges, push_figures
 from mri_assets.core.ingest import DecodeSettings, SourceObject, decode_wave
 from mri_assets.core.manifest import READY_MARKER, finish_manifest, raw_prefix, reconcile
 from mri_assets.core.slice_shards import (
@@ -20,6 +21,7 @@ from mri_assets.core.slice_shards import (
     write_npy,
 )
 from mri_assets.partitions import N_SHARDS, wave_and_shard, wave_partitions, wave_shard_partitions
+from mri_assets.resources.metrics import MetricsResource
 from mri_assets.resources.object_store import LocalObjectStore, ObjectStore
 from mri_assets.resources.settings import IngestSettings
 
@@ -79,7 +81,8 @@ def _summary_table(manifest: pl.DataFrame, column: str) -> dict[str, int]:
     check_specs=[dg.AssetCheckSpec(RECONCILE_CHECK, asset="manifest", blocking=True,
                                    description="listed = ok + duplicate + quarantined")],
 )
-def manifest(context: dg.AssetExecutionContext, object_store: ObjectStore, ingest: IngestSettings):
+def manifest(context: dg.AssetExecutionContext, object_store: ObjectStore, ingest: IngestSettings,
+             metrics: MetricsResource):
     """One row per slice of the wave's raw objects: checksums, patient split, status and reason.
 
     Every object is decoded once here (a broken or duplicate slice can only be found by decoding);
@@ -115,6 +118,8 @@ def manifest(context: dg.AssetExecutionContext, object_store: ObjectStore, inges
         frame.filter(pl.col("status") == "quarantined")
         .group_by("reason").len().sort("len", descending=True).head(20)
     )
+    push_figures(metrics, "manifest", {"wave": wave}, manifest_gauges(
+        wave, frame.height - counts.get("quarantined", 0), counts.get("quarantined", 0)))
     yield dg.Output(
         frame,
         metadata={

@@ -7,6 +7,7 @@ import numpy as np
 import polars as pl
 
 from mri_assets.assets.clustering import pca_key, pca_model, wave_embeddings
+from mri_assets.assets.monitoring import push_figures, queue_gauges
 from mri_assets.core.clustering import PcaModel
 from mri_assets.core.expert_labels import expert_label_per_image
 from mri_assets.core.selection import (
@@ -18,6 +19,7 @@ from mri_assets.core.selection import (
 from mri_assets.core.slice_shards import manifest_key
 from mri_assets.partitions import wave_partitions
 from mri_assets.resources.label_store import LabelStore
+from mri_assets.resources.metrics import MetricsResource
 from mri_assets.resources.object_store import ObjectStore
 from mri_assets.resources.settings import ClusteringSettings, LabelingSettings
 
@@ -54,6 +56,7 @@ def labeling_queue(
     label_store: LabelStore,
     clustering: ClusteringSettings,
     labeling: LabelingSettings,
+    metrics: MetricsResource,
 ) -> dg.MaterializeResult:
     """Top-entropy, diverse, cluster-balanced slices pushed to the label store, within budget.
 
@@ -85,6 +88,7 @@ def labeling_queue(
     ]
     queued = label_store.enqueue(wave, items, labeling.classes)
     after = label_store.stats()
+    push_figures(metrics, "labeling_queue", {"wave": wave}, queue_gauges("labeling", int(after["queue_size"])))
     return dg.MaterializeResult(metadata={
         "offered": len(items),
         "queued": queued,

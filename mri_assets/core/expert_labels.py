@@ -27,3 +27,10 @@ def align_labels(image_ids: list[str], labels: pl.DataFrame) -> list[str | None]
     """One entry per image id, None where the slice has no expert label."""
     lookup = dict(zip(labels["image_id"].to_list(), labels["label"].to_list()))
     return [lookup.get(image_id) for image_id in image_ids]
+
+
+def label_counts_by_wave(snapshot: pl.DataFrame) -> dict[str, int]:
+    """How many labels (expert and QA) each wave has: the labels sensor's run key."""
+    if snapshot.height == 0:
+        return {}
+    return {str(w): int(n) for w, n in snapshot.group_by("wave").len().iter_rows()}

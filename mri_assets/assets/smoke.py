@@ -1,0 +1,179 @@
+"""The nightly reproducibility check: the `smoke` wave's fingerprint against the committed one.
+
+The smoke wave is a fixed 1,000-slice sample (seed 0) run through ingestion, embeddings and
+clustering. `smoke_reproduces` compares the manifest content hash, the embedding hash (exact on
+the same device type, cosine >= 0.999 across device types) and ARI/NMI of the clusters against the
+sample's ground truth (within 1e-6) with the reference in `mri_assets/smoke/`.
+"""
+
+import io
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import polars as pl
+
+from mri_assets.assets.clustering import KS, clusters, clusters_key, wave_embeddings
+from mri_assets.core.clustering import cluster_scores
+from mri_assets.core.fingerprint import (
+    compare_fingerprints,
+    fingerprint_from_json,
+    fingerprint_to_json,
+    smoke_fingerprint,
+)
+from mri_assets.core.slice_shards import manifest_key
+from mri_assets.partitions import wave_partitions
+from mri_assets.resources.compute import ComputeResource
+from mri_assets.resources.object_store import ObjectStore
+
+SMOKE_WAVE = "smoke"
+SMOKE_SLICES = 1000
+SMOKE_SEED = 0
+SMOKE_CHECK = "smoke_reproduces"
+REFERENCE_DIR = Path(__file__).resolve().parent.parent / "smoke"
+TRUTH_KEY = f"{SMOKE_WAVE}/labels.csv"
+MAX_ITEMS_SHOWN = 20
+
+
+def smoke_device_type(compute: ComputeResource) -> str:
+    """`{device}-{precision}`, e.g. `cpu-bf16`: runs of one device type must match bit for bit."""
+    device, precision, _ = compute.device_and_precision()
+    return f"{device.type}-{precision}"
+
+
+def reference_paths(device_type: str, reference_dir: Path = REFERENCE_DIR) -> tuple[Path, Path]:
+    """The fingerprint JSON and the embeddings (for cosine across device types) of a reference."""
+    stem = reference_dir / f"reference-{device_type}"
+    return stem.with_suffix(".json"), stem.with_suffix(".embeddings.npz")
+
+
+def find_reference(device_type: str, reference_dir: Path = REFERENCE_DIR) -> tuple[Path, Path]:
+    """The reference of this device type when committed, else the first one there is."""
+    same = reference_paths(device_type, reference_dir)
+    if same[0].exists():
+        return same
+    others = sorted(reference_dir.glob("reference-*.json"))
+    if not others:
+        raise FileNotFoundError(
+            f"no smoke reference in {reference_dir}: run `mri-assets smoke --update-reference`"
+        )
+    return reference_paths(others[0].name.removeprefix("reference-").removesuffix(".json"),
+                           reference_dir)
+
+
+def ground_truth(store: ObjectStore, wave: str, manifest: pl.DataFrame) -> pl.DataFrame:
+    """`image_id` and the sample's class `label` per manifest row (`labels.csv` joined by raw key and slice index)."""
+    truth = pl.read_csv(io.BytesIO(store.get_bytes(TRUTH_KEY)), schema_overrides={"label": pl.String})
+    keyed = truth.select(
+        (pl.lit(f"raw/{wave}/") + pl.col("relative_path")).alias("source_key"),
+        pl.col("slice_index").cast(manifest["slice_index"].dtype),
+        "label",
+    )
+    return manifest.select("image_id", "source_key", "slice_index").join(
+        keyed, on=["source_key", "slice_index"], how="left"
+    )
+
+
+def truth_scores(store: ObjectStore, wave: str, manifest: pl.DataFrame) -> dict[str, float]:
+    """ARI and NMI of each k's clusters against the sample's ground truth."""
+    labeled = ground_truth(store, wave, manifest).select("image_id", "label")
+    assigned = pl.read_parquet(io.BytesIO(store.get_bytes(clusters_key(wave))))
+    joined = assigned.join(labeled, on="image_id", how="left").sort("image_id")
+    metrics = {}
+    for k in KS:
+        scores = cluster_scores(joined["label"].to_list(), joined[f"cluster_k{k}"].to_numpy())
+        for name in ("ari", "nmi"):
+            if scores[name] is None:
+                raise ValueError(f"smoke wave {wave}: {name} at k={k} not computable: {scores['reason']}")
+            metrics[f"{name}_k{k}"] = float(scores[name])
+    return metrics
+
+
+def current_fingerprint(
+    store: ObjectStore, wave: str, device_type: str
+) -> tuple[dict, tuple[list[str], np.ndarray]]:
+    """This run's fingerprint and its embeddings (image ids, float16 rows)."""
+    manifest = pl.read_parquet(io.BytesIO(store.get_bytes(manifest_key(wave))))
+    shards, ids, model_id = wave_embeddings(store, wave)
+    vectors = np.concatenate(list(shards())) if ids else np.zeros((0, 1), dtype=np.float16)
+    metrics = truth_scores(store, wave, manifest)
+    fingerprint = smoke_fingerprint(manifest, (ids, vectors), metrics, device_type, model_id)
+    return fingerprint, (ids, vectors)
+
+
+def write_reference(
+    fingerprint: dict, embeddings: tuple[list[str], np.ndarray], reference_dir: Path = REFERENCE_DIR
+) -> tuple[Path, Path]:
+    json_path, npz_path = reference_paths(fingerprint["device_type"], reference_dir)
+    reference_dir.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(fingerprint_to_json(fingerprint))
+    ids, vectors = embeddings
+    with npz_path.open("wb") as handle:
+        np.savez_compressed(handle, image_ids=np.asarray(ids), embeddings=vectors)
+    return json_path, npz_path
+
+
+def read_reference(json_path: Path, npz_path: Path) -> tuple[dict, tuple[list[str], np.ndarray] | None]:
+    reference = fingerprint_from_json(json_path.read_text())
+    if not npz_path.exists():
+        return reference, None
+    with np.load(npz_path) as data:
+        return reference, (data["image_ids"].tolist(), data["embeddings"])
+
+
+def compare_with_reference(
+    store: ObjectStore, wave: str, device_type: str, reference_dir: Path = REFERENCE_DIR
+) -> tuple[list, dict]:
+    """(mismatches, evidence) between this run and the committed reference."""
+    json_path, npz_path = find_reference(device_type, reference_dir)
+    reference, reference_embeddings = read_reference(json_path, npz_path)
+    current, embeddings = current_fingerprint(store, wave, device_type)
+    mismatches = compare_fingerprints(reference, current, reference_embeddings, embeddings)
+    evidence = {
+        "reference": json_path.name,
+        "reference_device_type": reference["device_type"],
+        "device_type": device_type,
+        "comparison": "exact bytes" if reference["device_type"] == device_type else "cosine",
+        "manifest_hash": current["manifest"]["hash"],
+        "embedding_hash": current["embeddings"]["hash"],
+        "metrics": current["metrics"],
+    }
+    return mismatches, evidence
+
+
+@dg.asset_check(
+    asset=clusters,
+    name=SMOKE_CHECK,
+    partitions_def=wave_partitions,
+    description="the smoke wave reproduces the committed fingerprint (manifest, embeddings, ARI/NMI)",
+)
+def smoke_reproduces(
+    context: dg.AssetCheckExecutionContext, object_store: ObjectStore, compute: ComputeResource
+) -> dg.AssetCheckResult:
+    """Fails with the differing items when the smoke wave does not reproduce its reference.
+
+    Only the `smoke` wave has a reference; on another wave the check reports that it compared
+    nothing (the drift job selects `clusters` with its checks).
+    """
+    wave = context.partition_key
+    if wave != SMOKE_WAVE:
+        return dg.AssetCheckResult(
+            passed=True,
+            metadata={"compared": False, "detail": f"only the {SMOKE_WAVE!r} wave has a reference"},
+        )
+    mismatches, evidence = compare_with_reference(object_store, wave, smoke_device_type(compute))
+    differing = [
+        {**m.as_dict(), "items": list(m.items[:MAX_ITEMS_SHOWN]), "n_items": len(m.items)}
+        for m in mismatches
+    ]
+    return dg.AssetCheckResult(
+        passed=not mismatches,
+        description="; ".join(m.message for m in mismatches) or "reproduces the reference",
+        metadata={
+            "compared": True,
+            **{k: v for k, v in evidence.items() if k != "metrics"},
+            "metrics": dg.MetadataValue.json(evidence["metrics"]),
+            "mismatches": dg.MetadataValue.json(differing),
+        },
+    )
+

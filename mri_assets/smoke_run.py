@@ -1,0 +1,144 @@
+"""The nightly smoke run: a fixed sample as the `smoke` wave, ingestion -> embeddings -> clusters,
+then the `smoke_reproduces` check. Used by the `nightly_smoke` job and `mri-assets smoke`.
+
+The wave's assets have different partitions (wave, wave x shard), which one Dagster run cannot
+hold; so the job's single op runs them stage by stage in this process (`materialize_wave`), each
+stage a run of its own on the same instance, then the check as its own run.
+"""
+
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dagster as dg
+
+from mri_assets.assets.smoke import (
+    REFERENCE_DIR,
+    SMOKE_CHECK,
+    SMOKE_SEED,
+    SMOKE_SLICES,
+    SMOKE_WAVE,
+    TRUTH_KEY,
+    current_fingerprint,
+    smoke_device_type,
+    write_reference,
+)
+from mri_assets.core.home import MriHome
+from mri_assets.local_run import QUIET_CONSOLE, materialize_wave
+from mri_assets.partitions import WAVES
+
+SMOKE_ASSETS = ("manifest", "slices", "gpu_budget", "embeddings", "pca_model", "clusters")
+
+
+def smoke_defs(defs: dg.Definitions) -> dg.Definitions:
+    """The deployment's definitions cut down to the smoke path (ingestion -> clusters)."""
+    wanted = {dg.AssetKey(name) for name in SMOKE_ASSETS}
+    return dg.Definitions(
+        assets=[a for a in defs.assets or [] if set(a.keys) <= wanted],
+        asset_checks=list(defs.asset_checks or []),
+        resources=defs.resources,
+    )
+
+
+@dataclass
+class SmokeReport:
+    passed: bool
+    seconds: float
+    detail: str
+    runs: list[str] = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)
+
+
+def land_smoke_sample(defs: dg.Definitions, home: MriHome, n_slices: int = SMOKE_SLICES) -> None:
+    """Build the fixed sample (once per home) and land it as `raw/smoke/`, with its ground truth."""
+    from mri_assets.core.sample_data import build_sample_data
+    from mri_assets.resources.landing import land_wave
+    from mri_assets.resources.object_store import LocalObjectStore
+
+    sample_dir = home.root / "sample" / f"{SMOKE_WAVE}-{n_slices}-{SMOKE_SEED}"
+    if not (sample_dir / "labels.csv").exists():
+        build_sample_data(sample_dir, n_slices=n_slices, seed=SMOKE_SEED, wave_style="t1")
+    store = defs.resources["object_store"]
+    salt = defs.resources["ingest"].salt
+    salt = salt.get_value() if hasattr(salt, "get_value") else salt
+    land_wave(LocalObjectStore(root=str(sample_dir)), "", store, SMOKE_WAVE, salt)
+    store.put_bytes(TRUTH_KEY, (sample_dir / "labels.csv").read_bytes())
+
+
+def check_smoke(defs: dg.Definitions, instance: dg.DagsterInstance) -> tuple[bool, str, str, dict]:
+    """Run `smoke_reproduces` for the smoke wave: (passed, description, run id, metadata)."""
+    result = dg.materialize(
+        assets=[*(defs.assets or []), *(defs.asset_checks or [])],
+        selection=dg.AssetSelection.checks(dg.AssetCheckKey(dg.AssetKey("clusters"), SMOKE_CHECK)),
+        partition_key=SMOKE_WAVE,
+        instance=instance,
+        resources=defs.resources,
+        raise_on_error=False,
+        run_config=QUIET_CONSOLE,
+    )
+    evaluations = result.get_asset_check_evaluations()
+    if not evaluations:
+        failure = next((e for e in result.all_events if e.is_step_failure), None)
+        error = failure.step_failure_data.error.message if failure else "no evaluation"
+        return False, f"{SMOKE_CHECK} did not run: {error}", result.run_id, {}
+    evaluation = evaluations[0]
+    metadata = {k: v.value for k, v in evaluation.metadata.items()}
+    return evaluation.passed, evaluation.description or "", result.run_id, metadata
+
+
+def run_smoke(
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    home: MriHome,
+    update_reference: bool = False,
+    reference_dir: Path = REFERENCE_DIR,
+) -> SmokeReport:
+    """Land, materialize and check the smoke wave; with `update_reference`, rewrite the reference."""
+    started = time.perf_counter()
+    land_smoke_sample(defs, home)
+    if not instance.has_dynamic_partition(WAVES, SMOKE_WAVE):
+        instance.add_dynamic_partitions(WAVES, [SMOKE_WAVE])
+    defs = smoke_defs(defs)
+    wave_report = materialize_wave(defs, instance, SMOKE_WAVE)
+    if not wave_report.success:
+        return SmokeReport(False, time.perf_counter() - started,
+                           f"smoke wave failed at {wave_report.failed}", wave_report.runs)
+    if update_reference:
+        store = defs.resources["object_store"]
+        fingerprint, embeddings = current_fingerprint(
+            store, SMOKE_WAVE, smoke_device_type(defs.resources["compute"])
+        )
+        paths = write_reference(fingerprint, embeddings, reference_dir)
+        return SmokeReport(True, time.perf_counter() - started,
+                           f"reference written: {', '.join(str(p) for p in paths)}", wave_report.runs)
+    passed, detail, run_id, metadata = check_smoke(defs, instance)
+    return SmokeReport(passed, time.perf_counter() - started, detail,
+                       [*wave_report.runs, run_id], metadata)
+
+
+@dg.op(tags={"dagster/max_runtime": str(30 * 60)})
+def smoke_wave_reproduces(context: dg.OpExecutionContext) -> dict:
+    """Runs the smoke wave on this instance; fails with the differing items on a mismatch."""
+    from mri_assets.definitions import build_defs
+
+    report = run_smoke(build_defs(), context.instance, MriHome.from_env().ensure())
+    context.log.info(f"smoke: {'pass' if report.passed else 'FAIL'} in {report.seconds:.1f} s")
+    if not report.passed:
+        raise dg.Failure(description=report.detail, metadata={"runs": report.runs,
+                                                              **report.metadata})
+    return {"seconds": round(report.seconds, 1), "runs": report.runs}
+
+
+@dg.job(tags={"dagster/max_runtime": str(30 * 60)},
+        description="The fixed 1,000-slice smoke wave, ingest -> clusters, against its reference.")
+def nightly_smoke():
+    smoke_wave_reproduces()
+
+
+@dg.schedule(job=nightly_smoke, cron_schedule="30 2 * * *", execution_timezone="UTC",
+             default_status=dg.DefaultScheduleStatus.RUNNING)
+def nightly_smoke_schedule(context: dg.ScheduleEvaluationContext):
+    """Every night 02:30 UTC; one run per day (`run_key`)."""
+    day = context.scheduled_execution_time.strftime("%Y-%m-%d")
+    return dg.RunRequest(run_key=f"nightly-smoke:{day}")
