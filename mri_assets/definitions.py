@@ -9,11 +9,17 @@ import os
 
 import dagster as dg
 
-from mri_assets.assets import clustering, costs, embeddings, ingest, labeling
+from mri_assets.assets import clustering, costs, embeddings, ingest, labeling, retraining
 from mri_assets.assets.smoke import smoke_reproduces
 from mri_assets.core.home import MriHome
 from mri_assets.executors import check_profile, executor_for
-from mri_assets.jobs import active_learning_job, drift_check_job, ingest_wave_job, label_refresh_job
+from mri_assets.jobs import (
+    active_learning_job,
+    drift_check_job,
+    ingest_wave_job,
+    label_refresh_job,
+    retrain_job,
+)
 from mri_assets.resources.compute import ComputeResource
 from mri_assets.resources.cost_settings import CostSettings
 from mri_assets.resources.dvc_tracking import DvcTracking
@@ -21,12 +27,19 @@ from mri_assets.resources.label_store import LabelStore
 from mri_assets.resources.metrics import MetricsResource
 from mri_assets.resources.mlflow_tracking import MlflowTracking
 from mri_assets.resources.object_store import LocalObjectStore, ObjectStore
-from mri_assets.resources.settings import ClusteringSettings, IngestSettings, LabelingSettings
-from mri_assets.schedules import weekly_drift_check
-from mri_assets.sensors import ari_drift_sensor, labels_sensor, wave_sensor
+from mri_assets.resources.settings import (
+    ClusteringSettings,
+    IngestSettings,
+    LabelingSettings,
+    PseudoLabelSettings,
+    RetrainSettings,
+    TrainingSettings,
+)
+from mri_assets.schedules import monthly_retrain, weekly_drift_check
+from mri_assets.sensors import ari_drift_sensor, labels_sensor, retrain_sensor, wave_sensor
 from mri_assets.smoke_run import nightly_smoke, nightly_smoke_schedule
 
-ASSET_MODULES = [ingest, embeddings, clustering, labeling, costs]
+ASSET_MODULES = [ingest, embeddings, clustering, labeling, retraining, costs]
 
 
 def _salt() -> str | dg.EnvVar:
@@ -103,6 +116,11 @@ def resources_for(profile: str, home: MriHome) -> dict:
         "label_store": _label_store(home),
         "clustering": ClusteringSettings(),
         "labeling": LabelingSettings(),
+        "pseudo": PseudoLabelSettings(),
+        "training": TrainingSettings(
+            max_finetune_images=int(os.environ.get("MRI_ASSETS_MAX_FINETUNE_IMAGES", "0"))),
+        "retrain": RetrainSettings(
+            every_slices=int(os.environ.get("MRI_ASSETS_RETRAIN_EVERY", "500000"))),
         "metrics": MetricsResource(),
         "cost": CostSettings(),
     }
@@ -114,9 +132,9 @@ def build_defs(profile: str | None = None, home: MriHome | None = None) -> dg.De
     return dg.Definitions(
         assets=dg.load_assets_from_modules(ASSET_MODULES),
         asset_checks=[smoke_reproduces],
-        jobs=[ingest_wave_job, active_learning_job, drift_check_job, label_refresh_job, nightly_smoke],
-        sensors=[wave_sensor, ari_drift_sensor, labels_sensor],
-        schedules=[weekly_drift_check, nightly_smoke_schedule],
+        jobs=[ingest_wave_job, active_learning_job, drift_check_job, label_refresh_job, retrain_job, nightly_smoke],
+        sensors=[wave_sensor, ari_drift_sensor, labels_sensor, retrain_sensor],
+        schedules=[weekly_drift_check, monthly_retrain, nightly_smoke_schedule],
         resources=resources_for(profile, home),
         executor=executor_for(profile),
     )

@@ -1,17 +1,34 @@
-"""`mri-assets demo`: sample data from real scans, a pilot wave, every asset, a short summary."""
+"""`mri-assets demo`: the whole loop on sample data from real scans, with a short summary.
+
+pilot wave (T1) -> manifest, slices, embeddings, PCA, clusters -> labeling queue -> simulated
+clinician labels -> expert labels, clusters with ARI (the drift baseline) -> pseudo-labels and
+their gate -> classifier vs supervised baseline -> costs; then a second wave of EPI-like scans
+whose clusters drift, and the drift sensor's verdict.
+"""
 
 from __future__ import annotations
 
+import io
+import os
 import time
 
+import dagster as dg
 import polars as pl
 
 from mri_assets.core.home import MriHome
 
 PILOT = "pilot"
+DRIFT_WAVE = "scale"
+FIRST_PASS = "manifest slices gpu_budget embeddings pca_model clusters labeling_queue"
+AFTER_LABELS = "expert_labels clusters pseudo_labels classifier wave_costs"
+SECOND_WAVE = "manifest slices gpu_budget embeddings pca_model clusters labeling_queue"
+DEMO_SETTINGS = {
+    "MRI_ASSETS_MAX_FINETUNE_IMAGES": "300",
+    "MRI_ASSETS_RETRAIN_EVERY": "1000",
+}
 
 
-def _manifest_summary(defs, wave: str) -> str:
+def _manifest_summary(defs: dg.Definitions, wave: str) -> str:
     frame: pl.DataFrame = defs.load_asset_value("manifest", partition_key=wave)
     counts = dict(frame.group_by("status").len().iter_rows())
     splits = dict(frame.filter(pl.col("status") == "ok").group_by("split").len().iter_rows())
@@ -22,23 +39,120 @@ def _manifest_summary(defs, wave: str) -> str:
     )
 
 
+def _latest_metadata(instance: dg.DagsterInstance, asset: str, wave: str) -> dict:
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[wave]), limit=1
+    ).records
+    if not records:
+        return {}
+    return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
+
+
+def _check_status(instance: dg.DagsterInstance, asset: str, check: str) -> str:
+    """The latest evaluation of an asset check, with its measured figures."""
+    history = instance.event_log_storage.get_asset_check_execution_history(
+        dg.AssetCheckKey(dg.AssetKey(asset), check), limit=1
+    )
+    if not history:
+        return "not run"
+    record = history[0]
+    evaluation = record.event.dagster_event.event_specific_data if record.event else None
+    figures = {}
+    if evaluation is not None and hasattr(evaluation, "metadata"):
+        figures = {k: v.value for k, v in evaluation.metadata.items() if k in ("f1", "precision", "coverage")}
+    return f"{record.status.value.lower()} {figures}"
+
+
+def pseudo_label_precision(defs: dg.Definitions, wave: str, labels_csv) -> tuple[int, float | None]:
+    """Promoted pseudo-labels checked against the sample's ground truth (never used to train)."""
+    from mri_assets.core.sample_labels import ground_truth_for_wave
+    from mri_assets.core.slice_shards import manifest_key
+
+    store = defs.resources["object_store"]
+    manifest = pl.read_parquet(io.BytesIO(store.get_bytes(manifest_key(wave))))
+    truth = ground_truth_for_wave(labels_csv, manifest, wave)
+    promoted = defs.load_asset_value("pseudo_labels", partition_key=wave).filter(pl.col("promoted"))
+    checked = promoted.join(truth, on="image_id", suffix="_truth")
+    if checked.height == 0:
+        return 0, None
+    return checked.height, float((checked["label"] == checked["label_truth"]).mean())
+
+
+def drift_verdict(defs: dg.Definitions, instance: dg.DagsterInstance) -> list[str]:
+    """Evaluate `ari_drift_sensor` once, as the daemon would, and say what it asks for."""
+    sensor = defs.resolve_sensor_def("ari_drift_sensor")
+    with dg.build_sensor_context(instance=instance, resources=defs.resources,
+                                 definitions=defs) as context:
+        result = sensor(context)
+    requests = result.run_requests if isinstance(result, dg.SensorResult) else []
+    return [f"{r.run_key} -> active_learning[{r.partition_key}]" for r in requests or []]
+
+
 def run_demo(home: MriHome, slices: int, seed: int) -> int:
     from mri_assets.assets.costs import cost_line
-    from mri_assets.cli import _defs, _ingest, _run_wave
+    from mri_assets.cli import _defs, _ingest, _run_wave, label_from_csv
     from mri_assets.core.sample_data import build_sample_data
+    from mri_assets.local_run import dagster_instance
 
+    for name, value in DEMO_SETTINGS.items():
+        os.environ.setdefault(name, value)
     started = time.perf_counter()
-    sample_dir = home.root / "sample" / PILOT
-    print(f"1/3 sample data: {slices} slices from real scans into {sample_dir}")
-    build_sample_data(sample_dir, n_slices=slices, seed=seed, wave_style="t1", progress=True)
-    print(f"2/3 landing: {_ingest(home, PILOT, str(sample_dir))}")
-    print(f"3/3 materializing wave {PILOT}")
-    ok = _run_wave(home, PILOT, None)
+    pilot_dir = home.root / "sample" / PILOT
+    drift_dir = home.root / "sample" / DRIFT_WAVE
+    print(f"[1/7] sample data: {slices} T1 slices from real scans into {pilot_dir}")
+    build_sample_data(pilot_dir, n_slices=slices, seed=seed, wave_style="t1", progress=True)
+    print(f"[2/7] landing: {_ingest(home, PILOT, str(pilot_dir))}")
+    print(f"[3/7] wave {PILOT}: manifest -> slices -> embeddings -> PCA -> clusters -> queue")
+    ok = _run_wave(home, PILOT, FIRST_PASS)
+    print("[4/7] simulated clinician labels the queue from labels.csv (demo only)")
+    labeled = label_from_csv(home, PILOT, pilot_dir / "labels.csv")
+    print(f"      {labeled.labeled} labels, {labeled.qa_labeled} QA re-reads")
+    print(f"[5/7] wave {PILOT}: expert labels -> ARI -> pseudo-labels + gate -> classifier -> costs")
+    ok = _run_wave(home, PILOT, AFTER_LABELS) and ok
+    n_drift = max(slices // 3, 200)
+    print(f"[6/7] second wave {DRIFT_WAVE}: {n_drift} EPI-like slices (a shifted distribution)")
+    build_sample_data(drift_dir, n_slices=n_drift, seed=seed + 1, wave_style="epi", progress=True)
+    print(f"      landing: {_ingest(home, DRIFT_WAVE, str(drift_dir))}")
+    ok = _run_wave(home, DRIFT_WAVE, SECOND_WAVE) and ok
+    label_from_csv(home, DRIFT_WAVE, drift_dir / "labels.csv")
+    ok = _run_wave(home, DRIFT_WAVE, "expert_labels clusters") and ok
     defs = _defs()
-    print("\nsummary")
-    print(_manifest_summary(defs, PILOT))
-    print(f"  state: {home.root} (store, Dagster instance, MLflow, DVC, labels)")
-    print("  look: `make dev` then http://127.0.0.1:3000 (assets, the waves partitions, sensors)")
-    print(f"  total: {time.perf_counter() - started:.1f} s")
+    instance = dagster_instance(home)
+    print("[7/7] drift sensor, evaluated once:")
+    requests = drift_verdict(defs, instance)
+    print("      " + ("; ".join(requests) if requests else "no drift request"))
+    for request in requests:
+        wave = request.split("[")[-1].rstrip("]")
+        ok = _run_wave(home, wave, "labeling_queue") and ok
+    print(_summary(defs, instance, pilot_dir, started))
     print(cost_line(defs, PILOT))
     return 0 if ok else 1
+
+
+def _summary(defs, instance, pilot_dir, started: float) -> str:
+    pilot_clusters = _latest_metadata(instance, "clusters", PILOT)
+    drift_clusters = _latest_metadata(instance, "clusters", DRIFT_WAVE)
+    pseudo = _latest_metadata(instance, "pseudo_labels", PILOT)
+    model = _latest_metadata(instance, "classifier", PILOT)
+    checked, precision = pseudo_label_precision(defs, PILOT, pilot_dir / "labels.csv")
+    lines = [
+        "",
+        "summary",
+        _manifest_summary(defs, PILOT),
+        _manifest_summary(defs, DRIFT_WAVE),
+        f"  ARI k=4: {PILOT} {pilot_clusters.get('ari_k4')}, {DRIFT_WAVE} "
+        f"{drift_clusters.get('ari_k4')} (NMI {pilot_clusters.get('nmi_k4')} / "
+        f"{drift_clusters.get('nmi_k4')})",
+        f"  pseudo-labels: {pseudo.get('promoted')} promoted of {pseudo.get('unlabeled')} "
+        f"unlabeled; gate {_check_status(instance, 'pseudo_labels', 'pseudo_label_gate')}; "
+        f"precision vs ground truth {precision if precision is None else round(precision, 4)} "
+        f"on {checked}",
+        f"  classifier holdout macro-F1 {model.get('macro_f1')} vs supervised baseline "
+        f"{model.get('baseline_macro_f1')} ({model.get('expert_labels')} expert + "
+        f"{model.get('pseudo_labels_used')} pseudo-labels)",
+        f"  state: {MriHome.from_env().root} (store, Dagster instance, MLflow, DVC, labels)",
+        "  look: `make dev` -> http://127.0.0.1:3000 (assets, waves partitions, sensors, checks);"
+        " `mri-assets triage serve` for the labeling page",
+        f"  total: {time.perf_counter() - started:.1f} s",
+    ]
+    return "\n".join(lines)

@@ -14,7 +14,6 @@ DEFAULT_QUEUE = "dagster"
 PROFILES = ("local", "celery", "k8s")
 DEFAULT_CELERY_BROKER = "redis://127.0.0.1:6379/0"
 K8S_PASSED_ENV = (
-    "MRI_ASSETS_PROFILE",
     "MRI_ASSETS_S3_BUCKET",
     "MRI_ASSETS_S3_PREFIX",
     "MRI_ASSETS_S3_ENDPOINT_URL",
@@ -56,13 +55,14 @@ def celery_executor_config(env: Mapping[str, str] = os.environ) -> dict:
 def k8s_executor_config(env: Mapping[str, str] = os.environ) -> dict:
     """dagster-k8s's `k8s_job_executor` config: one Kubernetes Job per step, in the run's namespace.
 
-    Every step pod gets the profile's settings (`K8S_PASSED_ENV`, copied from the run pod where
-    set) and modest CPU/memory requests; GPU steps add their own `dagster-k8s/config` tag.
+    Every step pod gets MRI_ASSETS_PROFILE=k8s, the settings of `K8S_PASSED_ENV` that are set here
+    (dagster-k8s copies a bare name's value from the run pod, and fails on an unset one), and
+    modest CPU/memory requests; GPU steps add their own `dagster-k8s/config` tag.
     """
     config: dict = {
         "job_namespace": env.get("MRI_ASSETS_K8S_NAMESPACE", "dagster"),
         "max_concurrent": int(env.get("MRI_ASSETS_K8S_MAX_CONCURRENT", "16")),
-        "env_vars": list(K8S_PASSED_ENV),
+        "env_vars": ["MRI_ASSETS_PROFILE=k8s", *(name for name in K8S_PASSED_ENV if env.get(name))],
         "retries": {"enabled": {}},
         "step_k8s_config": {
             "container_config": {

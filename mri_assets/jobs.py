@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
+from mri_assets.executors import gpu_run_tags
 from mri_assets.partitions import wave_partitions
 
 ingest_wave_job = dg.define_asset_job(
@@ -36,4 +37,14 @@ label_refresh_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets("expert_labels", "clusters"),
     partitions_def=wave_partitions,
     description="Snapshot new labels and re-score the wave's clusters with them.",
+)
+
+RETRAIN_JOB = "retrain"
+
+retrain_job = dg.define_asset_job(
+    RETRAIN_JOB,
+    selection=dg.AssetSelection.assets("expert_labels", "pseudo_labels", "classifier"),
+    partitions_def=wave_partitions,
+    tags=gpu_run_tags(),
+    description="Snapshot labels, promote safe pseudo-labels, retrain the classifier.",
 )

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from mri_assets.jobs import drift_check_job
+from mri_assets.jobs import drift_check_job, retrain_job
 from mri_assets.partitions import WAVES
 
 
@@ -20,3 +20,14 @@ def weekly_drift_check(context: dg.ScheduleEvaluationContext):
         return dg.SkipReason("no wave yet")
     day = context.scheduled_execution_time.strftime("%Y-%m-%d")
     return dg.RunRequest(run_key=f"weekly-drift:{wave}:{day}", partition_key=wave)
+
+
+@dg.schedule(job=retrain_job, cron_schedule="0 3 1 * *", execution_timezone="UTC",
+             default_status=dg.DefaultScheduleStatus.RUNNING)
+def monthly_retrain(context: dg.ScheduleEvaluationContext):
+    """The plan's maintenance cadence: the 1st of every month, 03:00 UTC, retrain on the latest wave."""
+    wave = latest_wave(context.instance)
+    if wave is None:
+        return dg.SkipReason("no wave yet")
+    month = context.scheduled_execution_time.strftime("%Y-%m")
+    return dg.RunRequest(run_key=f"monthly-retrain:{wave}:{month}", partition_key=wave)

@@ -8,11 +8,12 @@ import dagster as dg
 from mri_assets.core.drift_watch import ClustersObservation, DriftWatch
 from mri_assets.core.manifest import READY_MARKER, WaveKeyError, validate_wave_key
 from mri_assets.core.expert_labels import label_counts_by_wave
-from mri_assets.jobs import ACTIVE_LEARNING_JOB, LABEL_REFRESH_JOB, ingest_wave_job
+from mri_assets.core.retrain_watch import RetrainWatch
+from mri_assets.jobs import ACTIVE_LEARNING_JOB, LABEL_REFRESH_JOB, RETRAIN_JOB, ingest_wave_job
 from mri_assets.partitions import WAVES, wave_partitions
 from mri_assets.resources.label_store import LabelStore
 from mri_assets.resources.object_store import ObjectStore
-from mri_assets.resources.settings import ClusteringSettings
+from mri_assets.resources.settings import ClusteringSettings, RetrainSettings
 
 
 def ready_waves(store: ObjectStore) -> list[str]:
@@ -103,3 +104,38 @@ def labels_sensor(context: dg.SensorEvaluationContext, label_store: LabelStore):
         if count != seen.get(wave) and wave in known_waves
     ]
     return dg.SensorResult(run_requests=requests, cursor=json.dumps(counts, sort_keys=True))
+
+
+def _metadata_value(record, name: str):
+    entry = record.asset_materialization.metadata.get(name)
+    return None if entry is None else entry.value
+
+
+@dg.sensor(job_name=RETRAIN_JOB, minimum_interval_seconds=300,
+           default_status=dg.DefaultSensorStatus.RUNNING)
+def retrain_sensor(context: dg.SensorEvaluationContext, retrain: RetrainSettings):
+    """Requests retraining for the latest wave each time `every_slices` more slices are ingested."""
+    watch = RetrainWatch.from_cursor(context.cursor)
+    manifests = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("manifest"),
+                              after_storage_id=watch.after_manifest or None),
+        limit=1000, ascending=True,
+    ).records
+    trained = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("classifier"),
+                              after_storage_id=watch.after_classifier or None),
+        limit=1, ascending=False,
+    ).records
+    for record in manifests:
+        ok = _metadata_value(record, "ok")
+        if record.partition_key and isinstance(ok, int):
+            watch.saw_manifest(record.storage_id, record.partition_key, ok)
+    if trained and trained[0].storage_id > max((r.storage_id for r in manifests), default=0):
+        watch.saw_classifier(trained[0].storage_id)
+    run_key = watch.crossing(retrain.every_slices)
+    waves = context.instance.get_dynamic_partitions(WAVES)
+    requests = []
+    if run_key is not None and waves:
+        requests.append(dg.RunRequest(run_key=run_key, partition_key=waves[-1],
+                                      tags={"mri_assets/trigger": "slices_ingested"}))
+    return dg.SensorResult(run_requests=requests, cursor=watch.to_cursor())

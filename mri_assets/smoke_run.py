@@ -21,6 +21,7 @@ from mri_assets.assets.smoke import (
     SMOKE_WAVE,
     TRUTH_KEY,
     current_fingerprint,
+    smoke_reproduces,
     smoke_device_type,
     write_reference,
 )
@@ -66,7 +67,9 @@ def land_smoke_sample(defs: dg.Definitions, home: MriHome, n_slices: int = SMOKE
     store.put_bytes(TRUTH_KEY, (sample_dir / "labels.csv").read_bytes())
 
 
-def check_smoke(defs: dg.Definitions, instance: dg.DagsterInstance) -> tuple[bool, str, str, dict]:
+def check_smoke(
+    defs: dg.Definitions, instance: dg.DagsterInstance, reference_dir: Path = REFERENCE_DIR
+) -> tuple[bool, str, str, dict]:
     """Run `smoke_reproduces` for the smoke wave: (passed, description, run id, metadata)."""
     result = dg.materialize(
         assets=[*(defs.assets or []), *(defs.asset_checks or [])],
@@ -75,7 +78,8 @@ def check_smoke(defs: dg.Definitions, instance: dg.DagsterInstance) -> tuple[boo
         instance=instance,
         resources=defs.resources,
         raise_on_error=False,
-        run_config=QUIET_CONSOLE,
+        run_config={**QUIET_CONSOLE, "ops": {smoke_reproduces.node_def.name: {
+            "config": {"reference_dir": str(reference_dir)}}}},
     )
     evaluations = result.get_asset_check_evaluations()
     if not evaluations:
@@ -93,13 +97,21 @@ def run_smoke(
     home: MriHome,
     update_reference: bool = False,
     reference_dir: Path = REFERENCE_DIR,
+    n_slices: int = SMOKE_SLICES,
+    check_only: bool = False,
 ) -> SmokeReport:
-    """Land, materialize and check the smoke wave; with `update_reference`, rewrite the reference."""
+    """Land, materialize and check the smoke wave; with `update_reference`, rewrite the reference.
+
+    `check_only` compares what the store holds now, without re-materializing the wave.
+    """
     started = time.perf_counter()
-    land_smoke_sample(defs, home)
+    defs = smoke_defs(defs)
+    if check_only:
+        passed, detail, run_id, metadata = check_smoke(defs, instance, reference_dir)
+        return SmokeReport(passed, time.perf_counter() - started, detail, [run_id], metadata)
+    land_smoke_sample(defs, home, n_slices)
     if not instance.has_dynamic_partition(WAVES, SMOKE_WAVE):
         instance.add_dynamic_partitions(WAVES, [SMOKE_WAVE])
-    defs = smoke_defs(defs)
     wave_report = materialize_wave(defs, instance, SMOKE_WAVE)
     if not wave_report.success:
         return SmokeReport(False, time.perf_counter() - started,
@@ -112,7 +124,7 @@ def run_smoke(
         paths = write_reference(fingerprint, embeddings, reference_dir)
         return SmokeReport(True, time.perf_counter() - started,
                            f"reference written: {', '.join(str(p) for p in paths)}", wave_report.runs)
-    passed, detail, run_id, metadata = check_smoke(defs, instance)
+    passed, detail, run_id, metadata = check_smoke(defs, instance, reference_dir)
     return SmokeReport(passed, time.perf_counter() - started, detail,
                        [*wave_report.runs, run_id], metadata)
 

@@ -141,6 +141,10 @@ def compare_with_reference(
     return mismatches, evidence
 
 
+class SmokeCheckConfig(dg.Config):
+    reference_dir: str = str(REFERENCE_DIR)
+
+
 @dg.asset_check(
     asset=clusters,
     name=SMOKE_CHECK,
@@ -148,7 +152,10 @@ def compare_with_reference(
     description="the smoke wave reproduces the committed fingerprint (manifest, embeddings, ARI/NMI)",
 )
 def smoke_reproduces(
-    context: dg.AssetCheckExecutionContext, object_store: ObjectStore, compute: ComputeResource
+    context: dg.AssetCheckExecutionContext,
+    config: SmokeCheckConfig,
+    object_store: ObjectStore,
+    compute: ComputeResource,
 ) -> dg.AssetCheckResult:
     """Fails with the differing items when the smoke wave does not reproduce its reference.
 
@@ -161,7 +168,9 @@ def smoke_reproduces(
             passed=True,
             metadata={"compared": False, "detail": f"only the {SMOKE_WAVE!r} wave has a reference"},
         )
-    mismatches, evidence = compare_with_reference(object_store, wave, smoke_device_type(compute))
+    mismatches, evidence = compare_with_reference(
+        object_store, wave, smoke_device_type(compute), Path(config.reference_dir)
+    )
     differing = [
         {**m.as_dict(), "items": list(m.items[:MAX_ITEMS_SHOWN]), "n_items": len(m.items)}
         for m in mismatches

@@ -30,7 +30,10 @@ GRAY_STD = sum(w * s for w, s in zip(LUMINANCE, IMAGENET_STD))
 
 HEAD_PREFIX = "head."
 
-_TORCHVISION_BUILDERS = {"resnet18": torchvision.models.resnet18, "resnet50": torchvision.models.resnet50}
+_TORCHVISION_BUILDERS = {
+    "resnet18": torchvision.models.resnet18,
+    "resnet50": torchvision.models.resnet50,
+}
 _IMAGENET_WEIGHTS = {
     "resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
     "resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
@@ -62,15 +65,22 @@ class Backbone(nn.Module):
                 f"Backbone expects uint8 pixels shaped (N, 1, H, W), got {pixels.dtype} {tuple(pixels.shape)}"
             )
         x = pixels.to(torch.float32) * self.scale - self.shift
-        if self.input_size is not None and tuple(x.shape[-2:]) != (self.input_size, self.input_size):
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True)
+        if self.input_size is not None and tuple(x.shape[-2:]) != (
+            self.input_size,
+            self.input_size,
+        ):
+            x = F.interpolate(
+                x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True
+            )
         return x.contiguous(memory_format=torch.channels_last)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.body(self.normalise(pixels))
 
 
-def model_id_for(arch: str, weights: str, state_dict: dict[str, torch.Tensor], input_size: int | None) -> str:
+def model_id_for(
+    arch: str, weights: str, state_dict: dict[str, torch.Tensor], input_size: int | None
+) -> str:
     """`"{arch}:{weights}:{sha12}"`, sha256 over the state dict's names and tensor bytes in key order.
 
     A backbone that resizes its input on the device appends `@{input_size}`: the same weights give
@@ -127,14 +137,20 @@ def _checkpoint_state_dict(checkpoint: bytes) -> dict[str, torch.Tensor]:
     try:
         loaded = torch.load(io.BytesIO(checkpoint), map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several unrelated types for bytes it cannot read
-        raise BackboneConfigError(f"checkpoint bytes are not a torch state dict: {error}") from error
+        raise BackboneConfigError(
+            f"checkpoint bytes are not a torch state dict: {error}"
+        ) from error
     if not isinstance(loaded, dict):
-        raise BackboneConfigError(f"checkpoint must hold a state dict (dict of tensors), got {type(loaded).__name__}")
+        raise BackboneConfigError(
+            f"checkpoint must hold a state dict (dict of tensors), got {type(loaded).__name__}"
+        )
     return OrderedDict((k, v) for k, v in loaded.items() if not k.startswith(HEAD_PREFIX))
 
 
 def _load_into(backbone_body: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    prefixed = OrderedDict((k.removeprefix("body."), v) for k, v in state.items() if k.startswith("body."))
+    prefixed = OrderedDict(
+        (k.removeprefix("body."), v) for k, v in state.items() if k.startswith("body.")
+    )
     stray = [k for k in state if not k.startswith("body.")]
     expected = backbone_body.state_dict()
     missing = [k for k in expected if k not in prefixed]
@@ -146,7 +162,9 @@ def _load_into(backbone_body: nn.Module, state: dict[str, torch.Tensor], what: s
         )
     wrong_shape = [k for k, v in prefixed.items() if tuple(v.shape) != tuple(expected[k].shape)]
     if wrong_shape:
-        raise BackboneConfigError(f"{what} has tensors of the wrong shape for this arch: {wrong_shape[:5]}")
+        raise BackboneConfigError(
+            f"{what} has tensors of the wrong shape for this arch: {wrong_shape[:5]}"
+        )
     backbone_body.load_state_dict(prefixed)
 
 
@@ -172,7 +190,9 @@ def build_backbone(
             f"unknown weights {weights!r}: allowed values are {list(WEIGHTS)} (or pass checkpoint bytes)"
         )
     if input_size is not None and not 32 <= input_size <= 1024:
-        raise BackboneConfigError(f"input_size must be None or between 32 and 1024 pixels, got {input_size}")
+        raise BackboneConfigError(
+            f"input_size must be None or between 32 and 1024 pixels, got {input_size}"
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         body = _TORCHVISION_BUILDERS[arch](weights=None)

@@ -95,22 +95,24 @@ def _check_batch(x: np.ndarray, dim: int | None) -> np.ndarray:
     return x
 
 
-def _shifted_moments(x: np.ndarray, shift: np.ndarray, chunk_rows: int = 65_536) -> np.ndarray:
-    """[x - shift, 1]^T [x - shift, 1] in float64, from float32 GEMMs on row chunks.
+def _shifted_moments(
+    x: np.ndarray, shift: np.ndarray, chunk_rows: int = 65_536
+) -> tuple[np.ndarray, np.ndarray]:
+    """Column sums and cross-products of `x - shift` in float64, from float32 row chunks.
 
-    The last row holds the column sums of `x - shift`; the shift (the first shard's mean)
-    keeps the float32 products free of cancellation.
+    The shift (the first shard's mean) keeps the float32 products free of cancellation.
     """
     dim = x.shape[1]
-    moments = np.zeros((dim + 1, dim + 1), dtype=np.float64)
-    buffer = np.empty((min(chunk_rows, len(x)), dim + 1), dtype=np.float32)
-    buffer[:, dim] = 1.0
+    sums = np.zeros(dim, dtype=np.float64)
+    products = np.zeros((dim, dim), dtype=np.float64)
+    buffer = np.empty((min(chunk_rows, len(x)), dim), dtype=np.float32)
     for start in range(0, len(x), chunk_rows):
         chunk = x[start : start + chunk_rows]
         view = buffer[: len(chunk)]
-        np.subtract(chunk, shift, out=view[:, :dim], casting="unsafe")
-        moments += view.T @ view
-    return moments
+        np.subtract(chunk, shift, out=view, casting="unsafe")
+        sums += view.sum(axis=0, dtype=np.float64)
+        products += view.T @ view
+    return sums, products
 
 
 def fit_streaming_pca(
@@ -126,7 +128,8 @@ def fit_streaming_pca(
         raise ClusteringError(f"variance_target must be in (0, 1], got {variance_target}")
     n_total = 0
     shift: np.ndarray | None = None
-    moments: np.ndarray | None = None
+    sums: np.ndarray | None = None
+    products: np.ndarray | None = None
     with threadpool_limits(limits=blas_threads, user_api="blas"):
         for index, batch in enumerate(batches):
             x = _check_batch(batch, None if shift is None else shift.shape[0])
@@ -134,21 +137,20 @@ def fit_streaming_pca(
                 continue
             if shift is None:
                 shift = x[:65_536].mean(axis=0, dtype=np.float64).astype(np.float32)
-            shard_moments = _shifted_moments(x, shift)
-            if not np.isfinite(shard_moments).all():
+            shard_sums, shard_products = _shifted_moments(x, shift)
+            if not (np.isfinite(shard_sums).all() and np.isfinite(shard_products).all()):
                 raise ClusteringError(
                     f"embedding shard #{index} contains NaN or infinite values: "
                     "re-run the embeddings for this shard"
                 )
-            moments = shard_moments if moments is None else moments + shard_moments
+            sums = shard_sums if sums is None else sums + shard_sums
+            products = shard_products if products is None else products + shard_products
             n_total += x.shape[0]
-    if shift is None or moments is None or n_total < 2:
+    if shift is None or sums is None or products is None or n_total < 2:
         raise ClusteringError(
             f"PCA needs at least 2 embeddings, got {n_total}: the wave has no usable slices"
         )
-    dim = shift.shape[0]
-    sums = moments[dim, :dim]
-    scatter_total = moments[:dim, :dim] - np.outer(sums, sums) / n_total
+    scatter_total = products - np.outer(sums, sums) / n_total
     mean_total = shift.astype(np.float64) + sums / n_total
     covariance = scatter_total / (n_total - 1)
     eigenvalues, eigenvectors = np.linalg.eigh(covariance)

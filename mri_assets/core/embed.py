@@ -59,7 +59,9 @@ class SliceShard(Dataset):
         index = pq.read_table(self.index_path)
         missing = [c for c in INDEX_COLUMNS if c not in index.column_names]
         if missing:
-            raise ValueError(f"{self.index_path}: index lacks columns {missing} (needs {list(INDEX_COLUMNS)})")
+            raise ValueError(
+                f"{self.index_path}: index lacks columns {missing} (needs {list(INDEX_COLUMNS)})"
+            )
         self.image_ids: list[str] = index.column("image_id").to_pylist()
         self.rows = index.column("row").to_numpy().astype(np.int64)
         self.crc32 = index.column("payload_crc32").to_numpy().astype(np.int64)
@@ -99,7 +101,9 @@ def _batch_as_is(batch: torch.Tensor) -> torch.Tensor:
     return batch
 
 
-def make_loader(dataset: SliceShard, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
+def make_loader(
+    dataset: SliceShard, batch_size: int, num_workers: int, pin_memory: bool
+) -> DataLoader:
     """Sequential batches of uint8 (B, 1, H, W) pixels; `num_workers` processes read and check them."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -162,7 +166,9 @@ def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
     return model.eval().to(device=device, memory_format=torch.channels_last)
 
 
-def embed_loader(model: nn.Module, loader: DataLoader, device: torch.device, precision: str) -> np.ndarray:
+def embed_loader(
+    model: nn.Module, loader: DataLoader, device: torch.device, precision: str
+) -> np.ndarray:
     """Run every batch through the model; float16 (N, dim) embeddings in loader order."""
     prepare_model(model, device)
     non_blocking = device.type == "cuda"
@@ -207,7 +213,9 @@ def embed_shard(
 
 def embeddings_table(image_ids: list[str], embeddings: np.ndarray, model_id: str) -> pa.Table:
     if embeddings.dtype != np.float16 or embeddings.ndim != 2:
-        raise ValueError(f"embeddings must be float16 (N, dim), got {embeddings.dtype} {embeddings.shape}")
+        raise ValueError(
+            f"embeddings must be float16 (N, dim), got {embeddings.dtype} {embeddings.shape}"
+        )
     if len(image_ids) != len(embeddings):
         raise ValueError(f"{len(image_ids)} image_ids for {len(embeddings)} embeddings")
     dim = embeddings.shape[1]
@@ -216,11 +224,16 @@ def embeddings_table(image_ids: list[str], embeddings: np.ndarray, model_id: str
         [("image_id", pa.string()), ("embedding", pa.list_(pa.float16(), dim))],
         metadata={"model_id": model_id, "dim": str(dim)},
     )
-    columns = [pa.array(image_ids, type=pa.string()), pa.FixedSizeListArray.from_arrays(values, dim)]
+    columns = [
+        pa.array(image_ids, type=pa.string()),
+        pa.FixedSizeListArray.from_arrays(values, dim),
+    ]
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def write_embeddings(path: str | Path, image_ids: list[str], embeddings: np.ndarray, model_id: str) -> Path:
+def write_embeddings(
+    path: str | Path, image_ids: list[str], embeddings: np.ndarray, model_id: str
+) -> Path:
     """Write the Arrow IPC file atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
     table = embeddings_table(image_ids, embeddings, model_id)

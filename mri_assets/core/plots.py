@@ -78,3 +78,25 @@ def projection_png(
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+def confusion_png(matrix: np.ndarray, class_names: Sequence[str], title: str) -> bytes:
+    """A confusion matrix (rows = truth, columns = prediction) with counts in the cells."""
+    matrix = np.asarray(matrix)
+    figure = Figure(figsize=(5.5, 4.8), dpi=100)
+    FigureCanvasAgg(figure)
+    axis = figure.subplots()
+    axis.imshow(matrix, cmap="Blues")
+    ticks = np.arange(len(class_names))
+    axis.set_xticks(ticks, labels=list(class_names), rotation=30, ha="right", fontsize=8)
+    axis.set_yticks(ticks, labels=list(class_names), fontsize=8)
+    for (row, column), value in np.ndenumerate(matrix):
+        axis.text(column, row, str(int(value)), ha="center", va="center", fontsize=9,
+                  color="white" if value > matrix.max() / 2 else "black")
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("expert label (holdout)")
+    axis.set_title(title)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()

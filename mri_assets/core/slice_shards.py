@@ -70,3 +70,24 @@ def write_npy(path: Path, pixels: np.ndarray) -> Path:
 
 def read_npy(path: Path) -> np.ndarray:
     return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def slice_locations(indexes: list[pl.DataFrame]) -> pl.DataFrame:
+    """`image_id`, `shard`, `row` over a wave's shard indexes (shard = position in the list)."""
+    frames = [
+        index.select("image_id", "row").with_columns(pl.lit(shard, dtype=pl.Int64).alias("shard"))
+        for shard, index in enumerate(indexes)
+    ]
+    return pl.concat(frames) if frames else pl.DataFrame(
+        schema={"image_id": pl.String, "row": pl.Int64, "shard": pl.Int64})
+
+
+def locate(locations: pl.DataFrame, image_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(shard, row) of each image id, in the given order; an unknown id is an error."""
+    wanted = pl.DataFrame({"image_id": image_ids}).with_row_index("order")
+    found = wanted.join(locations, on="image_id", how="left").sort("order")
+    missing = found.filter(pl.col("row").is_null())["image_id"].to_list()
+    if missing:
+        raise ValueError(f"{len(missing)} image ids have no slice in the wave's shards "
+                         f"(first: {missing[:3]}); re-materialize the wave's slices")
+    return found["shard"].to_numpy(), found["row"].to_numpy()

@@ -14,7 +14,6 @@ into ``model.class_names``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import pickle
@@ -840,14 +839,9 @@ class BaselineComparison:
         return self.semi_supervised.macro_f1 >= self.baseline.macro_f1
 
 
-def state_sha12(module: nn.Module) -> str:
-    """sha256 over the state dict's names, dtypes, shapes and bytes (first 12 hex digits)."""
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        value = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
-        digest.update(value.view(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
-    return digest.hexdigest()[:12]
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    first, second = a.state_dict(), b.state_dict()
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 def compare_to_supervised_baseline(
@@ -866,9 +860,9 @@ def compare_to_supervised_baseline(
     ``build_model``, checked equal), with the same config (seed, epochs, learning rates) and the
     same holdout set, so the two macro-F1 figures compare like with like."""
     semi_model, baseline_model = build_model(), build_model()
-    if semi_model.class_names != baseline_model.class_names or state_sha12(
-        semi_model
-    ) != state_sha12(baseline_model):
+    if semi_model.class_names != baseline_model.class_names or not _same_weights(
+        semi_model, baseline_model
+    ):
         raise TrainingError(
             "build_model gave two different starting models; it must be deterministic "
             "(fixed backbone seed and head seed) for the baseline comparison to be fair"
@@ -902,45 +896,54 @@ def compare_to_supervised_baseline(
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _split_model_id(model_id: str | None) -> tuple[str, str]:
-    parts = (model_id or "").split(":")
-    if len(parts) >= 2 and parts[0]:
-        return parts[0], parts[1]
-    return "resnet18", "none"
+def _backbone_identity(backbone: nn.Module) -> tuple[str, int | None]:
+    arch = getattr(backbone, "arch", None)
+    if arch is None:
+        arch = (getattr(backbone, "model_id", None) or "resnet18").split(":")[0]
+    return str(arch), getattr(backbone, "input_size", None)
 
 
 def save_checkpoint(
     model: ClassifierModel, class_names: Sequence[str], meta: dict[str, Any]
 ) -> bytes:
-    """``torch.save`` bytes of a dict:
+    """``torch.save`` bytes of a dict (readable with ``torch.load(..., weights_only=True)``):
 
     - ``format``: ``"mri_assets.classifier/1"``
-    - ``arch``, ``weights``: from the backbone's ``model_id`` at build time
+    - ``arch``, ``input_size``: how to rebuild the backbone (``core.backbone.build_backbone``)
     - ``class_names``: list of str, in head-output order
     - ``state_dict``: the whole ``ClassifierModel`` state dict, contiguous CPU tensors; backbone
-      keys are the ``Backbone`` module's own keys prefixed with ``backbone.`` (e.g.
-      ``backbone.body.layer4.1.bn2.weight``), head keys are ``head.weight`` / ``head.bias``
-    - ``backbone_sha12``: ``state_sha12`` of the (possibly fine-tuned) backbone
+      keys are ``Backbone.state_dict()`` keys prefixed with ``backbone.`` (e.g.
+      ``backbone.body.layer4.1.bn2.weight``); head keys are ``head.weight`` / ``head.bias``
+    - ``backbone_model_id``: the ``model_id`` that ``build_backbone(checkpoint=...)`` gives for
+      these backbone weights, i.e. the id of embeddings made with the (fine-tuned) backbone
     - ``meta``: JSON text of ``meta`` (data snapshot ids, metrics, ...)
 
-    Loadable with ``torch.load(..., weights_only=True)``.
+    ``backbone_checkpoint(data)`` gives the flat ``body.*`` state dict bytes that
+    ``build_backbone(checkpoint=...)`` reads.
     """
+    from mri_assets.core.backbone import CHECKPOINT_WEIGHTS, model_id_for
+
     names = [str(name) for name in class_names]
     if tuple(names) != model.class_names:
         raise TrainingError(
             f"checkpoint class names {names} differ from the model's {list(model.class_names)}"
         )
-    arch, weights = _split_model_id(getattr(model.backbone, "model_id", None))
+    arch, input_size = _backbone_identity(model.backbone)
     state = {
         key: value.detach().cpu().contiguous().clone() for key, value in model.state_dict().items()
     }
     payload = {
         "format": CHECKPOINT_FORMAT,
         "arch": arch,
-        "weights": weights,
+        "input_size": input_size,
         "class_names": names,
         "state_dict": state,
-        "backbone_sha12": state_sha12(model.backbone),
+        "backbone_model_id": model_id_for(
+            arch,
+            CHECKPOINT_WEIGHTS,
+            backbone_state_from_checkpoint({"state_dict": state}),
+            input_size,
+        ),
         "meta": json.dumps(meta, sort_keys=True, default=str),
     }
     buffer = io.BytesIO()
@@ -961,9 +964,17 @@ def read_checkpoint(data: bytes) -> dict[str, Any]:
 
 
 def backbone_state_from_checkpoint(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The backbone's own state dict (``backbone.`` prefix removed)."""
+    """The backbone's own state dict (``backbone.`` prefix removed, so keys are ``body.*``)."""
     prefix = "backbone."
     return {k[len(prefix) :]: v for k, v in payload["state_dict"].items() if k.startswith(prefix)}
+
+
+def backbone_checkpoint(data: bytes) -> bytes:
+    """The classifier checkpoint's backbone as the flat state dict bytes that
+    ``build_backbone(arch, checkpoint=...)`` loads (e.g. to re-embed a wave with it)."""
+    buffer = io.BytesIO()
+    torch.save(backbone_state_from_checkpoint(read_checkpoint(data)), buffer)
+    return buffer.getvalue()
 
 
 def load_checkpoint(
@@ -971,9 +982,12 @@ def load_checkpoint(
     expected_classes: Sequence[str],
     backbone_factory: Callable[..., nn.Module] | None = None,
 ) -> ClassifierModel:
-    """Rebuild the classifier. ``expected_classes`` (the labels' class set) must equal the
-    checkpoint's as a set, else ``TrainingError`` naming both. ``backbone_factory`` defaults to
-    ``core.backbone.build_backbone`` and is called as ``factory(arch=, weights=, checkpoint=data)``."""
+    """Rebuild the classifier on the CPU, in eval mode. ``expected_classes`` (the labels' class
+    set) must equal the checkpoint's as a set, else ``TrainingError`` naming both.
+
+    ``backbone_factory`` defaults to ``core.backbone.build_backbone`` and is called as
+    ``factory(arch=..., weights="none", checkpoint=backbone_checkpoint(data)[, input_size=...])``.
+    """
     payload = read_checkpoint(data)
     saved = [str(name) for name in payload["class_names"]]
     expected = [str(name) for name in expected_classes]
@@ -986,7 +1000,10 @@ def load_checkpoint(
         from mri_assets.core.backbone import build_backbone
 
         backbone_factory = build_backbone
-    backbone = backbone_factory(arch=payload["arch"], weights=payload["weights"], checkpoint=data)
+    options = {} if payload.get("input_size") is None else {"input_size": payload["input_size"]}
+    backbone = backbone_factory(
+        arch=payload["arch"], weights="none", checkpoint=backbone_checkpoint(data), **options
+    )
     model = ClassifierModel(backbone, saved)
     model.load_state_dict(payload["state_dict"], strict=True)
     model.embedding_model_id = getattr(backbone, "model_id", None)

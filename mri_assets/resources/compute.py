@@ -30,7 +30,10 @@ class ComputeResource(dg.ConfigurableResource):
     def validate(self) -> None:
         """Raise ValueError naming the allowed values for the first setting that is off."""
         checks = (
-            (self.device in DEVICES, f"compute.device={self.device!r}: allowed values are {list(DEVICES)}"),
+            (
+                self.device in DEVICES,
+                f"compute.device={self.device!r}: allowed values are {list(DEVICES)}",
+            ),
             (
                 self.precision in PRECISIONS,
                 f"compute.precision={self.precision!r}: allowed values are {list(PRECISIONS)}",
@@ -39,9 +42,15 @@ class ComputeResource(dg.ConfigurableResource):
                 1 <= self.batch_size <= MAX_BATCH_SIZE,
                 f"compute.batch_size={self.batch_size}: use an integer from 1 to {MAX_BATCH_SIZE}",
             ),
-            (self.num_workers >= 0, f"compute.num_workers={self.num_workers}: use 0 (load in-process) or more"),
+            (
+                self.num_workers >= 0,
+                f"compute.num_workers={self.num_workers}: use 0 (load in-process) or more",
+            ),
             (self.arch in ARCHS, f"compute.arch={self.arch!r}: allowed values are {sorted(ARCHS)}"),
-            (self.weights in WEIGHTS, f"compute.weights={self.weights!r}: allowed values are {list(WEIGHTS)}"),
+            (
+                self.weights in WEIGHTS,
+                f"compute.weights={self.weights!r}: allowed values are {list(WEIGHTS)}",
+            ),
         )
         for ok, message in checks:
             if not ok:
@@ -55,4 +64,6 @@ class ComputeResource(dg.ConfigurableResource):
 
     def build_backbone(self, checkpoint: bytes | None = None) -> Backbone:
         self.validate()
-        return build_backbone(self.arch, self.weights, self.seed, checkpoint=checkpoint, input_size=self.input_size)
+        return build_backbone(
+            self.arch, self.weights, self.seed, checkpoint=checkpoint, input_size=self.input_size
+        )

@@ -188,6 +188,34 @@ class MlflowTracking(ConfigurableResource):
         payload = json.dumps(data, indent=2, sort_keys=True, default=str).encode()
         return self.log_artifact_bytes(run_id, file_name, payload, artifact_path)
 
+    def register_checkpoint(
+        self, run_id: str, checkpoint: bytes, registered_name: str, model: Any
+    ) -> str:
+        """Log the checkpoint and a PyTorch-flavoured MLflow model, and register a new version.
+
+        Returns the registry version. The model is saved with explicit requirements, so MLflow
+        never inspects the environment or reaches the network.
+        """
+        import mlflow.pytorch
+
+        client = self.client()
+        self.log_artifact_bytes(run_id, "checkpoint.pt", checkpoint, artifact_path="checkpoint")
+        with tempfile.TemporaryDirectory(prefix="mri-mlflow-model-") as folder:
+            target = Path(folder) / "model"
+            mlflow.pytorch.save_model(
+                model, str(target), pip_requirements=["torch==2.14.1", "torchvision==0.29.1"]
+            )
+            client.log_artifacts(run_id, str(target), artifact_path="model")
+        try:
+            client.get_registered_model(registered_name)
+        except Exception:  # MLflow raises RestException or MlflowException for "not found"
+            client.create_registered_model(registered_name)
+        artifact_uri = client.get_run(run_id).info.artifact_uri
+        version = client.create_model_version(
+            registered_name, source=f"{artifact_uri}/model", run_id=run_id
+        )
+        return str(version.version)
+
     @staticmethod
     def _log_batch(
         client: MlflowClient,

@@ -79,3 +79,36 @@ class LabelingSettings(ConfigurableResource):
     holdout_per_wave: int = Field(default=100, description="holdout slices queued for evaluation")
     duplicate_radius: float = Field(default=0.0, description="PCA distance below which two slices are near-duplicates")
     seed: int = 0
+
+
+class PseudoLabelSettings(ConfigurableResource):
+    """The promotion rule and its gate (plan: confidence >= 0.8 + kNN majority; F1 >= 0.88)."""
+
+    confidence_threshold: float = 0.8
+    knn_k: int = 10
+    f1_threshold: float = 0.88
+    min_promoted_holdout: int = Field(default=10, description="the gate needs at least this many promoted holdout slices")
+    teacher_epochs: int = Field(default=30, description="epochs of the expert-only head that predicts")
+    seed: int = 0
+
+
+class TrainingSettings(ConfigurableResource):
+    """The two-stage schedule: head on cached embeddings, then layer3 + layer4 + head on images."""
+
+    head_epochs: int = 5
+    finetune_epochs: int = 3
+    head_lr: float = 1e-2
+    lr_head: float = 1e-3
+    lr_layer4: float | None = None
+    lr_layer3: float | None = None
+    batch_size: int = 32
+    seed: int = 0
+    max_finetune_images: int = Field(
+        default=0, description="cap on stage-2 training images (0 = all); the demo uses a small cap on CPUs"
+    )
+
+
+class RetrainSettings(ConfigurableResource):
+    """When the retrain sensor asks for a new classifier."""
+
+    every_slices: int = Field(default=500_000, description="retrain each time this many more slices are ingested")

@@ -1,0 +1,253 @@
+"""Safe pseudo-labels and the two-stage classifier, compared with a supervised-only baseline."""
+
+import base64
+import time
+
+import dagster as dg
+import numpy as np
+import polars as pl
+import torch
+from torch import nn
+
+from mri_assets.assets.clustering import wave_embeddings
+from mri_assets.assets.labeling import split_of
+from mri_assets.core.expert_labels import expert_label_per_image
+from mri_assets.core.plots import confusion_png
+from mri_assets.core.pseudo import (
+    contradicted_expert_labels,
+    gate_metrics,
+    knn_consensus,
+    leave_one_out_consensus,
+    promote,
+)
+from mri_assets.core.slice_shards import locate, read_npy, slice_keys, slice_locations
+from mri_assets.core.train import (
+    ClassifierModel,
+    SliceRows,
+    TrainConfig,
+    TrainingError,
+    compare_to_supervised_baseline,
+    reset_head,
+    save_checkpoint,
+    train_head_on_embeddings,
+)
+from mri_assets.executors import GPU_POOL, gpu_step_tags
+from mri_assets.partitions import N_SHARDS, wave_partitions
+from mri_assets.resources.compute import ComputeResource
+from mri_assets.resources.mlflow_tracking import MlflowTracking
+from mri_assets.resources.object_store import ObjectStore
+from mri_assets.resources.settings import LabelingSettings, PseudoLabelSettings, TrainingSettings
+
+GATE_CHECK = "pseudo_label_gate"
+BASELINE_CHECK = "maintains_supervised_baseline"
+REGISTERED_MODEL = "mri_assets_classifier"
+
+
+def checkpoint_key(wave: str) -> str:
+    return f"models/classifier/{wave}.pt"
+
+
+def wave_matrix(store: ObjectStore, wave: str) -> tuple[list[str], np.ndarray, str]:
+    shards, ids, model_id = wave_embeddings(store, wave)
+    return ids, np.concatenate(list(shards())), model_id
+
+
+def label_codes(ids: list[str], expert: pl.DataFrame, classes: tuple[str, ...]) -> np.ndarray:
+    """Class index of each slice's expert label, -1 where unlabeled; unknown classes refused."""
+    per_image = dict(expert_label_per_image(expert).select("image_id", "label").iter_rows())
+    unknown = sorted({label for label in per_image.values() if label not in classes})
+    if unknown:
+        raise TrainingError(f"expert labels {unknown} are not in the class set {list(classes)}")
+    position = {name: code for code, name in enumerate(classes)}
+    return np.array([position.get(per_image.get(i), -1) for i in ids], dtype=np.int64)
+
+
+def teacher_probabilities(embeddings: np.ndarray, labels: np.ndarray, n_classes: int,
+                          epochs: int, seed: int) -> np.ndarray:
+    """An expert-only head on the cached embeddings; its softmax over every slice of the wave."""
+    head = nn.Linear(embeddings.shape[1], n_classes)
+    reset_head(head, seed)
+    train_head_on_embeddings(head, embeddings[labels >= 0], labels[labels >= 0], epochs=epochs,
+                             seed=seed)
+    with torch.inference_mode():
+        logits = head(torch.from_numpy(embeddings.astype(np.float32)))
+    return torch.softmax(logits, dim=1).numpy()
+
+
+@dg.asset(
+    partitions_def=wave_partitions,
+    group_name="retraining",
+    kinds={"pytorch"},
+    check_specs=[dg.AssetCheckSpec(GATE_CHECK, asset="pseudo_labels", blocking=True,
+                                   description="the promotion rule's F1 on holdout ≥ threshold")],
+)
+def pseudo_labels(
+    context: dg.AssetExecutionContext,
+    expert_labels: pl.DataFrame,
+    object_store: ObjectStore,
+    labeling: LabelingSettings,
+    pseudo: PseudoLabelSettings,
+):
+    """Predictions on unlabeled slices, promoted only when confident AND the kNN majority agrees.
+
+    The rule is measured first on labeled holdout slices; below the F1 threshold nothing is
+    promoted and the blocking check stops the classifier.
+    """
+    wave = context.partition_key
+    classes = tuple(labeling.classes)
+    ids, embeddings, model_id = wave_matrix(object_store, wave)
+    codes = label_codes(ids, expert_labels, classes)
+    holdout = split_of(object_store, wave, ids) == "holdout"
+    reference = (codes >= 0) & ~holdout
+    evaluation = (codes >= 0) & holdout
+    unlabeled = codes < 0
+    if not reference.any():
+        raise TrainingError(
+            f"wave {wave} has no expert labels outside the holdout split: label queued items first")
+    teacher = np.where(reference, codes, -1)
+    probs = teacher_probabilities(embeddings, teacher, len(classes), pseudo.teacher_epochs, pseudo.seed)
+    queries = unlabeled | evaluation
+    consensus = knn_consensus(embeddings[queries], embeddings[reference], codes[reference],
+                              k=pseudo.knn_k, n_classes=len(classes))
+    rule = promote(probs[queries], consensus, pseudo.confidence_threshold)
+    in_evaluation = evaluation[queries]
+    gate = gate_metrics(codes[evaluation], probs[evaluation].argmax(1), rule[in_evaluation],
+                        f1_threshold=pseudo.f1_threshold, min_promoted=pseudo.min_promoted_holdout)
+    in_unlabeled = unlabeled[queries]
+    predicted = probs[unlabeled].argmax(1)
+    frame = pl.DataFrame({
+        "image_id": [i for i, u in zip(ids, unlabeled) if u],
+        "label": [classes[c] for c in predicted],
+        "confidence": probs[unlabeled].max(1).astype(np.float32),
+        "knn_majority": [classes[c] for c in consensus.majority[in_unlabeled]],
+        "knn_agreement": consensus.agreement[in_unlabeled].astype(np.float32),
+        "knn_tie": consensus.tie[in_unlabeled],
+        "promoted": rule[in_unlabeled] & gate.passed,
+    })
+    loo = leave_one_out_consensus(embeddings[reference], codes[reference], pseudo.knn_k,
+                                  n_classes=len(classes))
+    doubtful = contradicted_expert_labels(codes[reference], probs[reference].argmax(1),
+                                          loo.majority, loo.tie)
+    second_reads = [i for i, d in zip(np.array(ids)[reference], doubtful) if d]
+    context.log.info(f"{wave}: gate {'passed' if gate.passed else 'FAILED'}: {gate.reason}")
+    yield dg.Output(frame, metadata={
+        "unlabeled": int(unlabeled.sum()),
+        "rule_would_promote": int(rule[in_unlabeled].sum()),
+        "promoted": int(frame["promoted"].sum()),
+        "expert_reference": int(reference.sum()),
+        "holdout_evaluated": int(evaluation.sum()),
+        "second_read_candidates": dg.MetadataValue.json(second_reads[:50]),
+        "n_second_read_candidates": len(second_reads),
+        "model_id": model_id,
+        "confidence_threshold": pseudo.confidence_threshold,
+        "knn_k": pseudo.knn_k,
+    })
+    yield dg.AssetCheckResult(check_name=GATE_CHECK, passed=bool(gate.passed),
+                              metadata=gate.as_metadata())
+
+
+def _finetune_rows(expert_ids: list[str], pseudo_ids: list[str], cap: int, seed: int) -> list[str]:
+    if cap <= 0 or len(expert_ids) + len(pseudo_ids) <= cap:
+        return pseudo_ids
+    keep = max(cap - len(expert_ids), 0)
+    order = np.random.default_rng(seed).permutation(len(pseudo_ids))[:keep]
+    return [pseudo_ids[i] for i in sorted(order)]
+
+
+@dg.asset(
+    partitions_def=wave_partitions,
+    group_name="retraining",
+    kinds={"pytorch", "mlflow"},
+    pool=GPU_POOL,
+    op_tags=gpu_step_tags(),
+    check_specs=[dg.AssetCheckSpec(BASELINE_CHECK, asset="classifier",
+                                   description="semi-supervised macro-F1 ≥ supervised-only baseline")],
+)
+def classifier(
+    context: dg.AssetExecutionContext,
+    pseudo_labels: pl.DataFrame,
+    expert_labels: pl.DataFrame,
+    object_store: ObjectStore,
+    compute: ComputeResource,
+    mlflow: MlflowTracking,
+    labeling: LabelingSettings,
+    training: TrainingSettings,
+):
+    """Two-stage fine-tune on expert + promoted pseudo-labels, against the expert-only baseline.
+
+    Stage 1 trains the head on cached embeddings; stage 2 unfreezes layer3 and layer4 with
+    discriminative learning rates. Evaluation uses the holdout split only. A failed run leaves
+    the previous checkpoint in place.
+    """
+    wave = context.partition_key
+    started = time.perf_counter()
+    classes = tuple(labeling.classes)
+    ids, embeddings, model_id = wave_matrix(object_store, wave)
+    codes = label_codes(ids, expert_labels, classes)
+    holdout = split_of(object_store, wave, ids) == "holdout"
+    position = {image_id: row for row, image_id in enumerate(ids)}
+    expert_ids = [i for i, c, h in zip(ids, codes, holdout) if c >= 0 and not h]
+    eval_ids = [i for i, c, h in zip(ids, codes, holdout) if c >= 0 and h]
+    promoted = pseudo_labels.filter(pl.col("promoted"))
+    pseudo_ids = _finetune_rows(expert_ids, promoted["image_id"].to_list(),
+                                training.max_finetune_images, training.seed)
+    pseudo_label = dict(promoted.select("image_id", "label").iter_rows())
+    train_ids = expert_ids + pseudo_ids
+    train_labels = [classes[codes[position[i]]] for i in expert_ids] + [pseudo_label[i] for i in pseudo_ids]
+    eval_labels = [classes[codes[position[i]]] for i in eval_ids]
+    indexes = [pl.read_parquet(object_store.local_path(slice_keys(wave, s)[1])) for s in range(N_SHARDS)]
+    arrays = [read_npy(object_store.local_path(slice_keys(wave, s)[0])) for s in range(N_SHARDS)]
+    locations = slice_locations(indexes)
+    train_images = SliceRows(arrays, *locate(locations, train_ids))
+    eval_images = SliceRows(arrays, *locate(locations, eval_ids))
+    train_embeddings = embeddings[[position[i] for i in train_ids]]
+    device, _, _ = compute.device_and_precision()
+    config = TrainConfig(seed=training.seed, head_epochs=training.head_epochs,
+                         finetune_epochs=training.finetune_epochs, head_lr=training.head_lr,
+                         lr_head=training.lr_head, lr_layer4=training.lr_layer4,
+                         lr_layer3=training.lr_layer3, batch_size=training.batch_size)
+    comparison = compare_to_supervised_baseline(
+        lambda: ClassifierModel(compute.build_backbone(), classes, seed=training.seed),
+        train_embeddings, train_images, train_labels,
+        np.array([True] * len(expert_ids) + [False] * len(pseudo_ids)),
+        eval_images, eval_labels, config, device, model_id,
+    )
+    semi, baseline = comparison.semi_supervised, comparison.baseline
+    seconds = time.perf_counter() - started
+    meta = {"wave": wave, "embedding_model_id": model_id, "expert_labels": len(expert_ids),
+            "pseudo_labels": len(pseudo_ids), "holdout": len(eval_ids),
+            "macro_f1": semi.macro_f1, "baseline_macro_f1": baseline.macro_f1}
+    checkpoint = save_checkpoint(comparison.semi_supervised_model, classes, meta)
+    png = confusion_png(semi.confusion, classes, f"wave {wave}: holdout confusion")
+    with mlflow.start_wave_run(wave, "classifier", tags={"model_id": model_id}, new_run=True) as run_id:
+        mlflow.log_params(run_id, {**{k: v for k, v in meta.items() if "f1" not in k},
+                                   "lr_stage2": str(config.stage2_lrs), "seed": config.seed})
+        mlflow.log_metrics(run_id, {**semi.metrics(), **baseline.metrics("baseline_")})
+        mlflow.log_png(run_id, "confusion.png", png)
+        version = mlflow.register_checkpoint(run_id, checkpoint, REGISTERED_MODEL,
+                                             comparison.semi_supervised_model)
+    object_store.put_bytes(checkpoint_key(wave), checkpoint)
+    yield dg.Output(
+        {"wave": wave, "checkpoint": checkpoint_key(wave), "classes": list(classes),
+         "macro_f1": semi.macro_f1, "baseline_macro_f1": baseline.macro_f1},
+        metadata={
+            "macro_f1": round(semi.macro_f1, 4),
+            "baseline_macro_f1": round(baseline.macro_f1, 4),
+            "macro_f1_gain": round(comparison.macro_f1_gain, 4),
+            "expert_labels": len(expert_ids),
+            "pseudo_labels_used": len(pseudo_ids),
+            "holdout": len(eval_ids),
+            "seconds": round(seconds, 1),
+            "device": str(device),
+            "checkpoint": object_store.uri(checkpoint_key(wave)),
+            "mlflow_run_id": run_id,
+            "registered_model": f"{REGISTERED_MODEL} v{version}",
+            "confusion": dg.MetadataValue.md(
+                f"![confusion](data:image/png;base64,{base64.b64encode(png).decode()})"),
+        },
+    )
+    yield dg.AssetCheckResult(
+        check_name=BASELINE_CHECK, passed=bool(comparison.maintains_baseline),
+        metadata={"macro_f1": semi.macro_f1, "baseline_macro_f1": baseline.macro_f1,
+                  "threshold": "macro_f1 >= baseline_macro_f1"},
+    )
