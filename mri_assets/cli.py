@@ -118,7 +118,9 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     from mri_assets.smoke_run import run_smoke
 
     home = _home(args)
-    report = run_smoke(_defs(), dagster_instance(home), home, update_reference=args.update_reference)
+    kwargs = {"reference_dir": Path(args.reference_dir)} if args.reference_dir else {}
+    report = run_smoke(_defs(), dagster_instance(home), home, update_reference=args.update_reference,
+                       n_slices=args.slices, check_only=args.check_only, **kwargs)
     print(f"smoke: {'PASS' if report.passed else 'FAIL'} in {report.seconds:.1f} s: {report.detail}")
     if report.metadata.get("mismatches"):
         print(json.dumps(report.metadata["mismatches"], indent=1))
@@ -204,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     smoke = sub.add_parser("smoke", help="the nightly reproducibility run on the fixed smoke wave")
     smoke.add_argument("--update-reference", action="store_true",
                        help="rewrite the committed reference (mri_assets/smoke/) from this run")
+    smoke.add_argument("--check-only", action="store_true",
+                       help="compare what the store holds now, without re-running the wave")
+    smoke.add_argument("--slices", type=int, default=1000, help="sample size (the reference: 1000)")
+    smoke.add_argument("--reference-dir", help="reference folder (default: mri_assets/smoke/)")
     smoke.set_defaults(func=cmd_smoke)
 
     triage = sub.add_parser("triage", help="the clinicians' labeling web app").add_subparsers(
@@ -231,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.command in ("demo", "run", "ingest-wave"):
+    if args.command in ("demo", "run", "ingest-wave", "smoke"):
         print(f"({time.perf_counter() - started:.1f} s)")
     return code
 

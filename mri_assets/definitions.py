@@ -87,11 +87,13 @@ def _dvc(profile: str, home: MriHome) -> DvcTracking:
 
 
 def _compute(profile: str) -> ComputeResource:
+    checkpoint = os.environ.get("MRI_ASSETS_BACKBONE_CHECKPOINT") or None
     if profile == "local":
-        return ComputeResource()
+        return ComputeResource(checkpoint_key=checkpoint)
     return ComputeResource(device=os.environ.get("MRI_ASSETS_DEVICE", "auto"),
                            num_workers=int(os.environ.get("MRI_ASSETS_LOADER_WORKERS", "0")),
-                           batch_size=int(os.environ.get("MRI_ASSETS_BATCH_SIZE", "64")))
+                           batch_size=int(os.environ.get("MRI_ASSETS_BATCH_SIZE", "64")),
+                           checkpoint_key=checkpoint)
 
 
 def _mlflow(home: MriHome) -> MlflowTracking:

@@ -140,19 +140,19 @@ def _summary(defs, instance, pilot_dir, started: float) -> str:
         "summary",
         _manifest_summary(defs, PILOT),
         _manifest_summary(defs, DRIFT_WAVE),
-        f"  ARI k=4: {PILOT} {pilot_clusters.get('ari_k4')}, {DRIFT_WAVE} "
+        (f"  ARI k=4: {PILOT} {pilot_clusters.get('ari_k4')}, {DRIFT_WAVE} "
         f"{drift_clusters.get('ari_k4')} (NMI {pilot_clusters.get('nmi_k4')} / "
-        f"{drift_clusters.get('nmi_k4')})",
-        f"  pseudo-labels: {pseudo.get('promoted')} promoted of {pseudo.get('unlabeled')} "
+        f"{drift_clusters.get('nmi_k4')})"),
+        (f"  pseudo-labels: {pseudo.get('promoted')} promoted of {pseudo.get('unlabeled')} "
         f"unlabeled; gate {_check_status(instance, 'pseudo_labels', 'pseudo_label_gate')}; "
         f"precision vs ground truth {precision if precision is None else round(precision, 4)} "
-        f"on {checked}",
-        f"  classifier holdout macro-F1 {model.get('macro_f1')} vs supervised baseline "
+        f"on {checked}"),
+        (f"  classifier holdout macro-F1 {model.get('macro_f1')} vs supervised baseline "
         f"{model.get('baseline_macro_f1')} ({model.get('expert_labels')} expert + "
-        f"{model.get('pseudo_labels_used')} pseudo-labels)",
+        f"{model.get('pseudo_labels_used')} pseudo-labels)"),
         f"  state: {MriHome.from_env().root} (store, Dagster instance, MLflow, DVC, labels)",
-        "  look: `make dev` -> http://127.0.0.1:3000 (assets, waves partitions, sensors, checks);"
-        " `mri-assets triage serve` for the labeling page",
+        ("  look: `make dev` -> http://127.0.0.1:3000 (assets, waves partitions, sensors, checks);"
+        " `mri-assets triage serve` for the labeling page"),
         f"  total: {time.perf_counter() - started:.1f} s",
     ]
     return "\n".join(lines)

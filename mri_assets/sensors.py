@@ -6,8 +6,8 @@ import json
 import dagster as dg
 
 from mri_assets.core.drift_watch import ClustersObservation, DriftWatch
-from mri_assets.core.manifest import READY_MARKER, WaveKeyError, validate_wave_key
 from mri_assets.core.expert_labels import label_counts_by_wave
+from mri_assets.core.manifest import READY_MARKER, WaveKeyError, validate_wave_key
 from mri_assets.core.retrain_watch import RetrainWatch
 from mri_assets.jobs import ACTIVE_LEARNING_JOB, LABEL_REFRESH_JOB, RETRAIN_JOB, ingest_wave_job
 from mri_assets.partitions import WAVES, wave_partitions
@@ -126,12 +126,16 @@ def retrain_sensor(context: dg.SensorEvaluationContext, retrain: RetrainSettings
                               after_storage_id=watch.after_classifier or None),
         limit=1, ascending=False,
     ).records
+    trained_at = trained[0].storage_id if trained else None
     for record in manifests:
+        if trained_at is not None and record.storage_id > trained_at:
+            watch.saw_classifier(trained_at)
+            trained_at = None
         ok = _metadata_value(record, "ok")
         if record.partition_key and isinstance(ok, int):
             watch.saw_manifest(record.storage_id, record.partition_key, ok)
-    if trained and trained[0].storage_id > max((r.storage_id for r in manifests), default=0):
-        watch.saw_classifier(trained[0].storage_id)
+    if trained_at is not None:
+        watch.saw_classifier(trained_at)
     run_key = watch.crossing(retrain.every_slices)
     waves = context.instance.get_dynamic_partitions(WAVES)
     requests = []

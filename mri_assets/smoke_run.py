@@ -13,6 +13,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from mri_assets.assets.clustering import clusters
 from mri_assets.assets.smoke import (
     REFERENCE_DIR,
     SMOKE_CHECK,
@@ -21,8 +22,8 @@ from mri_assets.assets.smoke import (
     SMOKE_WAVE,
     TRUTH_KEY,
     current_fingerprint,
-    smoke_reproduces,
     smoke_device_type,
+    smoke_reproduces,
     write_reference,
 )
 from mri_assets.core.home import MriHome
@@ -72,7 +73,7 @@ def check_smoke(
 ) -> tuple[bool, str, str, dict]:
     """Run `smoke_reproduces` for the smoke wave: (passed, description, run id, metadata)."""
     result = dg.materialize(
-        assets=[*(defs.assets or []), *(defs.asset_checks or [])],
+        assets=[clusters, smoke_reproduces],
         selection=dg.AssetSelection.checks(dg.AssetCheckKey(dg.AssetKey("clusters"), SMOKE_CHECK)),
         partition_key=SMOKE_WAVE,
         instance=instance,

@@ -10,12 +10,20 @@ from mri_assets.assets.ingest import slices
 from mri_assets.assets.monitoring import push_figures, throughput_gauges
 from mri_assets.core.embed import embed_shard, write_embeddings
 from mri_assets.core.slice_shards import shard_name, slice_keys
+from mri_assets.core.train import backbone_checkpoint
 from mri_assets.executors import GPU_POOL, gpu_step_tags
 from mri_assets.partitions import wave_and_shard, wave_shard_partitions
 from mri_assets.resources.compute import ComputeResource
 from mri_assets.resources.dvc_tracking import DvcTracking
 from mri_assets.resources.metrics import MetricsResource
 from mri_assets.resources.object_store import ObjectStore
+
+
+def stored_backbone(store: ObjectStore, checkpoint_key: str | None) -> bytes | None:
+    """The backbone of a classifier checkpoint in the store (`compute.checkpoint_key`), if set."""
+    if not checkpoint_key:
+        return None
+    return backbone_checkpoint(store.get_bytes(checkpoint_key))
 
 
 def embeddings_key(wave: str, shard: int) -> str:
@@ -43,7 +51,7 @@ def embeddings(
     """The shard's slices through the backbone: `image_id` + float16 vector, in the store and DVC."""
     wave, shard = wave_and_shard(context)
     npy_key, index_key = slice_keys(wave, shard)
-    model = compute.build_backbone()
+    model = compute.build_backbone(checkpoint=stored_backbone(object_store, compute.checkpoint_key))
     device, precision, device_note = compute.device_and_precision()
     result = embed_shard(
         object_store.local_path(npy_key), object_store.local_path(index_key), model, device,

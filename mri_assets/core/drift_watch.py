@@ -27,7 +27,7 @@ class DriftWatch:
     events: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def from_cursor(cls, cursor: str | None) -> "DriftWatch":
+    def from_cursor(cls, cursor: str | None) -> DriftWatch:
         if not cursor:
             return cls()
         data = json.loads(cursor)

@@ -14,7 +14,7 @@ class MriHome:
     root: Path
 
     @classmethod
-    def from_env(cls) -> "MriHome":
+    def from_env(cls) -> MriHome:
         return cls(Path(os.environ.get("MRI_ASSETS_HOME", DEFAULT_HOME)).resolve())
 
     @property
@@ -57,7 +57,7 @@ class MriHome:
     def scratch(self) -> Path:
         return self.root / "scratch"
 
-    def ensure(self) -> "MriHome":
+    def ensure(self) -> MriHome:
         for path in (self.store, self.mlflow, self.dagster, self.cache, self.scratch):
             path.mkdir(parents=True, exist_ok=True)
         return self

@@ -80,7 +80,7 @@ def decode_source(source: SourceObject, settings: DecodeSettings) -> tuple[list[
         decoded = process_object(data, source.key, size=settings.size, window=settings.window)
     except UnreadableImage as error:
         return [_quarantine_row(source, sha, settings, str(error))], empty
-    except Exception as error:  # a decoder library failing on a broken file is still a broken file
+    except Exception as error:  # noqa: BLE001 - a decoder library failing on a broken file is still a broken file
         reason = f"decoder failed: {type(error).__name__}: {error}"
         return [_quarantine_row(source, sha, settings, reason)], empty
     patient = patient_identifier(source.key, settings.wave, decoded.patient_id)

@@ -15,7 +15,7 @@ class RetrainWatch:
     after_classifier: int = 0
 
     @classmethod
-    def from_cursor(cls, cursor: str | None) -> "RetrainWatch":
+    def from_cursor(cls, cursor: str | None) -> RetrainWatch:
         return cls(**json.loads(cursor)) if cursor else cls()
 
     def to_cursor(self) -> str:

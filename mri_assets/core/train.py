@@ -1033,8 +1033,9 @@ def predict_proba(
     device = torch.device(device)
     model.eval()
     data = images_or_embeddings
-    dtype = getattr(data, "dtype", None)
-    if dtype is not None and np.dtype(str(dtype).replace("torch.", "")) == np.uint8:
+    if isinstance(data, torch.Tensor):
+        data = data.cpu().numpy()
+    if getattr(data, "dtype", None) == np.uint8:
         loader = ImageBatches(data, np.zeros(len(data), dtype=np.int64), batch_size, shuffle=False)
         parts = []
         model.to(device)

@@ -26,6 +26,7 @@ class ComputeResource(dg.ConfigurableResource):
     weights: str = "none"
     seed: int = 0
     input_size: int | None = None
+    checkpoint_key: str | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the allowed values for the first setting that is off."""

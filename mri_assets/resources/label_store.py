@@ -11,12 +11,13 @@ never lease the same item and concurrent submissions cannot spend past the budge
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -147,6 +148,68 @@ SNAPSHOT_SCHEMA = {
 }
 
 
+_ITEM_COLUMNS = (
+    "id, wave, image_id, priority, reason, state, lease_owner, lease_expires_at, kind, "
+    "class_set, excluded_annotator, prediction"
+)
+
+
+@functools.cache
+def _hot_statements(dialect: str) -> dict[str, sa.TextClause]:
+    """Pre-built SQL for the per-request paths (lease, submit): no per-call query building."""
+    lock = " FOR UPDATE" if dialect == "postgresql" else ""
+    skip_locked = " FOR UPDATE SKIP LOCKED" if dialect == "postgresql" else ""
+    item_types = {"lease_expires_at": sa.DateTime()}
+    return {
+        "release_expired": sa.text(
+            "UPDATE queue_items SET state = 'queued', lease_owner = NULL, "
+            "lease_expires_at = NULL WHERE state = 'leased' AND lease_expires_at <= :now"
+        ),
+        "own_lease": sa.text(
+            f"SELECT {_ITEM_COLUMNS} FROM queue_items WHERE state = 'leased' "
+            f"AND lease_owner = :annotator AND id NOT IN :held ORDER BY id LIMIT 1{lock}"
+        )
+        .bindparams(sa.bindparam("held", expanding=True))
+        .columns(**item_types),
+        "next_queued": sa.text(
+            f"SELECT {_ITEM_COLUMNS} FROM queue_items WHERE state = 'queued' "
+            "AND (excluded_annotator IS NULL OR excluded_annotator != :annotator) "
+            f"ORDER BY priority DESC, id LIMIT 1{skip_locked}"
+        ).columns(**item_types),
+        "next_queued_qa": sa.text(
+            f"SELECT {_ITEM_COLUMNS} FROM queue_items WHERE state = 'queued' AND kind = 'qa' "
+            "AND (excluded_annotator IS NULL OR excluded_annotator != :annotator) "
+            f"ORDER BY priority DESC, id LIMIT 1{skip_locked}"
+        ).columns(**item_types),
+        "lease": sa.text(
+            "UPDATE queue_items SET state = 'leased', lease_owner = :annotator, "
+            "lease_expires_at = :expires WHERE id = :id"
+        ),
+        "item": sa.text(f"SELECT {_ITEM_COLUMNS} FROM queue_items WHERE id = :id{lock}").columns(
+            **item_types
+        ),
+        "close_item": sa.text(
+            "UPDATE queue_items SET state = :state, lease_owner = NULL, lease_expires_at = NULL "
+            "WHERE id = :id"
+        ),
+        "period": sa.text(
+            "SELECT id, starts_on, cases_used, spent_cents FROM budget_periods "
+            f"WHERE starts_on = :starts_on{lock}"
+        ).columns(starts_on=sa.Date()),
+        "period_unlocked": sa.text(
+            "SELECT id, starts_on, cases_used, spent_cents FROM budget_periods "
+            "WHERE starts_on = :starts_on"
+        ).columns(starts_on=sa.Date()),
+        "spend": sa.text(
+            "UPDATE budget_periods SET cases_used = cases_used + 1, "
+            "spent_cents = spent_cents + :cents WHERE id = :id"
+        ),
+        "audit": sa.text(
+            "INSERT INTO audit_log (who, what, at, payload) VALUES (:who, :what, :at, :payload)"
+        ).bindparams(sa.bindparam("at", type_=sa.DateTime())),
+    }
+
+
 def utc_now() -> datetime:
     """Naive UTC, the form every timestamp has in the store."""
     return datetime.now(UTC).replace(tzinfo=None)
@@ -262,6 +325,8 @@ class LabelStore(ConfigurableResource):
     _engine: sa.Engine | None = PrivateAttr(default=None)
     _engine_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _period_ready: object = PrivateAttr(default=None)
+    _released_at: datetime | None = PrivateAttr(default=None)
+    _writer_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
     @property
     def budget(self) -> LabelBudget:
@@ -311,7 +376,12 @@ class LabelStore(ConfigurableResource):
 
     @contextmanager
     def _write(self) -> Iterator[sa.Connection]:
-        with self._db().connect() as connection:
+        """A write transaction. On SQLite, writers of this process queue on a lock first: a
+        waiting thread then wakes as soon as the writer before it commits, instead of polling
+        SQLite's busy handler (which sleeps up to 100 ms between tries)."""
+        engine = self._db()
+        queue = self._writer_lock if engine.dialect.name == "sqlite" else nullcontext()
+        with queue, engine.connect() as connection:
             connection.execution_options(label_store_write=True)
             with connection.begin():
                 yield connection
@@ -321,12 +391,14 @@ class LabelStore(ConfigurableResource):
         with self._db().connect() as connection, connection.begin():
             yield connection
 
-    @staticmethod
-    def _audit(conn: sa.Connection, who: str, what: str, payload: dict, now: datetime) -> None:
-        conn.execute(
-            audit_log.insert().values(
-                who=who, what=what, at=now, payload=json.dumps(payload, sort_keys=True)
-            )
+    def _sql(self, conn: sa.Connection, name: str, **params):
+        return conn.execute(_hot_statements(conn.dialect.name)[name], params)
+
+    def _audit(
+        self, conn: sa.Connection, who: str, what: str, payload: dict, now: datetime
+    ) -> None:
+        self._sql(
+            conn, "audit", who=who, what=what, at=now, payload=json.dumps(payload, sort_keys=True)
         )
 
     def record_audit(self, who: str, what: str, payload: dict | None = None) -> None:
@@ -362,10 +434,8 @@ class LabelStore(ConfigurableResource):
         return starts_on
 
     def _period_row(self, conn: sa.Connection, now: datetime, lock: bool):
-        query = sa.select(budget_periods).where(
-            budget_periods.c.starts_on == period_start(now, self.period_months)
-        )
-        return conn.execute(query.with_for_update() if lock else query).one()
+        name = "period" if lock else "period_unlocked"
+        return self._sql(conn, name, starts_on=period_start(now, self.period_months)).one()
 
     def _affordable(self, period) -> int:
         return cases_affordable(period.spent_cents / 100, self.budget, period.cases_used)
@@ -461,7 +531,7 @@ class LabelStore(ConfigurableResource):
     ) -> dict | None:
         """Lease the next item to `annotator`, or None when nothing is left for them.
 
-        Expired leases return to the queue first. An annotator's own unexpired lease that is
+        Expired leases return to the queue first (checked at most once a second per process). An annotator's own unexpired lease that is
         not in `held` (the items their page already shows) is handed back before a new item,
         so a reloaded page or restarted server resumes where the clinician was.
         """
@@ -469,58 +539,34 @@ class LabelStore(ConfigurableResource):
         self._ensure_period(now)
         expires = now + timedelta(seconds=lease_seconds)
         with self._write() as conn:
-            self._release_expired(conn, now)
+            if self._released_at is None or abs((now - self._released_at).total_seconds()) >= 1:
+                self._release_expired(conn, now)
+                self._released_at = now
             row = self._own_lease(conn, annotator, held)
             if row is None:
                 qa_only = self._affordable(self._period_row(conn, now, lock=False)) == 0
                 row = self._next_queued(conn, annotator, qa_only)
             if row is None:
                 return None
-            conn.execute(
-                queue_items.update()
-                .where(queue_items.c.id == row.id)
-                .values(state="leased", lease_owner=annotator, lease_expires_at=expires)
-            )
+            self._sql(conn, "lease", annotator=annotator, expires=expires, id=row.id)
         item = _item_dict(row)
         item.update(lease_owner=annotator, lease_expires_at=expires)
         return item
 
-    @staticmethod
-    def _release_expired(conn: sa.Connection, now: datetime) -> None:
-        conn.execute(
-            queue_items.update()
-            .where(queue_items.c.state == "leased", queue_items.c.lease_expires_at <= now)
-            .values(state="queued", lease_owner=None, lease_expires_at=None)
-        )
+    def _release_expired(self, conn: sa.Connection, now: datetime) -> None:
+        self._sql(conn, "release_expired", now=now)
 
-    @staticmethod
-    def _own_lease(conn: sa.Connection, annotator: str, held: Sequence[int]):
-        query = sa.select(queue_items).where(
-            queue_items.c.state == "leased", queue_items.c.lease_owner == annotator
-        )
-        if held:
-            query = query.where(queue_items.c.id.not_in([int(i) for i in held]))
-        return conn.execute(query.order_by(queue_items.c.id).limit(1).with_for_update()).first()
+    def _own_lease(self, conn: sa.Connection, annotator: str, held: Sequence[int]):
+        held_ids = [int(i) for i in held] or [-1]
+        return self._sql(conn, "own_lease", annotator=annotator, held=held_ids).first()
 
-    @staticmethod
-    def _next_queued(conn: sa.Connection, annotator: str, qa_only: bool):
-        query = sa.select(queue_items).where(
-            queue_items.c.state == "queued",
-            sa.or_(
-                queue_items.c.excluded_annotator.is_(None),
-                queue_items.c.excluded_annotator != annotator,
-            ),
-        )
-        if qa_only:
-            query = query.where(queue_items.c.kind == "qa")
-        query = query.order_by(queue_items.c.priority.desc(), queue_items.c.id).limit(1)
-        return conn.execute(query.with_for_update(skip_locked=True)).first()
+    def _next_queued(self, conn: sa.Connection, annotator: str, qa_only: bool):
+        name = "next_queued_qa" if qa_only else "next_queued"
+        return self._sql(conn, name, annotator=annotator).first()
 
     def _leased_item(self, conn: sa.Connection, item_id: int, annotator: str, now: datetime):
         """The item row, locked, if `annotator` holds an unexpired lease on it; else raise."""
-        row = conn.execute(
-            sa.select(queue_items).where(queue_items.c.id == item_id).with_for_update()
-        ).first()
+        row = self._sql(conn, "item", id=item_id).first()
         if row is None:
             raise UnknownItem(f"no queue item with id {item_id}; fetch items with /api/next")
         if row.state in ("done", "skipped"):
@@ -572,16 +618,17 @@ class LabelStore(ConfigurableResource):
             if label_kind == "expert":
                 self._spend_one_case(conn, now)
             label_id = conn.execute(
-                labels.insert().values(
-                    item_id=row.id,
-                    image_id=row.image_id,
-                    wave=row.wave,
-                    label=label,
-                    annotator=annotator,
-                    created_at=now,
-                    seconds_spent=float(seconds_spent),
-                    kind=label_kind,
-                )
+                labels.insert(),
+                {
+                    "item_id": row.id,
+                    "image_id": row.image_id,
+                    "wave": row.wave,
+                    "label": label,
+                    "annotator": annotator,
+                    "created_at": now,
+                    "seconds_spent": float(seconds_spent),
+                    "kind": label_kind,
+                },
             ).inserted_primary_key[0]
             self._close_item(conn, row.id, "done")
             if row.kind == "expert" and _picked_for_qa(
@@ -605,22 +652,10 @@ class LabelStore(ConfigurableResource):
                 f"({period.cases_used} cases, €{period.spent_cents / 100:.2f}); wait for the "
                 "next period or raise cases_per_period"
             )
-        conn.execute(
-            budget_periods.update()
-            .where(budget_periods.c.id == period.id)
-            .values(
-                cases_used=budget_periods.c.cases_used + 1,
-                spent_cents=budget_periods.c.spent_cents + self.budget.cents_per_case,
-            )
-        )
+        self._sql(conn, "spend", cents=self.budget.cents_per_case, id=period.id)
 
-    @staticmethod
-    def _close_item(conn: sa.Connection, item_id: int, state: str) -> None:
-        conn.execute(
-            queue_items.update()
-            .where(queue_items.c.id == item_id)
-            .values(state=state, lease_owner=None, lease_expires_at=None)
-        )
+    def _close_item(self, conn: sa.Connection, item_id: int, state: str) -> None:
+        self._sql(conn, "close_item", state=state, id=item_id)
 
     @staticmethod
     def _queue_qa(conn: sa.Connection, row, first_annotator: str, now: datetime) -> None:

@@ -208,7 +208,7 @@ class MlflowTracking(ConfigurableResource):
             client.log_artifacts(run_id, str(target), artifact_path="model")
         try:
             client.get_registered_model(registered_name)
-        except Exception:  # MLflow raises RestException or MlflowException for "not found"
+        except Exception:  # noqa: BLE001 - MLflow raises RestException or MlflowException for "not found"
             client.create_registered_model(registered_name)
         artifact_uri = client.get_run(run_id).info.artifact_uri
         version = client.create_model_version(

@@ -58,7 +58,7 @@ class ClusteringSettings(ConfigurableResource):
         default=None, description="pin the drift baseline to this wave (default: first wave with ARI)"
     )
 
-    def checked(self) -> "ClusteringSettings":
+    def checked(self) -> ClusteringSettings:
         if not 0 < self.variance_target <= 1:
             raise ValueError(f"variance_target must be in (0, 1], got {self.variance_target}")
         if self.drift_k not in (2, 3, 4):

@@ -85,7 +85,11 @@ class ItemAction(BaseModel):
     item_id: int
 
 
-class LabelSubmission(ItemAction):
+class ItemActionThenNext(ItemAction):
+    lease_next_held: list[int] | None = None
+
+
+class LabelSubmission(ItemActionThenNext):
     label: str
     seconds_spent: float = 0.0
 
@@ -225,23 +229,30 @@ def create_app(
     def checked(request: Request) -> None:
         auth.check_csrf(request, request.headers.get(auth.CSRF_HEADER))
 
+    def answer_then_next(user: str, body: ItemActionThenNext, **answer) -> dict:
+        """With `lease_next_held` the answer also carries the next item (one round trip)."""
+        if body.lease_next_held is not None:
+            item = label_store.lease_next(user, settings.lease_seconds, held=body.lease_next_held)
+            answer["next"] = None if item is None else _item_payload(item, settings.show_prediction)
+        return {"ok": True, **answer}
+
     @app.post("/api/label")
     def post_label(request: Request, body: LabelSubmission, user: str = Depends(auth.api_user)):
         checked(request)
         label_id = label_store.submit_label(body.item_id, user, body.label, body.seconds_spent)
-        return {"ok": True, "label_id": label_id}
+        return answer_then_next(user, body, label_id=label_id)
 
     @app.post("/api/skip")
-    def post_skip(request: Request, body: ItemAction, user: str = Depends(auth.api_user)):
+    def post_skip(request: Request, body: ItemActionThenNext, user: str = Depends(auth.api_user)):
         checked(request)
         label_store.skip(body.item_id, user)
-        return {"ok": True}
+        return answer_then_next(user, body)
 
     @app.post("/api/unsure")
-    def post_unsure(request: Request, body: ItemAction, user: str = Depends(auth.api_user)):
+    def post_unsure(request: Request, body: ItemActionThenNext, user: str = Depends(auth.api_user)):
         checked(request)
         label_store.mark_unsure(body.item_id, user)
-        return {"ok": True}
+        return answer_then_next(user, body)
 
     @app.get("/image/{item_id}.png")
     def item_image(request: Request, item_id: int, user: str = Depends(auth.api_user)):

@@ -93,7 +93,9 @@ def test_unknown_weights_is_a_config_error_naming_the_allowed_weights():
         build_backbone(weights="imagenet21k")
 
 
-def test_imagenet_weights_missing_from_the_cache_is_a_config_error_naming_the_path(tmp_path, monkeypatch):
+def test_imagenet_weights_missing_from_the_cache_is_a_config_error_naming_the_path(
+    tmp_path, monkeypatch
+):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     expected_path = imagenet_weights_path("resnet18")
     assert str(expected_path).startswith(str(tmp_path))

@@ -108,6 +108,15 @@ def test_kmeans_labels_and_ari_are_deterministic_for_a_seed(wave):
         assert cluster_scores(labels, first.labels[k]) == cluster_scores(labels, second.labels[k])
 
 
+def test_projection_over_memory_budget_is_recomputed_per_pass_with_same_labels(wave):
+    x, _ = wave
+    kept = cluster_wave(lambda: iter(shards_of(x)), ks=(2, 4), seed=2)
+    streamed = cluster_wave(lambda: iter(shards_of(x)), ks=(2, 4), seed=2, projection_max_bytes=0)
+    for k in (2, 4):
+        np.testing.assert_array_equal(kept.labels[k], streamed.labels[k])
+    np.testing.assert_allclose(kept.plot_coords, streamed.plot_coords, atol=1e-5)
+
+
 def test_fitting_ks_together_matches_fitting_each_k_alone(wave):
     x, _ = wave
     projection = fit_streaming_pca([x]).transform(x)

@@ -54,7 +54,9 @@ def _write_shard(folder: Path, pixels: np.ndarray, order: np.ndarray) -> tuple[P
         {
             "image_id": [f"img-{row:03d}" for row in order],
             "row": order.astype(np.int64),
-            "payload_crc32": np.array([zlib.crc32(pixels[row].tobytes()) for row in order], dtype=np.int64),
+            "payload_crc32": np.array(
+                [zlib.crc32(pixels[row].tobytes()) for row in order], dtype=np.int64
+            ),
         }
     )
     pq.write_table(table, index)
@@ -139,7 +141,9 @@ def test_written_embeddings_read_back_with_ids_values_and_model_id(tmp_path):
     rng = np.random.default_rng(0)
     embeddings = rng.standard_normal((5, 8)).astype(np.float16)
     ids = [f"id-{i}" for i in range(5)]
-    path = write_embeddings(tmp_path / "emb" / "shard-00.arrow", ids, embeddings, "resnet18:none:abc")
+    path = write_embeddings(
+        tmp_path / "emb" / "shard-00.arrow", ids, embeddings, "resnet18:none:abc"
+    )
     read_ids, read_values, meta = read_embeddings(path)
     assert read_ids == ids
     assert read_values.dtype == np.float16
@@ -159,7 +163,14 @@ def test_embedding_twice_in_one_process_writes_identical_bytes(tmp_path, slices,
     paths = []
     for attempt in range(2):
         result = embed_shard(npy, index, backbone, CPU, "fp32", batch_size=4, num_workers=0)
-        paths.append(write_embeddings(tmp_path / f"run{attempt}.arrow", result.image_ids, result.embeddings, backbone.model_id))
+        paths.append(
+            write_embeddings(
+                tmp_path / f"run{attempt}.arrow",
+                result.image_ids,
+                result.embeddings,
+                backbone.model_id,
+            )
+        )
     assert paths[0].read_bytes() == paths[1].read_bytes()
 
 
@@ -179,7 +190,9 @@ _EMBED_IN_A_FRESH_PROCESS = textwrap.dedent(
 def test_embedding_in_another_process_writes_identical_bytes(tmp_path, slices, backbone):
     npy, index = _write_shard(tmp_path / "shard", slices, np.arange(N_SLICES))
     result = embed_shard(npy, index, backbone, CPU, "fp32", batch_size=4, num_workers=0)
-    here = write_embeddings(tmp_path / "here.arrow", result.image_ids, result.embeddings, backbone.model_id)
+    here = write_embeddings(
+        tmp_path / "here.arrow", result.image_ids, result.embeddings, backbone.model_id
+    )
     there = tmp_path / "there.arrow"
     subprocess.run(
         [sys.executable, "-c", _EMBED_IN_A_FRESH_PROCESS, str(npy), str(index), str(there)],
@@ -192,7 +205,9 @@ def test_embedding_in_another_process_writes_identical_bytes(tmp_path, slices, b
 
 def _mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(np.float64), b.astype(np.float64)
-    return float(np.mean(np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
+    return float(
+        np.mean(np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)))
+    )
 
 
 def test_bf16_embeddings_agree_with_fp32_on_real_slices(tmp_path, slices):

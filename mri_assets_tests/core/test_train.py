@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import hashlib
 import io
 from pathlib import Path
 
@@ -8,11 +7,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-import torchvision
 from PIL import Image
 from sklearn.metrics import f1_score
 from torch import nn
 
+from mri_assets.core.backbone import build_backbone
 from mri_assets.core.train import (
     STAGE2_PARTS,
     ClassifierModel,
@@ -40,37 +39,6 @@ SIZE = 64
 FAST = TrainConfig(
     seed=3, head_epochs=5, finetune_epochs=1, batch_size=8, eval_batch_size=32, precision="fp32"
 )
-
-
-class _ContractBackbone(nn.Module):
-    """Stand-in for core.backbone.Backbone (docs/internals.md "Backbone contract")."""
-
-    def __init__(self, seed: int = 0):
-        super().__init__()
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            body = torchvision.models.resnet18(weights=None)
-        conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        with torch.no_grad():
-            conv1.weight.copy_(body.conv1.weight.sum(dim=1, keepdim=True))
-        body.conv1 = conv1
-        body.fc = nn.Identity()
-        self.body = body
-        self.dim = 512
-        digest = hashlib.sha256()
-        for value in body.state_dict().values():
-            digest.update(value.numpy().tobytes())
-        self.model_id = f"resnet18:none:{digest.hexdigest()[:12]}"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body((x.float() / 255.0 - 0.449) / 0.226)
-
-
-def build_backbone(arch="resnet18", weights="none", seed=0, checkpoint=None):
-    backbone = _ContractBackbone(seed)
-    if checkpoint is not None:
-        backbone.load_state_dict(backbone_state_from_checkpoint(read_checkpoint(checkpoint)))
-    return backbone
 
 
 def _model(seed: int = 0, classes=CLASSES) -> ClassifierModel:
@@ -319,8 +287,10 @@ def test_checkpoint_round_trip_gives_the_same_predictions(pattern_data, fine_tun
     assert payload["meta"] == {"wave": "pilot", "expert_snapshot": "abc"}
     assert backbone_state_from_checkpoint(payload).keys() == model.backbone.state_dict().keys()
 
-    loaded = load_checkpoint(data, list(reversed(CLASSES)), backbone_factory=build_backbone)
+    loaded = load_checkpoint(data, list(reversed(CLASSES)))
     assert loaded.class_names == CLASSES
+    assert loaded.embedding_model_id == payload["backbone_model_id"]
+    assert payload["backbone_model_id"].split(":")[2] != model.backbone.model_id.split(":")[2]
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     np.testing.assert_allclose(
@@ -331,7 +301,7 @@ def test_checkpoint_round_trip_gives_the_same_predictions(pattern_data, fine_tun
 def test_loading_a_checkpoint_for_another_class_set_names_both_sets():
     data = save_checkpoint(_model(), CLASSES, {})
     with pytest.raises(TrainingError) as error:
-        load_checkpoint(data, ["axial", "coronal", "sagittal"], backbone_factory=build_backbone)
+        load_checkpoint(data, ["axial", "coronal", "sagittal"])
     assert "'axial_inferior'" in str(error.value) and "'axial'" in str(error.value)
 
 

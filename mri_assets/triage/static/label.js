@@ -44,9 +44,13 @@
     if (response.status === 401) { window.location.assign("/login"); return null; }
     if (!response.ok) { throw new Error("next item: HTTP " + response.status); }
     const body = await response.json();
-    if (!body.item) { return null; }
-    const img = await loadImage(body.item.image_url);
-    return { item: body.item, source: pixelsOf(img) };
+    return withImage(body.item);
+  }
+
+  async function withImage(item) {
+    if (!item) { return null; }
+    const img = await loadImage(item.image_url);
+    return { item: item, source: pixelsOf(img) };
   }
 
   function lut() {
@@ -125,7 +129,8 @@
     if (busy || !current) { return; }
     busy = true;
     section.dataset.busy = "1";
-    const body = { item_id: current.item.id };
+    const upcoming = preloaded;
+    const body = { item_id: current.item.id, lease_next_held: upcoming ? [upcoming.item.id] : [] };
     if (action === "label") {
       body.label = label;
       body.seconds_spent = (performance.now() - current.shownAt) / 1000;
@@ -141,7 +146,17 @@
       if (response.ok) {
         if (action === "label") { labeled += 1; doneCount.textContent = String(labeled); }
         say(action === "label" ? "Saved: " + label : action === "skip" ? "Skipped" : "Marked unsure");
-        await advance();
+        const leased = await withImage(answer.next);
+        if (upcoming) {
+          current = upcoming;
+          preloaded = leased;
+          showItem();
+        } else {
+          current = leased;
+          preloaded = null;
+          showItem();
+          await preload();
+        }
       } else if (response.status === 409 || response.status === 404) {
         say(answer.detail + " — moving on.");
         await advance();

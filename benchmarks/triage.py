@@ -1,0 +1,205 @@
+"""Triage latency: "submit label + get next item" under 20 concurrent clients, 100,000 queued.
+
+A real uvicorn server (separate process, SQLite label store) on loopback; 20 httpx clients,
+each logged in as its own clinician, loop "POST /api/label with `lease_next_held`", which
+stores the label and leases the next item in one round trip (what the page does). The baseline,
+measured in the same run, is the same loop with one client alone. Then the queue-selection
+numbers come from `benchmarks/selection_bench.py::measure_selection()` when it exists.
+
+    .venv/bin/python benchmarks/triage.py [--items 100000] [--clients 20] [--ops 40]
+
+Last line: {"p95_ms", "select_750k_s", "select_peak_rss_gb", "ratio_vs_naive"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mri_assets.resources.label_store import LabelStore
+
+CLASSES = ["axial_inferior", "axial_superior", "coronal", "sagittal"]
+PASSWORD = "benchmark-password"
+FAST_HASH = {"argon2_time_cost": 1, "argon2_memory_kib": 8192}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def prepare_store(url: str, n_items: int, clinicians: list[str]) -> None:
+    store = LabelStore(url=url, cases_per_period=10 * n_items, **FAST_HASH)
+    items = [
+        {
+            "image_id": hashlib.sha256(f"bench:{i}".encode()).hexdigest()[:24],
+            "priority": float(p),
+        }
+        for i, p in enumerate(np.random.default_rng(0).random(n_items))
+    ]
+    started = time.perf_counter()
+    queued = store.enqueue("bench", items, CLASSES)
+    print(f"queued {queued:,} items in {time.perf_counter() - started:.1f} s", flush=True)
+    for name in clinicians:
+        store.add_annotator(name, PASSWORD, "clinician")
+    store.dispose()
+
+
+def serve(url: str, port: int, n_items: int) -> None:
+    """Child process: the triage app over the prepared store (image route unused here)."""
+    import uvicorn
+
+    from mri_assets.triage.app import TriageSettings, create_app
+
+    store = LabelStore(url=url, cases_per_period=10 * n_items, **FAST_HASH)
+
+    def no_slices(wave: str, image_id: str) -> bytes:
+        raise LookupError(f"the benchmark serves no pixels ({wave}/{image_id})")
+
+    app = create_app(store, no_slices, TriageSettings(secret_key="benchmark-secret"))
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def wait_for(base_url: str, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the triage server exited with code {process.returncode}")
+        try:
+            httpx.get(f"{base_url}/login", timeout=2)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise RuntimeError("the triage server did not answer within 120 s")
+
+
+def logged_in_client(base_url: str, username: str) -> tuple[httpx.Client, str]:
+    client = httpx.Client(base_url=base_url, timeout=60)
+    token = re.search(r'name="csrf-token" content="([^"]+)"', client.get("/login").text).group(1)
+    client.post("/login", data={"username": username, "password": PASSWORD, "csrf_token": token})
+    csrf = re.search(r'name="csrf-token" content="([^"]+)"', client.get("/").text).group(1)
+    return client, csrf
+
+
+def label_loop(client: httpx.Client, csrf: str, ops: int, latencies: list[float]) -> None:
+    item = client.get("/api/next").json()["item"]
+    for n in range(ops):
+        if item is None:
+            return
+        started = time.perf_counter()
+        response = client.post(
+            "/api/label",
+            json={
+                "item_id": item["id"],
+                "label": CLASSES[n % 4],
+                "seconds_spent": 1.0,
+                "lease_next_held": [],
+            },
+            headers={"X-CSRF-Token": csrf},
+        )
+        response.raise_for_status()
+        item = response.json()["next"]
+        latencies.append(time.perf_counter() - started)
+
+
+def run_clients(base_url: str, names: list[str], ops: int) -> list[float]:
+    sessions = [logged_in_client(base_url, name) for name in names]
+    latencies: list[float] = []
+    threads = [
+        threading.Thread(target=label_loop, args=(client, csrf, ops, latencies))
+        for client, csrf in sessions
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for client, _ in sessions:
+        client.close()
+    return latencies
+
+
+def p95_ms(latencies: list[float]) -> float:
+    return float(np.percentile(np.asarray(latencies) * 1000, 95))
+
+
+def measure_triage(n_items: int, n_clients: int, ops: int) -> float:
+    clinicians = [f"clinician{i:02d}" for i in range(n_clients)] + ["solo"]
+    with tempfile.TemporaryDirectory(prefix="triage-bench-") as tmp:
+        url = f"sqlite:///{Path(tmp) / 'labels.db'}"
+        prepare_store(url, n_items, clinicians)
+        port = free_port()
+        base_url = f"http://127.0.0.1:{port}"
+        server = subprocess.Popen(
+            [sys.executable, __file__, "--serve", url, "--port", str(port), "--items",
+             str(n_items)],
+            cwd=REPO,
+        )
+        try:
+            wait_for(base_url, server)
+            solo = run_clients(base_url, ["solo"], ops)
+            print(f"baseline, 1 client: p95 {p95_ms(solo):.1f} ms over {len(solo)} ops", flush=True)
+            crowd = run_clients(base_url, clinicians[:n_clients], ops)
+            result = p95_ms(crowd)
+            print(
+                f"{n_clients} clients: p95 {result:.1f} ms, median "
+                f"{np.median(crowd) * 1000:.1f} ms over {len(crowd)} ops "
+                f"(ratio to 1 client: {result / p95_ms(solo):.2f}x; goal <= 50 ms)",
+                flush=True,
+            )
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    return result
+
+
+def measure_selection_keys() -> dict:
+    keys = {"select_750k_s": None, "select_peak_rss_gb": None, "ratio_vs_naive": None}
+    path = Path(__file__).with_name("selection_bench.py")
+    if not path.exists():
+        print(f"note: {path.name} is missing; selection keys are null", flush=True)
+        return keys
+    spec = importlib.util.spec_from_file_location("selection_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "measure_selection"):
+        print(f"note: {path.name} has no measure_selection(); selection keys are null", flush=True)
+        return keys
+    measured = module.measure_selection()
+    return {key: measured.get(key) for key in keys}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--items", type=int, default=100_000)
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--ops", type=int, default=40, help="label+next cycles per client")
+    parser.add_argument("--serve", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve, args.port, args.items)
+        return
+    result = {"p95_ms": round(measure_triage(args.items, args.clients, args.ops), 2)}
+    result.update(measure_selection_keys())
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+import json
+
+import dagster as dg
+import pytest
+
+from mri_assets.core.home import MriHome
+from mri_assets.definitions import build_defs
+from mri_assets.partitions import WAVES
+from mri_assets.resources.settings import ClusteringSettings, RetrainSettings
+from mri_assets.sensors import ari_drift_sensor, retrain_sensor, wave_sensor
+
+
+@pytest.fixture
+def instance(tmp_path):
+    (tmp_path / "dagster").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as test_instance:
+        yield test_instance
+
+
+def _clusters(instance, wave, ari, model_id="resnet18:none:abc"):
+    instance.add_dynamic_partitions(WAVES, [wave]) if not instance.has_dynamic_partition(WAVES, wave) else None
+    instance.report_runless_asset_event(dg.AssetMaterialization(
+        asset_key="clusters", partition=wave,
+        metadata={"ari_k4": ari if ari is not None else "not computable", "model_id": model_id}))
+
+
+def _tick(sensor, instance, cursor, **resources):
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources) as context:
+        result = sensor(context)
+    return result
+
+
+def test_drift_sensor_requests_once_for_a_drifted_wave_and_never_for_a_stable_one(instance):
+    settings = ClusteringSettings()
+    _clusters(instance, "pilot", 0.80)
+    _clusters(instance, "scale", 0.78)
+    first = _tick(ari_drift_sensor, instance, None, clustering=settings)
+    assert first.run_requests == []
+    _clusters(instance, "full-1", 0.60)
+    second = _tick(ari_drift_sensor, instance, first.cursor, clustering=settings)
+    assert [(r.partition_key, r.run_key) for r in second.run_requests] == [("full-1", "ari-drift:full-1:1")]
+    _clusters(instance, "full-1", 0.61)
+    third = _tick(ari_drift_sensor, instance, second.cursor, clustering=settings)
+    assert third.run_requests == []
+    again = _tick(ari_drift_sensor, instance, second.cursor, clustering=settings)
+    assert again.run_requests == []
+
+
+def test_drift_at_exactly_ten_percent_is_not_drift(instance):
+    _clusters(instance, "pilot", 0.80)
+    _clusters(instance, "scale", 0.72)
+    result = _tick(ari_drift_sensor, instance, None, clustering=ClusteringSettings())
+    assert result.run_requests == []
+
+
+def test_drift_is_refused_across_model_ids_and_without_labels(instance):
+    _clusters(instance, "pilot", 0.80)
+    _clusters(instance, "scale", 0.10, model_id="resnet50:imagenet:def")
+    _clusters(instance, "full-1", None)
+    result = _tick(ari_drift_sensor, instance, None, clustering=ClusteringSettings())
+    assert result.run_requests == []
+
+
+def test_pinned_baseline_wave_is_used(instance):
+    _clusters(instance, "pilot", 0.50)
+    _clusters(instance, "scale", 0.90)
+    _clusters(instance, "full-1", 0.75)
+    pinned = ClusteringSettings(baseline_wave="scale")
+    result = _tick(ari_drift_sensor, instance, None, clustering=pinned)
+    assert [r.partition_key for r in result.run_requests] == ["full-1"]
+
+
+def _manifest(instance, wave, ok):
+    if not instance.has_dynamic_partition(WAVES, wave):
+        instance.add_dynamic_partitions(WAVES, [wave])
+    instance.report_runless_asset_event(dg.AssetMaterialization(
+        asset_key="manifest", partition=wave, metadata={"ok": ok}))
+
+
+def test_retrain_sensor_requests_once_per_threshold_crossing(instance):
+    settings = RetrainSettings(every_slices=1000)
+    _manifest(instance, "pilot", 600)
+    first = _tick(retrain_sensor, instance, None, retrain=settings)
+    assert first.run_requests == []
+    _manifest(instance, "scale", 500)
+    second = _tick(retrain_sensor, instance, first.cursor, retrain=settings)
+    assert [(r.partition_key, r.run_key) for r in second.run_requests] == [("scale", "retrain:1")]
+    _manifest(instance, "scale", 500)
+    third = _tick(retrain_sensor, instance, second.cursor, retrain=settings)
+    assert third.run_requests == []
+    instance.report_runless_asset_event(dg.AssetMaterialization(asset_key="classifier", partition="scale"))
+    _manifest(instance, "full-1", 999)
+    fourth = _tick(retrain_sensor, instance, third.cursor, retrain=settings)
+    assert fourth.run_requests == []
+    _manifest(instance, "full-2", 1)
+    fifth = _tick(retrain_sensor, instance, fourth.cursor, retrain=settings)
+    assert [r.run_key for r in fifth.run_requests] == ["retrain:2"]
+
+
+def test_wave_sensor_adds_partitions_for_ready_markers_once(instance, tmp_path):
+    defs = build_defs("local", MriHome(tmp_path / "home"))
+    store = defs.resources["object_store"]
+    store.put_bytes("raw/pilot/a.png", b"x")
+    store.put_bytes("raw/pilot/_READY", json.dumps({"wave": "pilot"}).encode())
+    store.put_bytes("raw/Bad,Wave/_READY", b"{}")
+    store.put_bytes("raw/pending/a.png", b"x")
+    result = _tick(wave_sensor, instance, None, object_store=store)
+    assert [r.run_key for r in result.run_requests] == ["pilot"]
+    assert result.dynamic_partitions_requests[0].partition_keys == ["pilot"]
+    instance.add_dynamic_partitions(WAVES, ["pilot"])
+    assert not isinstance(_tick(wave_sensor, instance, None, object_store=store), dg.SensorResult)
