@@ -16,6 +16,7 @@ from mri_assets.executors import check_profile, executor_for
 from mri_assets.jobs import (
     active_learning_job,
     drift_check_job,
+    embed_wave_job,
     ingest_wave_job,
     label_refresh_job,
     retrain_job,
@@ -87,13 +88,17 @@ def _dvc(profile: str, home: MriHome) -> DvcTracking:
 
 
 def _compute(profile: str) -> ComputeResource:
+    """CPU nodes embed at 128 px by default (resized on the device; part of the model id), GPU
+    nodes at the stored 256 px. `MRI_ASSETS_INPUT_SIZE=256` changes the local default."""
     checkpoint = os.environ.get("MRI_ASSETS_BACKBONE_CHECKPOINT") or None
+    size = os.environ.get("MRI_ASSETS_INPUT_SIZE", "128" if profile == "local" else "")
+    input_size = int(size) if size and int(size) != 256 else None
     if profile == "local":
-        return ComputeResource(checkpoint_key=checkpoint)
+        return ComputeResource(checkpoint_key=checkpoint, input_size=input_size)
     return ComputeResource(device=os.environ.get("MRI_ASSETS_DEVICE", "auto"),
                            num_workers=int(os.environ.get("MRI_ASSETS_LOADER_WORKERS", "0")),
                            batch_size=int(os.environ.get("MRI_ASSETS_BATCH_SIZE", "64")),
-                           checkpoint_key=checkpoint)
+                           checkpoint_key=checkpoint, input_size=input_size)
 
 
 def _mlflow(home: MriHome) -> MlflowTracking:
@@ -134,7 +139,8 @@ def build_defs(profile: str | None = None, home: MriHome | None = None) -> dg.De
     return dg.Definitions(
         assets=dg.load_assets_from_modules(ASSET_MODULES),
         asset_checks=[smoke_reproduces],
-        jobs=[ingest_wave_job, active_learning_job, drift_check_job, label_refresh_job, retrain_job, nightly_smoke],
+        jobs=[ingest_wave_job, active_learning_job, drift_check_job, label_refresh_job, retrain_job,
+              embed_wave_job, nightly_smoke],
         sensors=[wave_sensor, ari_drift_sensor, labels_sensor, retrain_sensor],
         schedules=[weekly_drift_check, monthly_retrain, nightly_smoke_schedule],
         resources=resources_for(profile, home),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from mri_assets.executors import gpu_run_tags
-from mri_assets.partitions import wave_partitions
+from mri_assets.partitions import wave_partitions, wave_shard_partitions
 
 ingest_wave_job = dg.define_asset_job(
     "ingest_wave",
@@ -47,4 +47,13 @@ retrain_job = dg.define_asset_job(
     partitions_def=wave_partitions,
     tags=gpu_run_tags(),
     description="Snapshot labels, promote safe pseudo-labels, retrain the classifier.",
+)
+
+embed_wave_job = dg.define_asset_job(
+    "embed_wave",
+    selection=dg.AssetSelection.assets("embeddings"),
+    partitions_def=wave_shard_partitions,
+    tags=gpu_run_tags(),
+    description="Embed a wave's shards on the GPU pool; run monitoring stops a run past its "
+    "`dagster/max_runtime`. `gpu_budget`'s blocking check must pass first.",
 )

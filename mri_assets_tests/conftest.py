@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("MRI_ASSETS_SHARDS", "4")  # before mri_assets.partitions is imported
+
 import uuid
 from collections.abc import Iterator
 from pathlib import Path

@@ -5,7 +5,6 @@ carry the seconds their GPU step took, the object store lists the bytes kept, an
 holds the labels paid for. Nothing here estimates what a record can tell.
 """
 
-
 import base64
 from collections.abc import Iterable, Mapping
 
@@ -135,12 +134,13 @@ def gpu_budget(
 ):
     """The wave's embedding spend, projected before a GPU starts, checked against the caps.
 
-    Why a blocking asset check upstream of `embeddings` (and not a sensor or a run-launch hook):
-    the gate then lives in the asset graph, where every launch path meets it. In a run that
-    holds both, a failed blocking check stops Dagster from starting the downstream steps; across
-    runs, `embeddings` is automated with `all_deps_blocking_checks_passed`, so a failed check
-    stops automation from requesting its shards; and the UI shows the refusal with its figures
-    on the asset it concerns. The projection is the wave's `ok` slices at the embedding
+    Why a blocking asset check on an asset upstream of `embeddings`, not a sensor or a
+    run-launch hook: the gate lives in the asset graph, where the UI shows the refusal and its
+    figures, and every automatic path meets it. A failed check fails this step, so a staged run
+    (`materialize_wave`, `mri-assets run`) stops before the shards; and `embeddings` is automated
+    with `all_deps_blocking_checks_passed`, so automation requests no shard while it fails. Only
+    a person launching `embed_wave` by hand passes it, and run monitoring still stops that run
+    at its `dagster/max_runtime`. The projection is the wave's `ok` slices at the embedding
     throughput measured so far (the configured default before anything is measured).
     """
     wave = context.partition_key
@@ -225,10 +225,10 @@ def wave_costs(
     )
 
 
-def cost_line(defs: dg.Definitions, wave: str) -> str:
+def cost_line(defs: dg.Definitions, wave: str, instance: dg.DagsterInstance | None = None) -> str:
     """One line for the demo: spend so far and projected for the plan's images, vs the caps."""
     metadata = (
-        dg.DagsterInstance.get()
+        (instance or dg.DagsterInstance.get())
         .fetch_materializations(
             dg.AssetRecordsFilter(asset_key=dg.AssetKey("wave_costs"), asset_partitions=[wave]),
             limit=1,

@@ -8,9 +8,10 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from mri_assets.assets.clustering import wave_embeddings
+from mri_assets.assets.clustering import pca_key, wave_embeddings
 from mri_assets.assets.embeddings import stored_backbone
 from mri_assets.assets.labeling import split_of
+from mri_assets.core.clustering import PcaModel
 from mri_assets.core.expert_labels import expert_label_per_image
 from mri_assets.core.plots import confusion_png
 from mri_assets.core.pseudo import (
@@ -59,6 +60,17 @@ def label_codes(ids: list[str], expert: pl.DataFrame, classes: tuple[str, ...]) 
         raise TrainingError(f"expert labels {unknown} are not in the class set {list(classes)}")
     position = {name: code for code, name in enumerate(classes)}
     return np.array([position.get(per_image.get(i), -1) for i in ids], dtype=np.int64)
+
+
+def neighbour_space(store: ObjectStore, wave: str, embeddings: np.ndarray, space: str) -> np.ndarray:
+    """Where neighbours are searched: the raw embeddings, or the wave's fitted PCA projection."""
+    if space == "embedding":
+        return embeddings
+    if space != "pca":
+        raise ValueError(f"pseudo.knn_space must be 'pca' or 'embedding', got {space!r}")
+    pca = PcaModel.from_bytes(store.get_bytes(pca_key(wave)))
+    return np.concatenate([pca.transform(embeddings[s : s + 65_536])
+                           for s in range(0, len(embeddings), 65_536)])
 
 
 def baseline_key(wave: str) -> str:
@@ -127,7 +139,8 @@ def pseudo_labels(
     queries = unlabeled | evaluation
     probs = np.zeros((len(ids), len(classes)), dtype=np.float32)
     probs[queries] = predict_proba(teacher, rows_of(list(id_array[queries])), device)
-    consensus = knn_consensus(embeddings[queries], embeddings[reference], codes[reference],
+    space = neighbour_space(object_store, wave, embeddings, pseudo.knn_space)
+    consensus = knn_consensus(space[queries], space[reference], codes[reference],
                               k=pseudo.knn_k, n_classes=len(classes))
     rule = promote(probs[queries], consensus, pseudo.confidence_threshold)
     in_evaluation = evaluation[queries]
@@ -144,7 +157,7 @@ def pseudo_labels(
         "knn_tie": consensus.tie[in_unlabeled],
         "promoted": rule[in_unlabeled] & gate.passed,
     })
-    loo = leave_one_out_consensus(embeddings[reference], codes[reference], pseudo.knn_k,
+    loo = leave_one_out_consensus(space[reference], codes[reference], pseudo.knn_k,
                                   n_classes=len(classes))
     reference_pred = predict_proba(teacher, rows_of(list(id_array[reference])), device).argmax(1)
     doubtful = contradicted_expert_labels(codes[reference], reference_pred, loo.majority, loo.tie)
@@ -161,6 +174,7 @@ def pseudo_labels(
         "model_id": model_id,
         "confidence_threshold": pseudo.confidence_threshold,
         "knn_k": pseudo.knn_k,
+        "knn_space": pseudo.knn_space,
         "teacher_macro_f1": round(report.macro_f1, 4),
         "teacher": "supervised baseline: the two-stage schedule on expert labels only",
     })

@@ -86,6 +86,7 @@ class PseudoLabelSettings(ConfigurableResource):
 
     confidence_threshold: float = 0.8
     knn_k: int = 10
+    knn_space: str = Field(default="pca", description="'pca' (the wave's PCA, >= 90 % variance) or 'embedding'")
     f1_threshold: float = 0.88
     min_promoted_holdout: int = Field(default=10, description="the gate needs at least this many promoted holdout slices")
     teacher_epochs: int = Field(default=30, description="epochs of the expert-only head that predicts")
@@ -98,7 +99,7 @@ class TrainingSettings(ConfigurableResource):
     head_epochs: int = 5
     finetune_epochs: int = 3
     head_lr: float = 1e-2
-    lr_head: float = 1e-3
+    lr_head: float = Field(default=1e-4, description="stage-2 head lr; layer4 gets /10, layer3 /100")
     lr_layer4: float | None = None
     lr_layer3: float | None = None
     batch_size: int = 32

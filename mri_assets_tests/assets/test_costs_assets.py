@@ -5,7 +5,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from mri_assets.assets.costs import WITHIN_CAPS, gpu_budget, wave_costs
+from mri_assets.assets.costs import WITHIN_CAPS, cost_line, gpu_budget, wave_costs
 from mri_assets.assets.ingest import manifest
 from mri_assets.core.costs import CostConfigError
 from mri_assets.core.home import MriHome
@@ -174,6 +174,9 @@ def test_wave_costs_reproduce_hand_computed_spend_from_the_recorded_runs(tmp_pat
     mlflow = MlflowTracking.local(tmp_path / "home")
     artifacts = mlflow.client().list_artifacts(figures["mlflow_run_id"], "plots")
     assert [a.path for a in artifacts] == ["plots/burndown.png"]
+    line = cost_line(dg.Definitions(resources={"cost": cost}), "pilot", instance)
+    assert line.startswith("  costs[pilot]: spent €7.55 (compute €1.70 / storage €4.20 / labeling €1.65)")
+    assert f"projected for 4,000,000 slices €{figures['projected_plan_total_eur']:,.2f} of €4,500" in line
 
 
 def test_a_misspelt_cap_is_a_config_error_naming_the_key():
