@@ -122,7 +122,8 @@ def resources_for(profile: str, home: MriHome) -> dict:
         "mlflow": _mlflow(home),
         "label_store": _label_store(home),
         "clustering": ClusteringSettings(),
-        "labeling": LabelingSettings(),
+        "labeling": LabelingSettings(
+            batch_size=int(os.environ.get("MRI_ASSETS_LABEL_BATCH", "200"))),
         "pseudo": PseudoLabelSettings(),
         "training": TrainingSettings(
             max_finetune_images=int(os.environ.get("MRI_ASSETS_MAX_FINETUNE_IMAGES", "0"))),

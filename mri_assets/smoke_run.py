@@ -28,11 +28,24 @@ from mri_assets.assets.smoke import (
 from mri_assets.core.home import MriHome
 from mri_assets.local_run import QUIET_CONSOLE, materialize_wave
 from mri_assets.partitions import WAVES
+from mri_assets.resources.compute import ComputeResource
 
 # A check-only run cannot take `partition_key` (Dagster finds no asset to take the partitions
 # definition from), so the partition goes in as the run tag it would have set.
 PARTITION_TAG = "dagster/partition"
+SMOKE_MODEL = {"arch": "resnet18", "weights": "none", "seed": 0, "input_size": 128,
+               "checkpoint_key": None}
 SMOKE_ASSETS = ("manifest", "slices", "gpu_budget", "embeddings", "pca_model", "clusters")
+
+
+def smoke_compute(compute: ComputeResource) -> ComputeResource:
+    """The profile's device and loader settings with the smoke's fixed model.
+
+    The reference holds one model (seeded weights, 128 px input), so a CPU node and a GPU node
+    compare the same model: exactly on the same device type, by cosine across device types.
+    """
+    fields = {name: getattr(compute, name) for name in ComputeResource.model_fields}
+    return ComputeResource(**{**fields, **SMOKE_MODEL})
 
 
 def smoke_defs(defs: dg.Definitions) -> dg.Definitions:
@@ -41,7 +54,7 @@ def smoke_defs(defs: dg.Definitions) -> dg.Definitions:
     return dg.Definitions(
         assets=[a for a in defs.assets or [] if set(a.keys) <= wanted],
         asset_checks=list(defs.asset_checks or []),
-        resources=defs.resources,
+        resources={**defs.resources, "compute": smoke_compute(defs.resources["compute"])},
     )
 
 
@@ -140,8 +153,10 @@ def smoke_wave_reproduces(context: dg.OpExecutionContext) -> dict:
     report = run_smoke(build_defs(), context.instance, MriHome.from_env().ensure())
     context.log.info(f"smoke: {'pass' if report.passed else 'FAIL'} in {report.seconds:.1f} s")
     if not report.passed:
-        raise dg.Failure(description=report.detail, metadata={"runs": report.runs,
-                                                              **report.metadata})
+        raise dg.Failure(description=report.detail, metadata={
+            "runs": dg.MetadataValue.json(report.runs),
+            "mismatches": dg.MetadataValue.json(report.metadata.get("mismatches", [])),
+        })
     return {"seconds": round(report.seconds, 1), "runs": report.runs}
 
 

@@ -8,6 +8,7 @@ the committed one.
 import os
 import subprocess
 import sys
+from datetime import UTC
 from pathlib import Path
 
 import numpy as np
@@ -74,3 +75,18 @@ def test_one_changed_embedding_byte_fails_the_check_naming_the_image(clean_run, 
     assert "smoke: FAIL" in result.stdout
     assert "embedding bytes differ on the same device type" in result.stdout
     assert ids[0] in result.stdout
+
+
+def test_the_nightly_schedule_requests_one_smoke_run_per_utc_day():
+    from datetime import datetime
+
+    import dagster as dg
+
+    from mri_assets.smoke_run import nightly_smoke_schedule
+
+    night = datetime(2026, 11, 26, 2, 30, tzinfo=UTC)
+    request = nightly_smoke_schedule(dg.build_schedule_context(scheduled_execution_time=night))
+
+    assert nightly_smoke_schedule.execution_timezone == "UTC"
+    assert nightly_smoke_schedule.job_name == "nightly_smoke"
+    assert request.run_key == "nightly-smoke:2026-11-26"
