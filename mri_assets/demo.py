@@ -23,8 +23,9 @@ FIRST_PASS = "manifest slices gpu_budget embeddings pca_model clusters labeling_
 AFTER_LABELS = "expert_labels clusters pseudo_labels classifier wave_costs"
 SECOND_WAVE = "manifest slices gpu_budget embeddings pca_model clusters labeling_queue"
 DEMO_SETTINGS = {
-    "MRI_ASSETS_MAX_FINETUNE_IMAGES": "300",
+    "MRI_ASSETS_MAX_FINETUNE_IMAGES": "1500",
     "MRI_ASSETS_RETRAIN_EVERY": "1000",
+    "MRI_ASSETS_LABEL_BATCH": "500",
 }
 
 

@@ -203,7 +203,8 @@ class MlflowTracking(ConfigurableResource):
         with tempfile.TemporaryDirectory(prefix="mri-mlflow-model-") as folder:
             target = Path(folder) / "model"
             mlflow.pytorch.save_model(
-                model, str(target), pip_requirements=["torch==2.14.1", "torchvision==0.29.1"]
+                model, str(target), serialization_format="pickle",
+                pip_requirements=["torch==2.14.1", "torchvision==0.29.1"],
             )
             client.log_artifacts(run_id, str(target), artifact_path="model")
         try:
