@@ -90,3 +90,13 @@ def test_the_nightly_schedule_requests_one_smoke_run_per_utc_day():
     assert nightly_smoke_schedule.execution_timezone == "UTC"
     assert nightly_smoke_schedule.job_name == "nightly_smoke"
     assert request.run_key == "nightly-smoke:2026-11-26"
+
+
+def test_the_committed_reference_reproduces_on_a_clean_home(tmp_path):
+    """What CI runs nightly: 1,000 sample slices against `mri_assets/smoke/`."""
+    env = {**os.environ, "MRI_ASSETS_HOME": str(tmp_path / "home"), "DVC_NO_ANALYTICS": "1"}
+    env.pop("PUSHGATEWAY_URL", None)
+    result = subprocess.run([sys.executable, "-m", "mri_assets.cli", "smoke"], env=env,
+                            capture_output=True, text=True, timeout=1200, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "smoke: PASS" in result.stdout
