@@ -36,7 +36,7 @@ MAX_ITEMS_SHOWN = 20
 
 
 def smoke_device_type(compute: ComputeResource) -> str:
-    """`{device}.{kernels}-{precision}`, e.g. `cpu.avx2-fp32` or `cuda.sm90-fp16`.
+    """`{device}-{kernels}-{precision}`, e.g. `cpu-avx2-fp32` or `cuda-sm90-fp16`.
 
     Runs of one device type must match bit for bit; the CPU instruction set (or the GPU's compute
     capability) is part of it because the math kernels, and so the last bits, change with it.
@@ -49,7 +49,7 @@ def smoke_device_type(compute: ComputeResource) -> str:
         kernels = f"sm{major}{minor}"
     else:
         kernels = torch.backends.cpu.get_cpu_capability().lower()
-    return f"{device.type}.{kernels}-{precision}"
+    return f"{device.type}-{kernels}-{precision}"
 
 
 def reference_paths(device_type: str, reference_dir: Path = REFERENCE_DIR) -> tuple[Path, Path]:

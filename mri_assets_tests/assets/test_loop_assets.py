@@ -76,7 +76,7 @@ def test_failed_gate_promotes_nothing_and_skips_the_classifier(labeled_wave):
 
 def test_classifier_is_registered_and_compared_with_the_baseline(labeled_wave):
     home, instance, _, _ = labeled_wave
-    defs = _defs(home, pseudo=PseudoLabelSettings(f1_threshold=0.0, min_promoted_holdout=1))
+    defs = _defs(home, pseudo=PseudoLabelSettings(f1_threshold=0.01, min_promoted_holdout=1))
     report = materialize_wave(defs, instance, "pilot", "expert_labels pseudo_labels classifier")
     assert report.success, report.failed
     record = instance.fetch_materializations(dg.AssetKey("classifier"), limit=1).records[0]

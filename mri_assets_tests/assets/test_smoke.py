@@ -93,8 +93,10 @@ def test_the_nightly_schedule_requests_one_smoke_run_per_utc_day():
 
 
 def test_the_committed_reference_reproduces_on_a_clean_home(tmp_path):
-    """What CI runs nightly: 1,000 sample slices against `mri_assets/smoke/`."""
-    env = {**os.environ, "MRI_ASSETS_HOME": str(tmp_path / "home"), "DVC_NO_ANALYTICS": "1"}
+    """What CI runs nightly: 1,000 sample slices against `mri_assets/smoke/` (made with the
+    default 16 shards: the KMeans sample follows shard order)."""
+    env = {**os.environ, "MRI_ASSETS_HOME": str(tmp_path / "home"), "DVC_NO_ANALYTICS": "1",
+           "MRI_ASSETS_SHARDS": "16"}
     env.pop("PUSHGATEWAY_URL", None)
     result = subprocess.run([sys.executable, "-m", "mri_assets.cli", "smoke"], env=env,
                             capture_output=True, text=True, timeout=1200, check=False)
