@@ -86,7 +86,7 @@ class PseudoLabelSettings(ConfigurableResource):
 
     confidence_threshold: float = 0.8
     knn_k: int = 10
-    knn_space: str = Field(default="pca", description="'pca' (the wave's PCA, >= 90 % variance) or 'embedding'")
+    knn_space: str = Field(default="embedding", description="'embedding' (exact, 512-d) or 'pca' (the wave's PCA)")
     f1_threshold: float = 0.88
     min_promoted_holdout: int = Field(default=10, description="the gate needs at least this many promoted holdout slices")
     teacher_epochs: int = Field(default=30, description="epochs of the expert-only head that predicts")
