@@ -112,7 +112,7 @@ def main(
         f" ties {result.tie.mean():.2%}",
         flush=True,
     )
-    print("the pipeline's path: neighbours in the wave's PCA space (>= 90 % variance)", flush=True)
+    print("the option pseudo.knn_space=pca: neighbours in the wave's PCA space (>= 90 % variance)", flush=True)
     pca = fit_streaming_pca([unlabeled[:50_000]], variance_target=0.9)
     start = time.perf_counter()
     projected_unlabeled = np.concatenate(
