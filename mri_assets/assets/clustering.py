@@ -9,7 +9,7 @@ import polars as pl
 from mri_assets.assets.embeddings import embeddings, embeddings_key
 from mri_assets.assets.monitoring import cluster_gauges, push_figures
 from mri_assets.core.clustering import PcaModel, cluster_scores, cluster_wave, fit_streaming_pca
-from mri_assets.core.embed import read_embeddings
+from mri_assets.core.embed import read_embedding_ids, read_embeddings
 from mri_assets.core.expert_labels import align_labels, expert_label_per_image
 from mri_assets.core.plots import projection_png
 from mri_assets.partitions import N_SHARDS, wave_partitions
@@ -36,7 +36,7 @@ def wave_embeddings(store: ObjectStore, wave: str):
     ids: list[str] = []
     model_ids: set[str] = set()
     for path in paths:
-        shard_ids, _, meta = read_embeddings(path)
+        shard_ids, meta = read_embedding_ids(path)
         ids.extend(shard_ids)
         model_ids.add(meta["model_id"])
     if len(model_ids) > 1:

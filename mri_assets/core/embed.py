@@ -248,6 +248,14 @@ def write_embeddings(
     return path
 
 
+def read_embedding_ids(path: str | Path) -> tuple[list[str], dict[str, str]]:
+    """(image_ids, schema metadata) of an embeddings file, without converting the vectors."""
+    with pa.memory_map(str(path), "r") as source:
+        table = pa.ipc.open_file(source).read_all()
+        meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+        return table.column("image_id").to_pylist(), meta
+
+
 def read_embeddings(path: str | Path) -> tuple[list[str], np.ndarray, dict[str, str]]:
     """(image_ids, float16 (N, dim) array, schema metadata with `model_id` and `dim`)."""
     with pa.memory_map(str(path), "r") as source:
