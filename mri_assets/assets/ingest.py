@@ -1,7 +1,6 @@
 """Ingestion: the wave's manifest (checksums, splits, quarantine) and its 256 px slice shards."""
 
 
-import tempfile
 import time
 from pathlib import Path
 
@@ -10,15 +9,22 @@ import numpy as np
 import polars as pl
 
 from mri_assets.assets.monitoring import manifest_gauges, push_figures
-from mri_assets.core.ingest import DecodeSettings, SourceObject, decode_wave
+from mri_assets.core.ingest import (
+    SLICE_SIZE,
+    DecodeSettings,
+    SourceObject,
+    StagedSlices,
+    decode_wave,
+)
 from mri_assets.core.manifest import READY_MARKER, finish_manifest, raw_prefix, reconcile
 from mri_assets.core.slice_shards import (
     manifest_key,
     pack_shard,
-    read_npy,
+    read_segment,
+    segment_key,
     slice_keys,
-    staging_keys,
-    write_npy,
+    staging_index_key,
+    staging_prefix,
 )
 from mri_assets.partitions import N_SHARDS, wave_and_shard, wave_partitions, wave_shard_partitions
 from mri_assets.resources.metrics import MetricsResource
@@ -50,16 +56,21 @@ def _write_parquet(store: ObjectStore, key: str, frame: pl.DataFrame, scratch: P
     store.put_file(key, path)
 
 
-def _stage_shards(store: ObjectStore, wave: str, staged, scratch: Path) -> int:
-    written = 0
+def _stage_shards(store: ObjectStore, wave: str, staged: StagedSlices, scratch: Path) -> int:
+    """Publish the spill segments (moved, not copied, on a local store) and one index per shard."""
+    published = set()
+    for path in staged.segment_paths():
+        key = segment_key(wave, path.stem)
+        store.publish_file(key, path)
+        published.add(key)
     for shard in range(N_SHARDS):
-        npy_key, index_key = staging_keys(wave, shard)
-        pixels = staged.shard_array(shard)
-        store.put_file(npy_key, write_npy(scratch / f"stage-{shard:02d}.npy", pixels))
-        ids = pl.DataFrame({"image_id": staged.index.get(shard, [])}, schema={"image_id": pl.String})
-        _write_parquet(store, index_key, ids, scratch)
-        written += len(pixels)
-    return written
+        key = staging_index_key(wave, shard)
+        _write_parquet(store, key, staged.index(shard), scratch)
+        published.add(key)
+    for info in store.list(staging_prefix(wave)):
+        if info.key not in published:
+            store.delete(info.key)
+    return sum(staged.count(shard) for shard in range(N_SHARDS))
 
 
 def _markdown_table(frame: pl.DataFrame) -> str:
@@ -101,7 +112,7 @@ def manifest(context: dg.AssetExecutionContext, object_store: ObjectStore, inges
         if done["objects"] % 200 < n or done["objects"] == len(sources):
             context.log.info(f"decoded {done['objects']}/{len(sources)} objects")
 
-    with tempfile.TemporaryDirectory(dir=None) as scratch_dir:
+    with object_store.scratch_dir() as scratch_dir:
         scratch = Path(scratch_dir)
         rows, staged = decode_wave(sources, decode, scratch / "spill", ingest.workers(), log_progress)
         frame = finish_manifest(rows, settings).with_columns(
@@ -170,25 +181,31 @@ def slices(context: dg.AssetExecutionContext, object_store: ObjectStore) -> dg.O
         .select("image_id", "split", "slice_index", "source_uri")
         .collect()
     )
-    stage_npy, stage_index = staging_keys(wave, shard)
-    staged = read_npy(object_store.local_path(stage_npy))
-    staged_ids = pl.read_parquet(object_store.local_path(stage_index))["image_id"].to_list()
-    packed = pack_shard(staged, staged_ids, wanted)
+    staged = pl.read_parquet(object_store.local_path(staging_index_key(wave, shard)))
+    segments = {
+        name: read_segment(object_store.local_path(segment_key(wave, name)), SLICE_SIZE)
+        for name in staged["segment"].unique().to_list()
+    }
     npy_key, index_key = slice_keys(wave, shard)
-    with tempfile.TemporaryDirectory() as scratch_dir:
+    with object_store.scratch_dir() as scratch_dir:
         scratch = Path(scratch_dir)
-        object_store.put_file(npy_key, write_npy(scratch / "slices.npy", packed.pixels))
-        _write_parquet(object_store, index_key, packed.index, scratch)
+        index = pack_shard(staged, segments, wanted, scratch / "slices.npy", SLICE_SIZE)
+        pixels = np.load(scratch / "slices.npy", mmap_mode="r", allow_pickle=False)
+        n_bytes = int(pixels.nbytes)
+        mean_intensity = float(np.mean(pixels)) if index.height else 0.0
+        del pixels
+        object_store.publish_file(npy_key, scratch / "slices.npy")
+        _write_parquet(object_store, index_key, index, scratch)
     seconds = time.perf_counter() - started
-    value = {"wave": wave, "shard": shard, "count": packed.count, "npy_key": npy_key,
+    value = {"wave": wave, "shard": shard, "count": index.height, "npy_key": npy_key,
              "index_key": index_key}
     return dg.Output(
         value,
         metadata={
-            "count": packed.count,
-            "bytes": int(packed.pixels.nbytes),
-            "images_per_s": round(packed.count / max(seconds, 1e-9), 1),
+            "count": index.height,
+            "bytes": n_bytes,
+            "images_per_s": round(index.height / max(seconds, 1e-9), 1),
             "store_path": object_store.uri(npy_key),
-            "mean_intensity": float(np.mean(packed.pixels)) if packed.count else 0.0,
+            "mean_intensity": mean_intensity,
         },
     )

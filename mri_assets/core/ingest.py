@@ -1,14 +1,17 @@
 """Parallel decoding of a wave's raw objects into manifest rows and staged 256 px slices.
 
-Each raw object is read and decoded exactly once, in a worker process. Workers return the rows and
-the pixels of their chunk; the parent appends pixels to one spill file per shard, so memory stays
-bounded by a chunk whatever the wave's size.
+Each raw object is read and decoded exactly once, in a worker process. A worker appends the pixels
+of its slices straight to its own spill segment per shard (`shard-SS-wPID.u8`, raw uint8 rows) and
+computes their crc32 while they are still in its cache; only rows and placements travel back to the
+parent. Memory stays bounded by one object whatever the wave's size, and no pixel is copied between
+processes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import multiprocessing
+import os
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -22,6 +25,12 @@ from mri_assets.core.imaging import UnreadableImage, process_object
 from mri_assets.core.manifest import image_id_for, patient_identifier, shard_for
 
 SLICE_SIZE = 256
+STAGING_INDEX_SCHEMA: dict[str, pl.DataType] = {
+    "image_id": pl.String,
+    "segment": pl.String,
+    "row": pl.Int64,
+    "payload_crc32": pl.Int64,
+}
 
 
 @dataclass(frozen=True)
@@ -51,9 +60,10 @@ class DecodeSettings:
 
 @dataclass
 class ChunkResult:
+    """A chunk's manifest rows, and where each of its readable slices was spilled."""
+
     rows: list[dict]
-    pixels: np.ndarray
-    shard_of_pixel: np.ndarray
+    placements: list[tuple[int, str, str, int, int]]  # shard, image_id, segment, row, crc32
 
 
 def _quarantine_row(source: SourceObject, sha: str, settings: DecodeSettings, reason: str) -> dict:
@@ -68,9 +78,9 @@ def _quarantine_row(source: SourceObject, sha: str, settings: DecodeSettings, re
     }
 
 
-def decode_source(source: SourceObject, settings: DecodeSettings) -> tuple[list[dict], np.ndarray]:
-    """Rows for every slice of one object, and the 256 px pixels of its readable slices."""
-    empty = np.empty((0, settings.size, settings.size), dtype=np.uint8)
+def decode_source(source: SourceObject, settings: DecodeSettings) -> tuple[list[dict], list[np.ndarray]]:
+    """Rows for every slice of one object, and the 256 px pixels of its readable (`ok`) slices."""
+    empty: list[np.ndarray] = []
     try:
         data = source.read()
     except OSError as error:
@@ -110,30 +120,60 @@ def decode_source(source: SourceObject, settings: DecodeSettings) -> tuple[list[
         {**common, "slice_index": index, "status": "quarantined", "reason": reason}
         for index, reason in decoded.quarantined_slices
     ]
-    if not decoded.slices:
-        return rows, empty
-    return rows, np.stack([item.pixels for item in decoded.slices])
+    return rows, [item.pixels for item in decoded.slices]
 
 
-def decode_chunk(sources: list[SourceObject], settings: DecodeSettings) -> ChunkResult:
+def segment_name(shard: int) -> str:
+    """This process's spill segment for `shard`; one writer per segment, so appends never interleave."""
+    return f"shard-{shard:02d}-w{os.getpid()}"
+
+
+class _SpillWriter:
+    """Appends slices to this process's segments, one open file per shard, while a chunk lasts."""
+
+    def __init__(self, directory: Path, slice_bytes: int) -> None:
+        self.directory = directory
+        self.slice_bytes = slice_bytes
+        self.handles: dict[int, object] = {}
+        self.next_row: dict[int, int] = {}
+
+    def write(self, shard: int, pixels: np.ndarray) -> tuple[str, int, int]:
+        """(segment, row, crc32) of one slice appended to the shard's segment."""
+        handle = self.handles.get(shard)
+        if handle is None:
+            handle = open(self.directory / f"{segment_name(shard)}.u8", "ab")  # noqa: SIM115 - closed in close()
+            handle.seek(0, os.SEEK_END)
+            self.handles[shard] = handle
+            self.next_row[shard] = handle.tell() // self.slice_bytes
+        pixels = np.ascontiguousarray(pixels)
+        handle.write(pixels)
+        row = self.next_row[shard]
+        self.next_row[shard] = row + 1
+        return segment_name(shard), row, zlib.crc32(pixels)
+
+    def close(self) -> None:
+        for handle in self.handles.values():
+            handle.close()
+        self.handles.clear()
+
+
+def decode_chunk(sources: list[SourceObject], settings: DecodeSettings, spill_dir: str) -> ChunkResult:
+    """Decode a chunk of objects, spilling each object's slices before the next one is read."""
     rows: list[dict] = []
-    pixel_blocks: list[np.ndarray] = []
-    shards: list[int] = []
-    for source in sources:
-        source_rows, pixels = decode_source(source, settings)
-        rows.extend(source_rows)
-        if len(pixels):
-            pixel_blocks.append(pixels)
-            shards.extend(
-                shard_for(image_id_for(row["sha256"], row["slice_index"]), settings.n_shards)
-                for row in source_rows
-                if row["status"] == "ok"
-            )
-    if pixel_blocks:
-        pixels = np.concatenate(pixel_blocks)
-    else:
-        pixels = np.empty((0, settings.size, settings.size), dtype=np.uint8)
-    return ChunkResult(rows, pixels, np.asarray(shards, dtype=np.int32))
+    placements = []
+    writer = _SpillWriter(Path(spill_dir), settings.size * settings.size)
+    try:
+        for source in sources:
+            source_rows, pixels = decode_source(source, settings)
+            rows.extend(source_rows)
+            ok_rows = (row for row in source_rows if row["status"] == "ok")
+            for row, item in zip(ok_rows, pixels, strict=True):
+                image_id = image_id_for(row["sha256"], row["slice_index"])
+                shard = shard_for(image_id, settings.n_shards)
+                placements.append((shard, image_id, *writer.write(shard, item)))
+    finally:
+        writer.close()
+    return ChunkResult(rows, placements)
 
 
 def _chunks(sources: list[SourceObject], chunk_size: int) -> Iterator[list[SourceObject]]:
@@ -142,53 +182,49 @@ def _chunks(sources: list[SourceObject], chunk_size: int) -> Iterator[list[Sourc
 
 
 def iter_decoded_chunks(
-    sources: list[SourceObject], settings: DecodeSettings, workers: int
+    sources: list[SourceObject], settings: DecodeSettings, workers: int, spill_dir: Path
 ) -> Iterable[ChunkResult]:
-    """Decoded chunks in input order; `workers <= 1` decodes in this process."""
+    """Decoded chunks (in no particular order); `workers <= 1` decodes in this process.
+
+    Chunks are small (about 32 per worker) so that a large volume near the end does not leave the
+    other workers idle.
+    """
     if not sources:
         return
-    chunk_size = max(1, min(64, len(sources) // max(1, workers * 8)))
+    chunk_size = max(1, min(64, len(sources) // max(1, workers * 32)))
     chunks = list(_chunks(sources, chunk_size))
     if workers <= 1:
         for chunk in chunks:
-            yield decode_chunk(chunk, settings)
+            yield decode_chunk(chunk, settings, str(spill_dir))
         return
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        yield from pool.map(decode_chunk, chunks, [settings] * len(chunks))
+        futures = [pool.submit(decode_chunk, chunk, settings, str(spill_dir)) for chunk in chunks]
+        for future in futures:
+            yield future.result()
 
 
 @dataclass
 class StagedSlices:
-    """Spill files of 256 px slices per shard, and the row of each image id in them."""
+    """The spill segments of 256 px slices, and per shard where each image id lies in them."""
 
     directory: Path
     size: int
-    counts: dict[int, int] = field(default_factory=dict)
-    index: dict[int, list[str]] = field(default_factory=dict)
+    placements: dict[int, list[tuple[str, str, int, int]]] = field(default_factory=dict)
 
-    def spill_path(self, shard: int) -> Path:
-        return self.directory / f"shard-{shard:02d}.u8"
+    def add(self, chunk: ChunkResult) -> None:
+        for shard, image_id, segment, row, crc in chunk.placements:
+            self.placements.setdefault(shard, []).append((image_id, segment, row, crc))
 
-    def append(self, chunk: ChunkResult) -> None:
-        ok_rows = [row for row in chunk.rows if row["status"] == "ok"]
-        for shard in np.unique(chunk.shard_of_pixel):
-            positions = np.flatnonzero(chunk.shard_of_pixel == shard)
-            with self.spill_path(int(shard)).open("ab") as handle:
-                handle.write(np.ascontiguousarray(chunk.pixels[positions]).tobytes())
-            ids = [
-                image_id_for(ok_rows[p]["sha256"], ok_rows[p]["slice_index"]) for p in positions
-            ]
-            self.index.setdefault(int(shard), []).extend(ids)
-            self.counts[int(shard)] = self.counts.get(int(shard), 0) + len(positions)
+    def count(self, shard: int) -> int:
+        return len(self.placements.get(shard, []))
 
-    def shard_array(self, shard: int) -> np.ndarray:
-        count = self.counts.get(shard, 0)
-        if count == 0:
-            return np.empty((0, self.size, self.size), dtype=np.uint8)
-        return np.memmap(
-            self.spill_path(shard), dtype=np.uint8, mode="r", shape=(count, self.size, self.size)
-        )
+    def index(self, shard: int) -> pl.DataFrame:
+        """`image_id`, `segment`, `row`, `payload_crc32` of the shard's staged slices."""
+        return pl.DataFrame(self.placements.get(shard, []), schema=STAGING_INDEX_SCHEMA, orient="row")
+
+    def segment_paths(self) -> list[Path]:
+        return sorted(self.directory.glob("shard-*-w*.u8"))
 
 
 def decode_wave(
@@ -202,9 +238,9 @@ def decode_wave(
     staging_dir.mkdir(parents=True, exist_ok=True)
     staged = StagedSlices(staging_dir, settings.size)
     rows: list[dict] = []
-    for chunk in iter_decoded_chunks(sources, settings, workers):
+    for chunk in iter_decoded_chunks(sources, settings, workers, staging_dir):
         rows.extend(chunk.rows)
-        staged.append(chunk)
+        staged.add(chunk)
         if on_progress is not None:
             on_progress(len({row["source_key"] for row in chunk.rows}))
     return rows_frame(rows), staged
@@ -234,4 +270,4 @@ def rows_frame(rows: list[dict]) -> pl.DataFrame:
 
 def payload_crc32(pixels: np.ndarray) -> np.ndarray:
     """crc32 of each slice's bytes: the embedding loader verifies it."""
-    return np.array([zlib.crc32(np.ascontiguousarray(p).tobytes()) for p in pixels], dtype=np.uint32)
+    return np.array([zlib.crc32(np.ascontiguousarray(p)) for p in pixels], dtype=np.uint32)

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
-
-from mri_assets.core.ingest import payload_crc32
 
 INDEX_COLUMNS = ("image_id", "row", "payload_crc32", "split", "slice_index", "source_uri")
 
@@ -17,8 +14,26 @@ def shard_name(shard: int) -> str:
     return f"shard-{shard:02d}"
 
 
-def staging_keys(wave: str, shard: int) -> tuple[str, str]:
-    return f"staging/{wave}/{shard_name(shard)}.npy", f"staging/{wave}/{shard_name(shard)}.parquet"
+def staging_prefix(wave: str) -> str:
+    return f"staging/{wave}/"
+
+
+def staging_index_key(wave: str, shard: int) -> str:
+    """The shard's staging index: `image_id`, `segment`, `row`, `payload_crc32`."""
+    return f"{staging_prefix(wave)}{shard_name(shard)}.parquet"
+
+
+def segment_key(wave: str, segment: str) -> str:
+    """A spill segment: raw uint8 rows of `size` x `size` pixels, no header."""
+    return f"{staging_prefix(wave)}{segment}.u8"
+
+
+def read_segment(path: Path, size: int) -> np.ndarray:
+    count = path.stat().st_size // (size * size)
+    if count == 0:
+        return np.empty((0, size, size), dtype=np.uint8)
+    # a plain ndarray view of the map: indexing it row by row skips np.memmap's per-row bookkeeping
+    return np.memmap(path, dtype=np.uint8, mode="r", shape=(count, size, size)).view(np.ndarray)
 
 
 def slice_keys(wave: str, shard: int) -> tuple[str, str]:
@@ -29,37 +44,57 @@ def manifest_key(wave: str) -> str:
     return f"manifests/{wave}/manifest.parquet"
 
 
-@dataclass(frozen=True)
-class PackedShard:
-    pixels: np.ndarray
-    index: pl.DataFrame
+def pack_shard(
+    staged: pl.DataFrame,
+    segments: dict[str, np.ndarray],
+    wanted: pl.DataFrame,
+    out: Path,
+    size: int = 256,
+) -> pl.DataFrame:
+    """Write the `ok` slices of one shard, in image_id order, to the `.npy` file `out`; return its index.
 
-    @property
-    def count(self) -> int:
-        return self.index.height
-
-
-def pack_shard(staged: np.ndarray, staged_ids: list[str], wanted: pl.DataFrame) -> PackedShard:
-    """The `ok` slices of one shard in image_id order, with their crc32 for verification.
-
-    `wanted` holds the manifest rows of the shard with status `ok`; every one of them must have
-    been staged, otherwise the staging area is incomplete and packing refuses.
+    `staged` is the shard's staging index (`image_id`, `segment`, `row`, `payload_crc32`),
+    `segments` maps each segment name to its pixels, and `wanted` holds the manifest rows of the
+    shard with status `ok`. Every wanted slice must have been staged, otherwise the staging area is
+    incomplete and packing refuses. Each slice is copied once, from its segment into `out`; its
+    crc32 is the one the decoding worker computed, so the embedding loader's check covers every
+    copy made since.
     """
-    position = {image_id: row for row, image_id in enumerate(staged_ids)}
-    wanted = wanted.sort("image_id")
-    missing = [i for i in wanted["image_id"].to_list() if i not in position]
-    if missing:
+    located = (
+        wanted.lazy()
+        .join(staged.lazy().unique("image_id", keep="first"), on="image_id", how="left")
+        .sort("image_id")
+        .with_row_index("out_row")
+        .collect()
+    )
+    segment_of, row_of = located["segment"].to_list(), located["row"].to_list()
+    if None in segment_of:
+        missing = [i for i, s in zip(located["image_id"].to_list(), segment_of, strict=True) if s is None]
         raise ValueError(
             f"{len(missing)} slices of the manifest are not staged (first: {missing[:3]}); "
             "re-materialize the wave's manifest"
         )
-    rows = np.array([position[i] for i in wanted["image_id"].to_list()], dtype=np.int64)
-    pixels = np.ascontiguousarray(staged[rows]) if len(rows) else staged[:0]
-    index = wanted.select("image_id", "split", "slice_index", "source_uri").with_columns(
-        pl.Series("row", np.arange(len(rows), dtype=np.int64)),
-        pl.Series("payload_crc32", payload_crc32(pixels).astype(np.int64)),
+    absent = sorted(set(segment_of) - set(segments))
+    if absent:
+        raise ValueError(f"staging segments {absent} are missing; re-materialize the wave's manifest")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = {"descr": "|u1", "fortran_order": False, "shape": (located.height, size, size)}
+    with open(out, "wb") as handle:
+        np.lib.format.write_array_header_1_0(handle, header)
+        for segment, row in zip(segment_of, row_of, strict=True):
+            source = segments[segment]
+            if row >= len(source):
+                raise ValueError(f"staging segment {segment!r} is shorter than its index; "
+                                 "re-materialize the wave's manifest")
+            handle.write(source[row])
+    return located.select(
+        "image_id",
+        pl.col("out_row").cast(pl.Int64).alias("row"),
+        "payload_crc32",
+        "split",
+        "slice_index",
+        "source_uri",
     )
-    return PackedShard(pixels, index.select(INDEX_COLUMNS))
 
 
 def write_npy(path: Path, pixels: np.ndarray) -> Path:

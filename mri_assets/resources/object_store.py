@@ -6,6 +6,7 @@ Writes are atomic: an object is visible under its final key only once it is comp
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -20,6 +21,8 @@ from urllib.request import url2pathname
 
 from dagster import ConfigurableResource
 from pydantic import PrivateAttr
+
+SCRATCH_FOLDER = ".scratch"
 
 
 class ObjectStoreError(RuntimeError):
@@ -74,6 +77,16 @@ class ObjectStore(ConfigurableResource):
     def put_file(self, key: str, path: Path) -> str | None:
         return self.put_bytes(key, Path(path).read_bytes())
 
+    def publish_file(self, key: str, path: Path) -> str | None:
+        """Store the local file `path` under `key` and remove `path` (a rename where the store allows)."""
+        version = self.put_file(key, path)
+        Path(path).unlink()
+        return version
+
+    def scratch_dir(self) -> tempfile.TemporaryDirectory:
+        """A temporary folder for files about to be published (on the store's file system if local)."""
+        return tempfile.TemporaryDirectory(prefix="mri-assets-")
+
     def is_versioned(self) -> bool:
         return False
 
@@ -115,6 +128,22 @@ class LocalObjectStore(ObjectStore):
             raise
         return None
 
+    def publish_file(self, key: str, path: Path) -> str | None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(path, target)
+        except OSError as error:
+            if error.errno != errno.EXDEV:
+                raise
+            return super().publish_file(key, path)
+        return None
+
+    def scratch_dir(self) -> tempfile.TemporaryDirectory:
+        base = Path(self.root).resolve() / SCRATCH_FOLDER
+        base.mkdir(parents=True, exist_ok=True)
+        return tempfile.TemporaryDirectory(prefix="mri-assets-", dir=base)
+
     def get_bytes(self, key: str, version_id: str | None = None) -> bytes:
         if version_id is not None:
             raise ObjectStoreError(
@@ -140,6 +169,7 @@ class LocalObjectStore(ObjectStore):
             ObjectInfo(p.relative_to(base).as_posix(), p.stat().st_size)
             for p in start.rglob("*")
             if p.is_file() and not (p.name.startswith(".") and p.name.endswith(".part"))
+            and p.relative_to(base).parts[0] != SCRATCH_FOLDER
         ]
         return sorted(found, key=lambda info: info.key)
 
