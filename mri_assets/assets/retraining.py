@@ -122,7 +122,9 @@ def pseudo_labels(
     holdout = split_of(object_store, wave, ids) == "holdout"
     reference = (codes >= 0) & ~holdout
     evaluation = (codes >= 0) & holdout
-    unlabeled = codes < 0
+    # Holdout slices are for evaluation only: an unlabeled one is never pseudo-labeled, or the
+    # classifier would train on the holdout patients it is then measured on.
+    unlabeled = (codes < 0) & ~holdout
     if not reference.any():
         raise TrainingError(
             f"wave {wave} has no expert labels outside the holdout split: label queued items first")
@@ -226,6 +228,11 @@ def classifier(
     expert_ids = [i for i, c, h in zip(ids, codes, holdout) if c >= 0 and not h]
     eval_ids = [i for i, c, h in zip(ids, codes, holdout) if c >= 0 and h]
     promoted = pseudo_labels.filter(pl.col("promoted"))
+    in_holdout = [i for i in promoted["image_id"].to_list() if holdout[position[i]]]
+    if in_holdout:
+        raise TrainingError(
+            f"{len(in_holdout)} promoted pseudo-labels lie in the holdout split (first: {in_holdout[:3]}); "
+            "re-materialize pseudo_labels: holdout slices are for evaluation only")
     pseudo_ids = _finetune_rows(expert_ids, promoted["image_id"].to_list(),
                                 training.max_finetune_images, training.seed)
     pseudo_label = dict(promoted.select("image_id", "label").iter_rows())

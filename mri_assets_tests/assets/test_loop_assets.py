@@ -5,6 +5,7 @@ import polars as pl
 import pytest
 from mlflow.tracking import MlflowClient
 
+from mri_assets.assets.labeling import split_of
 from mri_assets.assets.retraining import REGISTERED_MODEL
 from mri_assets.cli import label_from_csv
 from mri_assets.core.home import MriHome
@@ -20,7 +21,7 @@ def _defs(home, **overrides):
     base = build_defs("local", MriHome(home))
     resources = {**base.resources,
                  "training": TrainingSettings(finetune_epochs=1, head_epochs=5),
-                 "labeling": LabelingSettings(batch_size=60, holdout_per_wave=40), **overrides}
+                 "labeling": LabelingSettings(batch_size=60, holdout_per_wave=8), **overrides}
     return dg.Definitions(assets=base.assets, resources=resources, executor=base.executor)
 
 
@@ -89,3 +90,6 @@ def test_classifier_is_registered_and_compared_with_the_baseline(labeled_wave):
     pseudo = defs.load_asset_value("pseudo_labels", partition_key="pilot", instance=instance)
     assert set(pseudo.columns) >= {"image_id", "label", "confidence", "knn_agreement", "promoted"}
     assert pseudo.filter(pl.col("promoted"))["confidence"].min() >= 0.8
+    store = defs.resources["object_store"]
+    splits = split_of(store, "pilot", pseudo["image_id"].to_list())
+    assert pseudo.height > 0 and "holdout" not in set(splits), "holdout slices are never pseudo-labeled"
