@@ -150,7 +150,7 @@ def _summary(defs, instance, pilot_dir, started: float) -> str:
         f"on {checked}"),
         (f"  classifier holdout macro-F1 {model.get('macro_f1')} vs supervised baseline "
         f"{model.get('baseline_macro_f1')} ({model.get('expert_labels')} expert + "
-        f"{model.get('pseudo_labels_used')} pseudo-labels)"),
+        f"{model.get('pseudo_labels_used')} pseudo-labels; stage 2 on {model.get('stage2_images')} images)"),
         f"  state: {MriHome.from_env().root} (store, Dagster instance, MLflow, DVC, labels)",
         ("  look: `make dev` -> http://127.0.0.1:3000 (assets, waves partitions, sensors, checks);"
         " `mri-assets triage serve` for the labeling page"),

@@ -233,11 +233,15 @@ def classifier(
         raise TrainingError(
             f"{len(in_holdout)} promoted pseudo-labels lie in the holdout split (first: {in_holdout[:3]}); "
             "re-materialize pseudo_labels: holdout slices are for evaluation only")
-    pseudo_ids = _finetune_rows(expert_ids, promoted["image_id"].to_list(),
-                                training.max_finetune_images, training.seed)
+    pseudo_ids = promoted["image_id"].to_list()
     pseudo_label = dict(promoted.select("image_id", "label").iter_rows())
     train_ids = expert_ids + pseudo_ids
     train_labels = [classes[codes[position[i]]] for i in expert_ids] + [pseudo_label[i] for i in pseudo_ids]
+    # Stage 1 (cached embeddings) uses every label; the cap only bounds stage 2's images.
+    finetune_pseudo = set(_finetune_rows(expert_ids, pseudo_ids, training.max_finetune_images,
+                                         training.seed))
+    stage2_rows = list(range(len(expert_ids))) + [
+        len(expert_ids) + n for n, i in enumerate(pseudo_ids) if i in finetune_pseudo]
     eval_labels = [classes[codes[position[i]]] for i in eval_ids]
     rows_of = wave_slice_rows(object_store, wave)
     train_images = rows_of(train_ids)
@@ -247,12 +251,13 @@ def classifier(
     model = ClassifierModel(compute.build_backbone(checkpoint=stored_backbone(object_store, compute.checkpoint_key)), classes, seed=training.seed)
     config = train_config(training)
     semi = train_two_stage(model, train_embeddings, train_images, train_labels, eval_images,
-                           eval_labels, config, device, model_id)
+                           eval_labels, config, device, model_id, stage2_rows=stage2_rows)
     baseline = json.loads(object_store.get_bytes(baseline_key(wave)))
     baseline_f1 = float(baseline["final_eval"]["macro_f1"])
     seconds = time.perf_counter() - started
     meta = {"wave": wave, "embedding_model_id": model_id, "expert_labels": len(expert_ids),
-            "pseudo_labels": len(pseudo_ids), "holdout": len(eval_ids),
+            "pseudo_labels": len(pseudo_ids), "stage2_images": len(stage2_rows),
+            "holdout": len(eval_ids),
             "macro_f1": semi.macro_f1, "baseline_macro_f1": baseline_f1}
     checkpoint = save_checkpoint(model, classes, meta)
     png = confusion_png(semi.confusion, classes, f"wave {wave}: holdout confusion")
@@ -273,6 +278,7 @@ def classifier(
             "macro_f1_gain": round(semi.macro_f1 - baseline_f1, 4),
             "expert_labels": len(expert_ids),
             "pseudo_labels_used": len(pseudo_ids),
+            "stage2_images": len(stage2_rows),
             "holdout": len(eval_ids),
             "seconds": round(seconds, 1),
             "device": str(device),

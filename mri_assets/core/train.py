@@ -607,6 +607,7 @@ class TrainReport:
     stage2_history: list[dict[str, float]]
     final_eval: EvalResult
     seconds: dict[str, float] = field(default_factory=dict)
+    n_stage2: int = 0
 
     @property
     def macro_f1(self) -> float:
@@ -624,6 +625,7 @@ class TrainReport:
             f"{prefix}holdout_accuracy": self.final_eval.accuracy,
             f"{prefix}n_train": float(self.n_train),
             f"{prefix}n_eval": float(self.n_eval),
+            f"{prefix}n_stage2": float(self.n_stage2),
         }
         for entry in self.stage1_history + self.stage2_history:
             stage, epoch = int(entry["stage"]), int(entry["epoch"])
@@ -643,6 +645,7 @@ class TrainReport:
             "precision": self.precision,
             "n_train": self.n_train,
             "n_eval": self.n_eval,
+            "n_stage2": self.n_stage2,
             "train_class_counts": dict(self.train_class_counts),
             "initial_backbone_model_id": self.initial_backbone_model_id,
             "stage1_history": list(self.stage1_history),
@@ -663,12 +666,15 @@ def train_two_stage(
     config: TrainConfig,
     device: torch.device | str = "cpu",
     embeddings_model_id: str | None = None,
+    stage2_rows: Sequence[int] | np.ndarray | None = None,
 ) -> TrainReport:
     """Stage 1 (head on cached embeddings, ``config.head_epochs``), then stage 2 (layer3 + layer4
     + head on the images, ``config.finetune_epochs``); holdout metrics after each stage.
 
     Rows of ``train_embeddings``, ``train_images`` and ``train_labels`` (class names) are
     aligned. ``embeddings_model_id``, when given, must equal the backbone's ``model_id``.
+    ``stage2_rows``, when given, restricts stage 2 (the costly one, on images) to those training
+    rows; stage 1 always uses every row, since cached embeddings make it cheap.
     """
     class_names = model.class_names
     y_train = encode_labels(train_labels, class_names, "training labels")
@@ -733,7 +739,16 @@ def train_two_stage(
             config.train_batchnorm_stats,
         )
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        loader = ImageBatches(train_images, y_train, config.batch_size, seed=config.seed)
+        if stage2_rows is None:
+            loader = ImageBatches(train_images, y_train, config.batch_size, seed=config.seed)
+        else:
+            rows = np.asarray(stage2_rows, dtype=np.int64)
+            if rows.size == 0 or rows.min() < 0 or rows.max() >= len(y_train):
+                raise TrainingError(
+                    f"stage2_rows must be non-empty row numbers below {len(y_train)}; got {rows.size} rows"
+                )
+            loader = ImageBatches(_take(train_images, rows), y_train[rows], config.batch_size,
+                                  seed=config.seed)
         criterion = nn.CrossEntropyLoss()
         model.embedding_model_id = None
         for epoch in range(config.finetune_epochs):
@@ -775,6 +790,7 @@ def train_two_stage(
         stage2_history=stage2_history,
         final_eval=final_eval,
         seconds=seconds,
+        n_stage2=(len(y_train) if stage2_rows is None else len(stage2_rows)) if config.finetune_epochs else 0,
     )
 
 

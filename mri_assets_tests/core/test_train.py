@@ -454,3 +454,20 @@ def test_two_stage_on_real_mni_slices_beats_chance_and_reports_the_holdout():
     assert set(report.metrics()) >= {"holdout_macro_f1", "stage2_epoch2_loss", "stage1_epoch4_loss"}
     assert len(report.stage2_history) == 3
     assert isinstance(io.BytesIO(confusion_matrix_png(report.final_eval)).read(8), bytes)
+
+
+def test_stage2_rows_restrict_stage2_only(pattern_data, fine_tuned):
+    train_images, train_labels, train_embeddings, eval_images, eval_labels = pattern_data
+    full_model, full_report = fine_tuned
+    subset = list(range(0, len(train_labels), 2))
+    model = _model()
+    report = train_two_stage(model, train_embeddings, train_images, train_labels, eval_images,
+                             eval_labels, FAST, stage2_rows=subset)
+    assert report.stage1_history == full_report.stage1_history, "stage 1 still sees every row"
+    assert report.n_train == len(train_labels) and report.n_stage2 == len(subset)
+    assert full_report.n_stage2 == len(train_labels)
+    full = full_model.state_dict()
+    assert not all(torch.equal(full[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(TrainingError, match="stage2_rows"):
+        train_two_stage(_model(), train_embeddings, train_images, train_labels, eval_images,
+                        eval_labels, FAST, stage2_rows=[len(train_labels)])
