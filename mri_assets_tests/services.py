@@ -63,12 +63,13 @@ def _postgres_binary(name: str) -> str:
     return require_binary(name)
 
 
-def _stop(process: subprocess.Popen) -> None:
+def stop_process(process: subprocess.Popen, timeout: float = 10) -> None:
+    """SIGTERM the process group started with `start_new_session`, SIGKILL it after `timeout`."""
     if process.poll() is not None:
         return
     os.killpg(process.pid, signal.SIGTERM)
     try:
-        process.wait(timeout=10)
+        process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=10)
@@ -146,7 +147,7 @@ def _running(
         _wait_until(answers_for, process, what, log_path)
         yield process
     finally:
-        _stop(process)
+        stop_process(process)
 
 
 @contextmanager

@@ -109,3 +109,19 @@ def test_wave_sensor_adds_partitions_for_ready_markers_once(instance, tmp_path):
     assert result.dynamic_partitions_requests[0].partition_keys == ["pilot"]
     instance.add_dynamic_partitions(WAVES, ["pilot"])
     assert not isinstance(_tick(wave_sensor, instance, None, object_store=store), dg.SensorResult)
+
+
+def test_maintenance_schedules_request_the_latest_wave_once_per_period(instance):
+    from datetime import UTC, datetime
+
+    from mri_assets.schedules import monthly_retrain, weekly_drift_check
+
+    monday = datetime(2026, 11, 30, 6, tzinfo=UTC)
+    empty = weekly_drift_check(dg.build_schedule_context(instance=instance, scheduled_execution_time=monday))
+    assert isinstance(empty, dg.SkipReason)
+    instance.add_dynamic_partitions(WAVES, ["pilot", "scale"])
+    drift = weekly_drift_check(dg.build_schedule_context(instance=instance, scheduled_execution_time=monday))
+    assert (drift.partition_key, drift.run_key) == ("scale", "weekly-drift:scale:2026-11-30")
+    first = datetime(2026, 12, 1, 3, tzinfo=UTC)
+    retrain = monthly_retrain(dg.build_schedule_context(instance=instance, scheduled_execution_time=first))
+    assert (retrain.partition_key, retrain.run_key) == ("scale", "monthly-retrain:scale:2026-12")

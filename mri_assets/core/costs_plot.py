@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from itertools import accumulate
 
 import matplotlib
@@ -11,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from mri_assets.core.costs import CATEGORIES, CostLedger, Projection
+from mri_assets.core.plots import figure_png
 
 _COLOURS = {"compute": "tab:blue", "storage": "tab:green", "labeling": "tab:orange"}
 
@@ -63,9 +63,6 @@ def burndown_png(
         axis.set_ylabel("cumulative spend (€)")
         axis.set_title("Spend vs caps" + (" (dashed: projected)" if projection else ""))
         axis.legend(fontsize=7, loc="upper left", ncol=2)
-        figure.tight_layout()
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png")
+        return figure_png(figure)
     finally:
         plt.close(figure)
-    return buffer.getvalue()

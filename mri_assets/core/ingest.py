@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import polars as pl
@@ -134,27 +135,27 @@ class _SpillWriter:
     def __init__(self, directory: Path, slice_bytes: int) -> None:
         self.directory = directory
         self.slice_bytes = slice_bytes
-        self.handles: dict[int, object] = {}
+        self.segments: dict[int, tuple[str, BinaryIO]] = {}
         self.next_row: dict[int, int] = {}
 
     def write(self, shard: int, pixels: np.ndarray) -> tuple[str, int, int]:
         """(segment, row, crc32) of one slice appended to the shard's segment."""
-        handle = self.handles.get(shard)
-        if handle is None:
-            handle = open(self.directory / f"{segment_name(shard)}.u8", "ab")  # noqa: SIM115 - closed in close()
-            handle.seek(0, os.SEEK_END)
-            self.handles[shard] = handle
-            self.next_row[shard] = handle.tell() // self.slice_bytes
+        if shard not in self.segments:
+            name = segment_name(shard)
+            handle = open(self.directory / f"{name}.u8", "ab")  # noqa: SIM115 - closed in close()
+            self.segments[shard] = (name, handle)
+            self.next_row[shard] = handle.seek(0, os.SEEK_END) // self.slice_bytes
+        name, handle = self.segments[shard]
         pixels = np.ascontiguousarray(pixels)
         handle.write(pixels)
         row = self.next_row[shard]
         self.next_row[shard] = row + 1
-        return segment_name(shard), row, zlib.crc32(pixels)
+        return name, row, zlib.crc32(pixels)
 
     def close(self) -> None:
-        for handle in self.handles.values():
+        for _, handle in self.segments.values():
             handle.close()
-        self.handles.clear()
+        self.segments.clear()
 
 
 def decode_chunk(sources: list[SourceObject], settings: DecodeSettings, spill_dir: str) -> ChunkResult:
@@ -266,8 +267,3 @@ ROW_SCHEMA: dict[str, pl.DataType] = {
 
 def rows_frame(rows: list[dict]) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=ROW_SCHEMA)
-
-
-def payload_crc32(pixels: np.ndarray) -> np.ndarray:
-    """crc32 of each slice's bytes: the embedding loader verifies it."""
-    return np.array([zlib.crc32(np.ascontiguousarray(p)) for p in pixels], dtype=np.uint32)

@@ -15,6 +15,14 @@ MAX_PLOT_POINTS = 20_000
 UNLABELED = "unlabeled"
 
 
+def figure_png(figure: Figure) -> bytes:
+    """The figure, laid out tight, as PNG bytes."""
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
 def _subsample(n: int, max_points: int, seed: int) -> np.ndarray:
     if n <= max_points:
         return np.arange(n)
@@ -74,10 +82,7 @@ def projection_png(
         axis.set_xlabel("PC 1")
         axis.set_ylabel("PC 2")
     figure.suptitle(title)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return figure_png(figure)
 
 
 def confusion_png(matrix: np.ndarray, class_names: Sequence[str], title: str) -> bytes:
@@ -96,7 +101,4 @@ def confusion_png(matrix: np.ndarray, class_names: Sequence[str], title: str) ->
     axis.set_xlabel("predicted")
     axis.set_ylabel("expert label (holdout)")
     axis.set_title(title)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return figure_png(figure)

@@ -97,12 +97,6 @@ def pack_shard(
     )
 
 
-def write_npy(path: Path, pixels: np.ndarray) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, pixels, allow_pickle=False)
-    return path
-
-
 def read_npy(path: Path) -> np.ndarray:
     return np.load(path, mmap_mode="r", allow_pickle=False)
 

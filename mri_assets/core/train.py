@@ -1087,32 +1087,7 @@ def predict_proba(
 
 def confusion_matrix_png(result: EvalResult, title: str = "holdout confusion matrix") -> bytes:
     """PNG bytes of the confusion matrix (rows: true class, columns: predicted), for MLflow."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from mri_assets.core.plots import confusion_png  # matplotlib only when a figure is drawn
 
-    n = len(result.class_names)
-    figure = Figure(figsize=(1.6 * n + 2, 1.4 * n + 1.5))
-    FigureCanvasAgg(figure)
-    axes = figure.subplots()
-    axes.imshow(result.confusion, cmap="Blues")
-    axes.set_xticks(range(n), result.class_names, rotation=30, ha="right")
-    axes.set_yticks(range(n), result.class_names)
-    axes.set_xlabel("predicted")
-    axes.set_ylabel("true")
-    axes.set_title(f"{title} (macro-F1 {result.macro_f1:.3f}, n={result.n})")
-    peak = max(int(result.confusion.max()), 1)
-    for i in range(n):
-        for j in range(n):
-            value = int(result.confusion[i, j])
-            axes.text(
-                j,
-                i,
-                str(value),
-                ha="center",
-                va="center",
-                color="white" if value > peak / 2 else "black",
-            )
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
+    return confusion_png(result.confusion, result.class_names,
+                         f"{title} (macro-F1 {result.macro_f1:.3f}, n={result.n})")

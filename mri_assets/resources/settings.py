@@ -89,7 +89,6 @@ class PseudoLabelSettings(ConfigurableResource):
     knn_space: str = Field(default="embedding", description="'embedding' (exact, 512-d) or 'pca' (the wave's PCA)")
     f1_threshold: float = 0.88
     min_promoted_holdout: int = Field(default=10, description="the gate needs at least this many promoted holdout slices")
-    teacher_epochs: int = Field(default=30, description="epochs of the expert-only head that predicts")
     seed: int = 0
 
 

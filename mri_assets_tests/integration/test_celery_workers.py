@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -65,17 +64,6 @@ def _start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Pop
     with open(log, "wb") as out:
         return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 cwd=REPO, env=env, start_new_session=True)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
 
 
 def _tails(logs: list[Path]) -> str:
@@ -157,7 +145,7 @@ def test_embeddings_steps_run_on_the_gpu_worker_and_every_other_step_on_the_defa
         _wait_for_orchestrator(orchestrator, processes[:2], logs)
     finally:
         for process in processes:
-            _stop(process)
+            services.stop_process(process, timeout=20)
 
     run_ids = json.loads(logs[2].read_text().split("RUN_IDS ", 1)[1].splitlines()[0])
     instance = dg.DagsterInstance.from_config(str(home / "dagster"))
