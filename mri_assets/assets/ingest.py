@@ -5,7 +5,6 @@ import time
 from pathlib import Path
 
 import dagster as dg
-import numpy as np
 import polars as pl
 
 from mri_assets.assets.monitoring import manifest_gauges, push_figures
@@ -19,10 +18,10 @@ from mri_assets.core.ingest import (
 from mri_assets.core.manifest import READY_MARKER, finish_manifest, raw_prefix, reconcile
 from mri_assets.core.slice_shards import (
     manifest_key,
-    pack_shard,
-    read_segment,
-    segment_key,
+    shard_index,
     slice_keys,
+    staged_pixels_key,
+    staged_rows,
     staging_index_key,
     staging_prefix,
 )
@@ -42,7 +41,8 @@ def list_raw_sources(store: ObjectStore, wave: str) -> list[SourceObject]:
         if Path(info.key).name != READY_MARKER
     ]
     if isinstance(store, LocalObjectStore):
-        return [SourceObject(info.key, None, path=str(store.local_path(info.key))) for info in infos]
+        return [SourceObject(info.key, None, path=str(store.local_path(info.key)), size=info.size)
+                for info in infos]
     sources = []
     for info in infos:
         data, version = store.get_versioned(info.key)
@@ -57,13 +57,12 @@ def _write_parquet(store: ObjectStore, key: str, frame: pl.DataFrame, scratch: P
 
 
 def _stage_shards(store: ObjectStore, wave: str, staged: StagedSlices, scratch: Path) -> int:
-    """Publish the spill segments (moved, not copied, on a local store) and one index per shard."""
+    """Publish each shard's staged `.npy` (moved, not copied, on a local store) and its index."""
     published = set()
-    for path in staged.segment_paths():
-        key = segment_key(wave, path.stem)
-        store.publish_file(key, path)
-        published.add(key)
     for shard in range(N_SHARDS):
+        key = staged_pixels_key(wave, shard)
+        store.publish_file(key, staged.path(shard))
+        published.add(key)
         key = staging_index_key(wave, shard)
         _write_parquet(store, key, staged.index(shard), scratch)
         published.add(key)
@@ -172,7 +171,12 @@ def manifest(context: dg.AssetExecutionContext, object_store: ObjectStore, inges
     automation_condition=dg.AutomationCondition.eager(),
 )
 def slices(context: dg.AssetExecutionContext, object_store: ObjectStore) -> dg.Output[dict]:
-    """The shard's `ok` slices, 256 px uint8, lossless, in a memmap-able `.npy` with an index."""
+    """The shard's `ok` slices, 256 px uint8, lossless, in a memmap-able `.npy` with an index.
+
+    The `.npy` is the one the `manifest` step's workers wrote: this step checks the staging index
+    against the manifest, writes the shard index (image_id order, each with its row) and links the
+    file into place (a hard link locally, a server-side copy on S3).
+    """
     wave, shard = wave_and_shard(context)
     started = time.perf_counter()
     wanted = (
@@ -182,20 +186,13 @@ def slices(context: dg.AssetExecutionContext, object_store: ObjectStore) -> dg.O
         .collect()
     )
     staged = pl.read_parquet(object_store.local_path(staging_index_key(wave, shard)))
-    segments = {
-        name: read_segment(object_store.local_path(segment_key(wave, name)), SLICE_SIZE)
-        for name in staged["segment"].unique().to_list()
-    }
+    staged_key = staged_pixels_key(wave, shard)
+    n_bytes = object_store.size(staged_key)
+    index = shard_index(staged, wanted, staged_rows(n_bytes, SLICE_SIZE))
     npy_key, index_key = slice_keys(wave, shard)
+    object_store.copy(staged_key, npy_key)
     with object_store.scratch_dir() as scratch_dir:
-        scratch = Path(scratch_dir)
-        index = pack_shard(staged, segments, wanted, scratch / "slices.npy", SLICE_SIZE)
-        pixels = np.load(scratch / "slices.npy", mmap_mode="r", allow_pickle=False)
-        n_bytes = int(pixels.nbytes)
-        mean_intensity = float(np.mean(pixels)) if index.height else 0.0
-        del pixels
-        object_store.publish_file(npy_key, scratch / "slices.npy")
-        _write_parquet(object_store, index_key, index, scratch)
+        _write_parquet(object_store, index_key, index, Path(scratch_dir))
     seconds = time.perf_counter() - started
     value = {"wave": wave, "shard": shard, "count": index.height, "npy_key": npy_key,
              "index_key": index_key}
@@ -204,8 +201,8 @@ def slices(context: dg.AssetExecutionContext, object_store: ObjectStore) -> dg.O
         metadata={
             "count": index.height,
             "bytes": n_bytes,
+            "unindexed_rows": staged_rows(n_bytes, SLICE_SIZE) - index.height,
             "images_per_s": round(index.height / max(seconds, 1e-9), 1),
             "store_path": object_store.uri(npy_key),
-            "mean_intensity": mean_intensity,
         },
     )

@@ -1,34 +1,40 @@
 """Parallel decoding of a wave's raw objects into manifest rows and staged 256 px slices.
 
 Each raw object is read and decoded exactly once, in a worker process. A worker appends the pixels
-of its slices straight to its own spill segment per shard (`shard-SS-wPID.u8`, raw uint8 rows) and
-computes their crc32 while they are still in its cache; only rows and placements travel back to the
-parent. Memory stays bounded by one object whatever the wave's size, and no pixel is copied between
-processes.
+of each slice straight to its shard's staging `.npy` (`shard-SS.npy`, opened `O_APPEND`, so the
+kernel gives every 64 KiB write its own rows even with several workers appending) and computes the
+crc32 while the slice is still in its cache; only rows and placements travel back to the parent.
+Memory stays bounded by one object whatever the wave's size, no pixel is copied between processes,
+and the staging file is already the shard's final `.npy`.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import multiprocessing
 import os
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import polars as pl
 
 from mri_assets.core.imaging import UnreadableImage, process_object
 from mri_assets.core.manifest import image_id_for, patient_identifier, shard_for
+from mri_assets.core.slice_shards import (
+    HEADER_BYTES,
+    create_staged_shard,
+    finish_staged_shard,
+    shard_name,
+)
 
 SLICE_SIZE = 256
 STAGING_INDEX_SCHEMA: dict[str, pl.DataType] = {
     "image_id": pl.String,
-    "segment": pl.String,
     "row": pl.Int64,
     "payload_crc32": pl.Int64,
 }
@@ -42,6 +48,18 @@ class SourceObject:
     version_id: str | None = None
     path: str | None = None
     data: bytes | None = None
+    size: int | None = None  # bytes, where the listing gave it
+
+    def nbytes(self) -> int:
+        """The object's length: from the listing, the bytes in hand, or the file (0 if unknown)."""
+        if self.size is not None:
+            return self.size
+        if self.data is not None:
+            return len(self.data)
+        try:
+            return os.stat(self.path).st_size if self.path else 0
+        except OSError:
+            return 0  # unreadable: decode_source quarantines it with the reason
 
     def read(self) -> bytes:
         if self.data is not None:
@@ -64,7 +82,7 @@ class ChunkResult:
     """A chunk's manifest rows, and where each of its readable slices was spilled."""
 
     rows: list[dict]
-    placements: list[tuple[int, str, str, int, int]]  # shard, image_id, segment, row, crc32
+    placements: list[tuple[int, str, int, int]]  # shard, image_id, row, crc32
 
 
 def _quarantine_row(source: SourceObject, sha: str, settings: DecodeSettings, reason: str) -> dict:
@@ -124,45 +142,44 @@ def decode_source(source: SourceObject, settings: DecodeSettings) -> tuple[list[
     return rows, [item.pixels for item in decoded.slices]
 
 
-def segment_name(shard: int) -> str:
-    """This process's spill segment for `shard`; one writer per segment, so appends never interleave."""
-    return f"shard-{shard:02d}-w{os.getpid()}"
+def staged_shard_path(directory: Path, shard: int) -> Path:
+    return Path(directory) / f"{shard_name(shard)}.npy"
 
 
-class _SpillWriter:
-    """Appends slices to this process's segments, one open file per shard, while a chunk lasts."""
+class _ShardAppender:
+    """Appends slices to the shards' staging files, one descriptor per shard, while a chunk lasts."""
 
     def __init__(self, directory: Path, slice_bytes: int) -> None:
         self.directory = directory
         self.slice_bytes = slice_bytes
-        self.segments: dict[int, tuple[str, BinaryIO]] = {}
-        self.next_row: dict[int, int] = {}
+        self.descriptors: dict[int, int] = {}
 
-    def write(self, shard: int, pixels: np.ndarray) -> tuple[str, int, int]:
-        """(segment, row, crc32) of one slice appended to the shard's segment."""
-        if shard not in self.segments:
-            name = segment_name(shard)
-            handle = open(self.directory / f"{name}.u8", "ab")  # noqa: SIM115 - closed in close()
-            self.segments[shard] = (name, handle)
-            self.next_row[shard] = handle.seek(0, os.SEEK_END) // self.slice_bytes
-        name, handle = self.segments[shard]
+    def write(self, shard: int, pixels: np.ndarray) -> tuple[int, int]:
+        """(row, crc32) of one slice appended to the shard's staging file."""
+        fd = self.descriptors.get(shard)
+        if fd is None:
+            fd = os.open(staged_shard_path(self.directory, shard), os.O_WRONLY | os.O_APPEND)
+            self.descriptors[shard] = fd
         pixels = np.ascontiguousarray(pixels)
-        handle.write(pixels)
-        row = self.next_row[shard]
-        self.next_row[shard] = row + 1
-        return name, row, zlib.crc32(pixels)
+        written = os.write(fd, pixels)
+        if written != self.slice_bytes:
+            raise OSError(f"short write to the staging file of shard {shard}: {written} of "
+                          f"{self.slice_bytes} bytes (disk full?)")
+        # O_APPEND moved this descriptor's offset to the end of this very write
+        end = os.lseek(fd, 0, os.SEEK_CUR)
+        return (end - HEADER_BYTES) // self.slice_bytes - 1, zlib.crc32(pixels)
 
     def close(self) -> None:
-        for _, handle in self.segments.values():
-            handle.close()
-        self.segments.clear()
+        for fd in self.descriptors.values():
+            os.close(fd)
+        self.descriptors.clear()
 
 
 def decode_chunk(sources: list[SourceObject], settings: DecodeSettings, spill_dir: str) -> ChunkResult:
     """Decode a chunk of objects, spilling each object's slices before the next one is read."""
     rows: list[dict] = []
     placements = []
-    writer = _SpillWriter(Path(spill_dir), settings.size * settings.size)
+    writer = _ShardAppender(Path(spill_dir), settings.size * settings.size)
     try:
         for source in sources:
             source_rows, pixels = decode_source(source, settings)
@@ -177,9 +194,24 @@ def decode_chunk(sources: list[SourceObject], settings: DecodeSettings, spill_di
     return ChunkResult(rows, placements)
 
 
-def _chunks(sources: list[SourceObject], chunk_size: int) -> Iterator[list[SourceObject]]:
-    for start in range(0, len(sources), chunk_size):
-        yield sources[start : start + chunk_size]
+def _chunks(sources: list[SourceObject], parts: int, most: int = 64) -> list[list[SourceObject]]:
+    """About `parts` chunks of similar size in bytes (a proxy for decoding time), largest objects
+    first: a large volume starts early instead of leaving the other workers idle at the end, and
+    the small objects that come last even out the finish. At most `most` objects per chunk."""
+    ordered = sorted(sources, key=lambda source: -source.nbytes())
+    budget = max(1, sum(source.nbytes() for source in ordered) // max(1, parts))
+    chunks: list[list[SourceObject]] = []
+    current: list[SourceObject] = []
+    current_bytes = 0
+    for source in ordered:
+        if current and (current_bytes + source.nbytes() > budget or len(current) == most):
+            chunks.append(current)
+            current, current_bytes = [], 0
+        current.append(source)
+        current_bytes += source.nbytes()
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 def iter_decoded_chunks(
@@ -187,45 +219,50 @@ def iter_decoded_chunks(
 ) -> Iterable[ChunkResult]:
     """Decoded chunks (in no particular order); `workers <= 1` decodes in this process.
 
-    Chunks are small (about 32 per worker) so that a large volume near the end does not leave the
-    other workers idle.
+    About 32 chunks per worker, largest objects first (see `_chunks`).
     """
     if not sources:
         return
-    chunk_size = max(1, min(64, len(sources) // max(1, workers * 32)))
-    chunks = list(_chunks(sources, chunk_size))
+    chunks = _chunks(sources, max(1, workers) * 32)
     if workers <= 1:
         for chunk in chunks:
             yield decode_chunk(chunk, settings, str(spill_dir))
         return
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures = [pool.submit(decode_chunk, chunk, settings, str(spill_dir)) for chunk in chunks]
+        # the workers are forked at the first submit; frozen, the parent's objects stay out of
+        # their garbage collector, so its pages are not copied into every worker on write
+        gc.freeze()
+        try:
+            futures = [pool.submit(decode_chunk, chunk, settings, str(spill_dir)) for chunk in chunks]
+        finally:
+            gc.unfreeze()
         for future in futures:
             yield future.result()
 
 
 @dataclass
 class StagedSlices:
-    """The spill segments of 256 px slices, and per shard where each image id lies in them."""
+    """The staging `.npy` of every shard, and per shard where each image id lies in it."""
 
     directory: Path
     size: int
-    placements: dict[int, list[tuple[str, str, int, int]]] = field(default_factory=dict)
+    n_shards: int
+    placements: dict[int, list[tuple[str, int, int]]] = field(default_factory=dict)
 
     def add(self, chunk: ChunkResult) -> None:
-        for shard, image_id, segment, row, crc in chunk.placements:
-            self.placements.setdefault(shard, []).append((image_id, segment, row, crc))
+        for shard, image_id, row, crc in chunk.placements:
+            self.placements.setdefault(shard, []).append((image_id, row, crc))
 
     def count(self, shard: int) -> int:
         return len(self.placements.get(shard, []))
 
     def index(self, shard: int) -> pl.DataFrame:
-        """`image_id`, `segment`, `row`, `payload_crc32` of the shard's staged slices."""
+        """`image_id`, `row`, `payload_crc32` of the shard's staged slices."""
         return pl.DataFrame(self.placements.get(shard, []), schema=STAGING_INDEX_SCHEMA, orient="row")
 
-    def segment_paths(self) -> list[Path]:
-        return sorted(self.directory.glob("shard-*-w*.u8"))
+    def path(self, shard: int) -> Path:
+        return staged_shard_path(self.directory, shard)
 
 
 def decode_wave(
@@ -237,13 +274,20 @@ def decode_wave(
 ) -> tuple[pl.DataFrame, StagedSlices]:
     """Decode every object once; return the per-slice rows and the staged pixels per shard."""
     staging_dir.mkdir(parents=True, exist_ok=True)
-    staged = StagedSlices(staging_dir, settings.size)
+    staged = StagedSlices(staging_dir, settings.size, settings.n_shards)
+    for shard in range(settings.n_shards):
+        create_staged_shard(staged.path(shard), settings.size)
     rows: list[dict] = []
     for chunk in iter_decoded_chunks(sources, settings, workers, staging_dir):
         rows.extend(chunk.rows)
         staged.add(chunk)
         if on_progress is not None:
             on_progress(len({row["source_key"] for row in chunk.rows}))
+    for shard in range(settings.n_shards):
+        n_rows = finish_staged_shard(staged.path(shard), settings.size)
+        if n_rows != staged.count(shard):
+            raise RuntimeError(f"shard {shard}: {n_rows} slices in its staging file but "
+                               f"{staged.count(shard)} placements came back from the workers")
     return rows_frame(rows), staged
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 
 import numpy as np
 import polars as pl
@@ -111,11 +110,17 @@ def _shards_from_parts(
     return (_splitmix(mixed) % np.uint64(n_shards)).astype(np.int32)
 
 
+_MASK_64 = (1 << 64) - 1
+
+
 def shard_for(image_id: str, n_shards: int) -> int:
-    """Stable hash of an `image_id` into one of `n_shards` shards."""
+    """Stable hash of an `image_id` into one of `n_shards` shards: `shards_for` on one id, in
+    plain integers (the decoding workers call it once per slice)."""
     sha_part, _, slice_part = image_id.rpartition("-")
-    value = np.array([int(sha_part[:15], 16)], dtype=np.uint64)
-    return int(_shards_from_parts(value, np.array([int(slice_part)]), n_shards)[0])
+    z = int(sha_part[:15], 16) ^ ((int(slice_part) * int(_GOLDEN)) & _MASK_64)
+    z = ((z ^ (z >> 30)) * int(_MIX_1)) & _MASK_64
+    z = ((z ^ (z >> 27)) * int(_MIX_2)) & _MASK_64
+    return (z ^ (z >> 31)) % n_shards
 
 
 def shards_for(image_ids: pl.Series, n_shards: int) -> pl.Series:
@@ -135,10 +140,13 @@ def patient_identifier(source_key: str, wave: str, dicom_patient_id: str | None)
     """DICOM PatientID when present, else the first folder below the wave, else the file stem."""
     if dicom_patient_id and dicom_patient_id.strip():
         return f"dicom:{dicom_patient_id.strip()}"
-    relative = PurePosixPath(source_key).relative_to(f"raw/{wave}")
-    if len(relative.parts) > 1:
-        return f"folder:{relative.parts[0]}"
-    return f"file:{relative.name.split('.')[0]}"
+    prefix = f"raw/{wave}/"
+    if not source_key.startswith(prefix):
+        raise ValueError(f"{source_key!r} is not below {prefix!r}")
+    parts = [part for part in source_key[len(prefix):].split("/") if part]
+    if len(parts) > 1:
+        return f"folder:{parts[0]}"
+    return f"file:{parts[-1].split('.')[0]}"
 
 
 def split_for_patient(

@@ -1,13 +1,26 @@
-"""Slice shards: a uint8 (N, 256, 256) `.npy` (memmap-able, lossless) plus an index Parquet."""
+"""Slice shards: a uint8 (N, 256, 256) `.npy` (memmap-able, lossless) plus an index Parquet.
+
+The `.npy` of a shard is written once, by the decoding workers of the `manifest` step: each
+appends its slices to the shard's staging file (`O_APPEND`, one 64 KiB write per slice) and
+records the row it landed on. Rows are therefore in arrival order; the index, sorted by
+`image_id`, says where each slice lies, and a row no index entry points at (the pixels of a slice
+later found to be a duplicate) is never read. The `slices` step only checks the staging index
+against the manifest, writes the shard index and links the file into place: no pixel is copied.
+"""
 
 from __future__ import annotations
 
+import io
+import os
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
 INDEX_COLUMNS = ("image_id", "row", "payload_crc32", "split", "slice_index", "source_uri")
+# The staging file's `.npy` header is reserved at this fixed length before any slice is appended,
+# and rewritten in place with the final row count once the workers are done.
+HEADER_BYTES = 128
 
 
 def shard_name(shard: int) -> str:
@@ -19,21 +32,52 @@ def staging_prefix(wave: str) -> str:
 
 
 def staging_index_key(wave: str, shard: int) -> str:
-    """The shard's staging index: `image_id`, `segment`, `row`, `payload_crc32`."""
+    """The shard's staging index: `image_id`, `row`, `payload_crc32`."""
     return f"{staging_prefix(wave)}{shard_name(shard)}.parquet"
 
 
-def segment_key(wave: str, segment: str) -> str:
-    """A spill segment: raw uint8 rows of `size` x `size` pixels, no header."""
-    return f"{staging_prefix(wave)}{segment}.u8"
+def staged_pixels_key(wave: str, shard: int) -> str:
+    """The shard's staged `.npy`: every decoded `ok` slice, in arrival order."""
+    return f"{staging_prefix(wave)}{shard_name(shard)}.npy"
 
 
-def read_segment(path: Path, size: int) -> np.ndarray:
-    count = path.stat().st_size // (size * size)
-    if count == 0:
-        return np.empty((0, size, size), dtype=np.uint8)
-    # a plain ndarray view of the map: indexing it row by row skips np.memmap's per-row bookkeeping
-    return np.memmap(path, dtype=np.uint8, mode="r", shape=(count, size, size)).view(np.ndarray)
+def npy_header(n_rows: int, size: int) -> bytes:
+    """The `.npy` (format 1.0) header of a uint8 (n_rows, size, size) array, padded to HEADER_BYTES."""
+    buffer = io.BytesIO()
+    header = {"descr": "|u1", "fortran_order": False, "shape": (n_rows, size, size)}
+    np.lib.format.write_array_header_1_0(buffer, header)
+    raw = buffer.getvalue()
+    if len(raw) != HEADER_BYTES:  # numpy pads to a multiple of 64 bytes: 128 for any real count
+        raise ValueError(f"a shard of {n_rows} rows gets a {len(raw)}-byte .npy header, "
+                         f"{HEADER_BYTES} are reserved: use more shards")
+    return raw
+
+
+def create_staged_shard(path: Path, size: int) -> None:
+    """An empty staging file with its header reserved (a valid 0-row array until finished)."""
+    with open(path, "xb") as handle:
+        handle.write(npy_header(0, size))
+
+
+def finish_staged_shard(path: Path, size: int) -> int:
+    """Write the final row count into the staging file's header; return that count."""
+    slice_bytes = size * size
+    body = path.stat().st_size - HEADER_BYTES
+    if body < 0 or body % slice_bytes:
+        raise ValueError(f"{path}: {body} bytes after the header is not a whole number of "
+                         f"{size}x{size} slices; the decoding was interrupted, re-materialize the manifest")
+    n_rows = body // slice_bytes
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, npy_header(n_rows, size), 0)
+    finally:
+        os.close(fd)
+    return n_rows
+
+
+def staged_rows(n_bytes: int, size: int) -> int:
+    """Rows in a finished staging file of `n_bytes` bytes."""
+    return max(0, n_bytes - HEADER_BYTES) // (size * size)
 
 
 def slice_keys(wave: str, shard: int) -> tuple[str, str]:
@@ -44,52 +88,37 @@ def manifest_key(wave: str) -> str:
     return f"manifests/{wave}/manifest.parquet"
 
 
-def pack_shard(
-    staged: pl.DataFrame,
-    segments: dict[str, np.ndarray],
-    wanted: pl.DataFrame,
-    out: Path,
-    size: int = 256,
-) -> pl.DataFrame:
-    """Write the `ok` slices of one shard, in image_id order, to the `.npy` file `out`; return its index.
+def shard_index(staged: pl.DataFrame, wanted: pl.DataFrame, n_rows: int) -> pl.DataFrame:
+    """The index of one shard: its `ok` slices in image_id order, each with its row in the `.npy`.
 
-    `staged` is the shard's staging index (`image_id`, `segment`, `row`, `payload_crc32`),
-    `segments` maps each segment name to its pixels, and `wanted` holds the manifest rows of the
-    shard with status `ok`. Every wanted slice must have been staged, otherwise the staging area is
-    incomplete and packing refuses. Each slice is copied once, from its segment into `out`; its
-    crc32 is the one the decoding worker computed, so the embedding loader's check covers every
-    copy made since.
+    `staged` is the shard's staging index (`image_id`, `row`, `payload_crc32`), `wanted` the
+    manifest rows of the shard with status `ok`, and `n_rows` the rows of the staged `.npy`.
+    Every wanted slice must have been staged inside the file, otherwise the staging area is
+    incomplete and indexing refuses. The crc32 is the one the decoding worker computed, so the
+    embedding loader's check covers every copy made since.
     """
     located = (
         wanted.lazy()
         .join(staged.lazy().unique("image_id", keep="first"), on="image_id", how="left")
         .sort("image_id")
-        .with_row_index("out_row")
         .collect()
     )
-    segment_of, row_of = located["segment"].to_list(), located["row"].to_list()
-    if None in segment_of:
-        missing = [i for i, s in zip(located["image_id"].to_list(), segment_of, strict=True) if s is None]
+    missing = located.filter(pl.col("row").is_null())["image_id"]
+    if missing.len():
         raise ValueError(
-            f"{len(missing)} slices of the manifest are not staged (first: {missing[:3]}); "
+            f"{missing.len()} slices of the manifest are not staged (first: {missing.head(3).to_list()}); "
             "re-materialize the wave's manifest"
         )
-    absent = sorted(set(segment_of) - set(segments))
-    if absent:
-        raise ValueError(f"staging segments {absent} are missing; re-materialize the wave's manifest")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    header = {"descr": "|u1", "fortran_order": False, "shape": (located.height, size, size)}
-    with open(out, "wb") as handle:
-        np.lib.format.write_array_header_1_0(handle, header)
-        for segment, row in zip(segment_of, row_of, strict=True):
-            source = segments[segment]
-            if row >= len(source):
-                raise ValueError(f"staging segment {segment!r} is shorter than its index; "
-                                 "re-materialize the wave's manifest")
-            handle.write(source[row])
+    beyond = located.filter(pl.col("row") >= n_rows)
+    if beyond.height:
+        raise ValueError(
+            f"the staged .npy holds {n_rows} slices but its index points at row "
+            f"{int(beyond['row'].max())}: the file is shorter than its index; "
+            "re-materialize the wave's manifest"
+        )
     return located.select(
         "image_id",
-        pl.col("out_row").cast(pl.Int64).alias("row"),
+        pl.col("row").cast(pl.Int64),
         "payload_crc32",
         "split",
         "slice_index",

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import threading
+import uuid
 from abc import abstractmethod
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -87,6 +88,15 @@ class ObjectStore(ConfigurableResource):
         """A temporary folder for files about to be published (on the store's file system if local)."""
         return tempfile.TemporaryDirectory(prefix="mri-assets-")
 
+    def copy(self, source_key: str, key: str) -> str | None:
+        """Store the current bytes of `source_key` under `key` too, atomically, without passing
+        them through this process where the store allows (a hard link, a server-side copy)."""
+        return self.put_bytes(key, self.get_bytes(source_key))
+
+    def size(self, key: str) -> int:
+        """The object's length in bytes."""
+        return len(self.get_bytes(key))
+
     def is_versioned(self) -> bool:
         return False
 
@@ -139,6 +149,27 @@ class LocalObjectStore(ObjectStore):
             return super().publish_file(key, path)
         return None
 
+    def copy(self, source_key: str, key: str) -> str | None:
+        """A hard link where the file system allows: objects are never rewritten in place (every
+        write replaces the name), so the two names can share one file."""
+        source = self.local_path(source_key)
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part"
+        try:
+            try:
+                os.link(source, tmp)
+            except OSError:  # no hard links here (another device, a FAT or SMB share): copy
+                shutil.copyfile(source, tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return None
+
+    def size(self, key: str) -> int:
+        return self.local_path(key).stat().st_size
+
     def scratch_dir(self) -> tempfile.TemporaryDirectory:
         base = Path(self.root).resolve() / SCRATCH_FOLDER
         base.mkdir(parents=True, exist_ok=True)
@@ -190,6 +221,7 @@ class LocalObjectStore(ObjectStore):
 
 
 MULTIPART_PART_BYTES = 64 * 1024 * 1024
+SINGLE_COPY_MAX_BYTES = 5 * 1024**3
 _S3_AUTH_ERRORS = {
     "InvalidAccessKeyId",
     "SignatureDoesNotMatch",
@@ -476,6 +508,25 @@ class S3ObjectStore(ObjectStore):
 
     def exists(self, key: str) -> bool:
         return self._head_if_exists(key) is not None
+
+    def size(self, key: str) -> int:
+        return int(self._head(key)["ContentLength"])
+
+    def copy(self, source_key: str, key: str) -> str | None:
+        """A server-side copy of the source's current version: no byte passes through here."""
+        head = self._head(source_key)
+        source = {"Bucket": self.bucket, "Key": self._full_key(source_key)}
+        version_id = _pinnable_version(head)
+        if version_id:
+            source["VersionId"] = version_id
+        with self._translated_errors("copy into", key):
+            if int(head["ContentLength"]) <= SINGLE_COPY_MAX_BYTES:
+                response = self._s3().copy_object(
+                    Bucket=self.bucket, Key=self._full_key(key), CopySource=source)
+                return _pinnable_version(response)
+            # above 5 GiB S3 needs a multipart copy; boto3's managed copy does that server-side
+            self._s3().copy(source, self.bucket, self._full_key(key))
+        return _pinnable_version(self._head(key))
 
     def delete(self, key: str) -> None:
         with self._translated_errors("delete", key):

@@ -1,18 +1,24 @@
-"""Decoding into spill segments and packing shards: pixels, order, crc32 and refusals."""
+"""Decoding straight into the shards' `.npy` files and indexing them: pixels, order, crc32, refusals."""
 
 import hashlib
 import zlib
-from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 
 from mri_assets.core.imaging import UnreadableImage, process_object
-from mri_assets.core.ingest import DecodeSettings, SourceObject, decode_wave
+from mri_assets.core.ingest import STAGING_INDEX_SCHEMA, DecodeSettings, SourceObject, decode_wave
 from mri_assets.core.manifest import ManifestSettings, finish_manifest, image_id_for
 from mri_assets.core.sample_data import build_sample_data
-from mri_assets.core.slice_shards import pack_shard, read_npy, read_segment
+from mri_assets.core.slice_shards import (
+    HEADER_BYTES,
+    create_staged_shard,
+    finish_staged_shard,
+    read_npy,
+    shard_index,
+    staged_rows,
+)
 
 N_SHARDS = 4
 
@@ -22,7 +28,7 @@ def decoded(tmp_path_factory):
     root = tmp_path_factory.mktemp("landing")
     build_sample_data(root, n_slices=40, seed=3, wave_style="mixed", include_bad=True)
     paths = sorted(p for p in root.rglob("*") if p.is_file() and p.name != "labels.csv")
-    # the same object twice under two keys: its slices are staged twice, packed once
+    # the same object twice under two keys: its slices are staged twice, indexed once
     original = next(p for p in paths if p.suffix == ".png" and p.parent.name.startswith("series"))
     copy = root / "zz-copy" / original.name
     copy.parent.mkdir()
@@ -54,45 +60,64 @@ def _wanted(manifest: pl.DataFrame, shard: int) -> pl.DataFrame:
         "image_id", "split", "slice_index", source_uri=pl.col("source_key"))
 
 
-def test_packed_shards_hold_every_ok_slice_in_image_id_order_with_worker_crc32(decoded, tmp_path):
+def test_shards_hold_every_ok_slice_once_in_image_id_order_with_worker_crc32(decoded):
     sources, manifest, staged = decoded
     expected = _expected_pixels(sources)
-    segments = {path.stem: read_segment(path, 256) for path in staged.segment_paths()}
-    assert len({name.split("-w")[1] for name in segments}) == 2, "two workers, two writers"
-    packed_ids = []
+    indexed_ids = []
     for shard in range(N_SHARDS):
-        out = tmp_path / f"shard-{shard}.npy"
-        index = pack_shard(staged.index(shard), segments, _wanted(manifest, shard), out)
-        pixels = read_npy(out)
+        pixels = read_npy(staged.path(shard))
+        rows = staged.index(shard)["row"].to_list()
+        # two workers appended to the same file: every slice got rows of its own, none torn
+        assert sorted(rows) == list(range(len(pixels)))
+        index = shard_index(staged.index(shard), _wanted(manifest, shard), len(pixels))
         assert index["image_id"].to_list() == sorted(index["image_id"].to_list())
-        assert index["row"].to_list() == list(range(len(pixels)))
         for image_id, row, crc in index.select("image_id", "row", "payload_crc32").iter_rows():
             assert np.array_equal(pixels[row], expected[image_id])
             assert zlib.crc32(np.ascontiguousarray(pixels[row])) == crc
-        packed_ids += index["image_id"].to_list()
+        indexed_ids += index["image_id"].to_list()
     ok = manifest.filter(pl.col("status") == "ok")["image_id"].to_list()
-    assert sorted(packed_ids) == sorted(ok) and len(set(packed_ids)) == len(packed_ids)
+    assert sorted(indexed_ids) == sorted(ok) and len(set(indexed_ids)) == len(indexed_ids)
     assert manifest.filter(pl.col("status") == "duplicate").height > 0
+    staged_total = sum(staged.count(shard) for shard in range(N_SHARDS))
+    assert staged_total > len(indexed_ids), "duplicates were staged but are not indexed"
 
 
-def test_packing_refuses_an_incomplete_staging_area(decoded, tmp_path):
+def test_staging_files_are_valid_npy_of_their_row_count(decoded):
+    _, _, staged = decoded
+    for shard in range(N_SHARDS):
+        path = staged.path(shard)
+        pixels = read_npy(path)
+        assert pixels.shape == (staged.count(shard), 256, 256) and pixels.dtype == np.uint8
+        assert path.stat().st_size == HEADER_BYTES + pixels.nbytes
+        assert staged_rows(path.stat().st_size, 256) == len(pixels)
+
+
+def test_indexing_refuses_an_incomplete_staging_area(decoded):
     _, manifest, staged = decoded
     shard = int(manifest.filter(pl.col("status") == "ok")["shard"][0])
-    segments = {path.stem: read_segment(path, 256) for path in staged.segment_paths()}
     wanted = _wanted(manifest, shard)
+    n_rows = staged.count(shard)
     with pytest.raises(ValueError, match="not staged"):
-        pack_shard(staged.index(shard).slice(1), segments, wanted, tmp_path / "a.npy")
-    missing = staged.index(shard)["segment"][0]
-    with pytest.raises(ValueError, match="missing"):
-        pack_shard(staged.index(shard), {k: v for k, v in segments.items() if k != missing}, wanted,
-                   tmp_path / "b.npy")
-    short = {k: v[:0] for k, v in segments.items()}
+        shard_index(staged.index(shard).slice(1), wanted, n_rows)
     with pytest.raises(ValueError, match="shorter than its index"):
-        pack_shard(staged.index(shard), short, wanted, tmp_path / "c.npy")
+        shard_index(staged.index(shard), wanted, n_rows - 1)
 
 
-def test_an_empty_shard_packs_to_an_empty_array(decoded, tmp_path):
-    _, manifest, staged = decoded
-    wanted = _wanted(manifest, 0).clear()
-    index = pack_shard(staged.index(0).clear(), {}, wanted, tmp_path / "empty.npy")
-    assert index.height == 0 and read_npy(Path(tmp_path / "empty.npy")).shape == (0, 256, 256)
+def test_a_torn_staging_file_is_refused(tmp_path):
+    path = tmp_path / "shard-00.npy"
+    create_staged_shard(path, 256)
+    with open(path, "ab") as handle:
+        handle.write(b"\0" * (256 * 256 + 10))
+    with pytest.raises(ValueError, match="not a whole number"):
+        finish_staged_shard(path, 256)
+
+
+def test_an_empty_shard_is_an_empty_array(tmp_path):
+    path = tmp_path / "shard-00.npy"
+    create_staged_shard(path, 256)
+    assert finish_staged_shard(path, 256) == 0
+    assert read_npy(path).shape == (0, 256, 256)
+    wanted = pl.DataFrame(schema={"image_id": pl.String, "split": pl.String, "slice_index": pl.Int32,
+                                  "source_uri": pl.String})
+    staged = pl.DataFrame(schema=STAGING_INDEX_SCHEMA)
+    assert shard_index(staged, wanted, 0).height == 0

@@ -105,6 +105,28 @@ def test_put_file_and_local_path_round_trip(store: ObjectStore, tmp_path: Path):
     assert local.read_bytes() == source.read_bytes()
 
 
+def test_copy_gives_an_independent_object_of_the_same_bytes(store: ObjectStore):
+    store.put_bytes("staging/pilot/shard-00.npy", b"pixels v1")
+    store.put_bytes("slices/pilot/shard-00.npy", b"an older shard")
+    store.copy("staging/pilot/shard-00.npy", "slices/pilot/shard-00.npy")
+    assert store.get_bytes("slices/pilot/shard-00.npy") == b"pixels v1"
+    assert store.size("slices/pilot/shard-00.npy") == len(b"pixels v1")
+    # the source is replaced later (as a re-materialized manifest does): the copy keeps its bytes
+    store.put_bytes("staging/pilot/shard-00.npy", b"pixels v2, longer")
+    assert store.get_bytes("slices/pilot/shard-00.npy") == b"pixels v1"
+    assert store.size("staging/pilot/shard-00.npy") == len(b"pixels v2, longer")
+    assert [i.key for i in store.list("slices/")] == ["slices/pilot/shard-00.npy"]
+    with pytest.raises(ObjectStoreError, match="staging/pilot/missing.npy"):
+        store.copy("staging/pilot/missing.npy", "slices/pilot/shard-01.npy")
+
+
+def test_local_copy_is_a_hard_link(tmp_path: Path):
+    store = LocalObjectStore(root=str(tmp_path))
+    store.put_bytes("staging/a.npy", b"x" * 1000)
+    store.copy("staging/a.npy", "slices/a.npy")
+    assert store.local_path("slices/a.npy").stat().st_ino == store.local_path("staging/a.npy").stat().st_ino
+
+
 def test_local_path_follows_an_overwritten_object(store: ObjectStore):
     store.put_bytes("models/pca/pilot.npz", b"first fit")
     assert store.local_path("models/pca/pilot.npz").read_bytes() == b"first fit"
