@@ -1,14 +1,13 @@
 """Reads one 256 px slice from the `slices` shards of a wave and encodes it as PNG.
 
 Layout (docs/internals.md): `slices/{wave}/shard-{ss}.npy` (uint8, N×256×256) and the index
-`slices/{wave}/shard-{ss}.parquet` (`image_id`, `row`, ...); the shard of an image is
-`int(sha256(image_id)[:8], 16) % n_shards`, where n_shards is the number of index files.
-The reader only ever builds keys from a validated wave name and image id.
+`slices/{wave}/shard-{ss}.parquet` (`image_id`, `row`, ...); the shard of an image is the one
+the manifest gave it (`shard_for(image_id, MRI_ASSETS_SHARDS)`). The reader only ever builds keys
+from a validated wave name and image id.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import re
 import threading
@@ -17,18 +16,16 @@ import numpy as np
 import polars as pl
 from PIL import Image
 
-from mri_assets.resources.object_store import ObjectStore
+from mri_assets.core.manifest import shard_for
+from mri_assets.partitions import N_SHARDS
+from mri_assets.resources.object_store import ObjectStore, ObjectStoreError
 
 _WAVE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_IMAGE_ID = re.compile(r"^[0-9a-f]{8,64}$")
+_IMAGE_ID = re.compile(r"^[0-9a-f]{24}-[0-9]{5,9}$")  # image_id_for: source sha256 prefix, slice
 
 
 class SliceNotFound(LookupError):
     pass
-
-
-def shard_of(image_id: str, n_shards: int) -> int:
-    return int(hashlib.sha256(image_id.encode()).hexdigest()[:8], 16) % n_shards
 
 
 def slice_png(pixels: np.ndarray) -> bytes:
@@ -40,24 +37,20 @@ def slice_png(pixels: np.ndarray) -> bytes:
 class SliceReader:
     """`reader(wave, image_id) -> PNG bytes` over an object store."""
 
-    def __init__(self, store: ObjectStore):
+    def __init__(self, store: ObjectStore, n_shards: int = N_SHARDS):
         self._store = store
+        self._n_shards = n_shards
         self._indexes: dict[tuple[str, int], dict[str, int]] = {}
-        self._n_shards: dict[str, int] = {}
         self._lock = threading.Lock()
-
-    def _shard_count(self, wave: str) -> int:
-        if wave not in self._n_shards:
-            keys = [i.key for i in self._store.list(f"slices/{wave}/")]
-            count = sum(1 for k in keys if re.search(r"/shard-\d+\.parquet$", k))
-            if count == 0:
-                raise SliceNotFound(f"wave {wave!r} has no slices shards in the store")
-            self._n_shards[wave] = count
-        return self._n_shards[wave]
 
     def _rows(self, wave: str, shard: int) -> dict[str, int]:
         if (wave, shard) not in self._indexes:
-            path = self._store.local_path(f"slices/{wave}/shard-{shard:02d}.parquet")
+            try:
+                path = self._store.local_path(f"slices/{wave}/shard-{shard:02d}.parquet")
+            except ObjectStoreError as error:
+                raise SliceNotFound(
+                    f"wave {wave!r} has no slices shard {shard:02d}: materialize its slices"
+                ) from error
             index = pl.read_parquet(path, columns=["image_id", "row"])
             self._indexes[(wave, shard)] = dict(zip(index["image_id"], index["row"], strict=True))
         return self._indexes[(wave, shard)]
@@ -66,7 +59,7 @@ class SliceReader:
         if not _WAVE.match(wave) or not _IMAGE_ID.match(image_id):
             raise SliceNotFound(f"not a valid wave/image id: {wave!r}/{image_id!r}")
         with self._lock:
-            shard = shard_of(image_id, self._shard_count(wave))
+            shard = shard_for(image_id, self._n_shards)
             row = self._rows(wave, shard).get(image_id)
         if row is None:
             raise SliceNotFound(f"image {image_id!r} is not in wave {wave!r}'s slices")

@@ -6,6 +6,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 import pytest
+from PIL import Image
 
 from mri_assets.core.sample_data import PLANTED_PATIENT_NAME
 from mri_assets.core.slice_shards import manifest_key, read_npy, slice_keys
@@ -13,6 +14,7 @@ from mri_assets.partitions import wave_shard_key
 from mri_assets.resources.landing import land_wave
 from mri_assets.resources.object_store import LocalObjectStore, S3ObjectStore
 from mri_assets.resources.settings import DEV_SALT
+from mri_assets.triage.slice_reader import SliceReader
 from mri_assets_tests.assets.wave_fixtures import land_sample_wave, local_defs, materialize
 
 
@@ -49,6 +51,11 @@ def test_manifest_reconciles_quarantines_bad_files_and_packs_slices(mri_home, tm
     index = pl.read_parquet(store.local_path(index_key))
     assert pixels.shape[1:] == (256, 256) and pixels.dtype.name == "uint8"
     assert sorted(index["image_id"]) == sorted(ok.filter(pl.col("shard") == shard)["image_id"])
+    # the triage page finds each slice of a real wave (its shard, then its row) and shows it
+    reader = SliceReader(store)
+    for image_id, row in index.select("image_id", "row").head(5).iter_rows():
+        shown = np.asarray(Image.open(io.BytesIO(reader("pilot", image_id))))
+        assert np.array_equal(shown, pixels[row])
 
 
 def test_planted_patient_name_appears_nowhere_in_the_store(mri_home, tmp_path, instance):

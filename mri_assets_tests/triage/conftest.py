@@ -17,6 +17,8 @@ import polars as pl
 import pytest
 import uvicorn
 
+from mri_assets.core.manifest import image_id_for, shard_for
+from mri_assets.partitions import N_SHARDS
 from mri_assets.resources.label_store import LabelStore
 from mri_assets.resources.object_store import LocalObjectStore
 from mri_assets.triage.app import TriageSettings, create_app
@@ -30,7 +32,9 @@ FAST_HASH = {"argon2_time_cost": 1, "argon2_memory_kib": 8192}
 
 
 def image_ids(n: int) -> list[str]:
-    return [hashlib.sha256(f"slice:{i}".encode()).hexdigest()[:24] for i in range(n)]
+    """Ids as the manifest makes them (source sha256 prefix, slice index), spread over the shards."""
+    return [image_id_for(hashlib.sha256(f"volume:{i // 3}".encode()).hexdigest(), 40 + i % 3)
+            for i in range(n)]
 
 
 @functools.cache
@@ -54,15 +58,21 @@ def mni_axial_slices() -> np.ndarray:
 
 
 def write_slices_shard(root: Path, wave: str, ids: list[str]) -> None:
-    """One shard (n_shards = 1) of real MNI152 slices, in the `slices/{wave}/` layout."""
+    """Real MNI152 slices in the `slices/{wave}/` layout, each id in the shard the manifest gives
+    it; rows are stored in reverse so that an index row never equals its position."""
     folder = root / "slices" / wave
     folder.mkdir(parents=True, exist_ok=True)
     template = mni_axial_slices()
-    pixels = np.stack([template[i % len(template)] for i in range(len(ids))])
-    np.save(folder / "shard-00.npy", pixels)
-    pl.DataFrame({"image_id": ids, "row": list(range(len(ids)))}).write_parquet(
-        folder / "shard-00.parquet"
-    )
+    by_shard: dict[int, list[int]] = {}
+    for position, image_id in enumerate(ids):
+        by_shard.setdefault(shard_for(image_id, N_SHARDS), []).append(position)
+    for shard, positions in by_shard.items():
+        pixels = np.stack([template[p % len(template)] for p in reversed(positions)])
+        np.save(folder / f"shard-{shard:02d}.npy", pixels)
+        rows = [len(positions) - 1 - k for k in range(len(positions))]
+        pl.DataFrame({"image_id": [ids[p] for p in positions], "row": rows}).write_parquet(
+            folder / f"shard-{shard:02d}.parquet"
+        )
 
 
 def make_store(url: str, **config) -> LabelStore:

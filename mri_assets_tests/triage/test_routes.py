@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pytest
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from mri_assets.triage.app import create_app
+from mri_assets.triage.slice_reader import SliceNotFound
 from mri_assets_tests.triage.conftest import (
     CLASSES,
     METRICS_TOKEN,
     PASSWORD,
     add_users,
+    image_ids,
     log_in,
     make_store,
+    mni_axial_slices,
     settings,
 )
 
@@ -245,3 +249,13 @@ def test_label_answer_carries_the_next_item_when_asked(app, label_store):
     answer = post_json(user, "/api/label", csrf, body).json()
     assert answer["next"]["id"] not in (first["id"], preloaded["id"])
     assert label_store.item(answer["next"]["id"])["lease_owner"] == "alice"
+
+
+def test_reader_serves_each_slice_from_its_shard_and_row(reader):
+    ids = image_ids(12)
+    template = mni_axial_slices()
+    for position, image_id in enumerate(ids):
+        shown = np.asarray(Image.open(io.BytesIO(reader("pilot", image_id))))
+        assert np.array_equal(shown, template[position % len(template)]), image_id
+    with pytest.raises(SliceNotFound):
+        reader("pilot", ids[0].replace("-", "_"))
