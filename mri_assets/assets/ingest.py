@@ -22,7 +22,6 @@ from mri_assets.core.slice_shards import (
     slice_keys,
     staged_pixels_key,
     staged_rows,
-    staging_index_key,
     staging_prefix,
 )
 from mri_assets.partitions import N_SHARDS, wave_and_shard, wave_partitions, wave_shard_partitions
@@ -56,15 +55,12 @@ def _write_parquet(store: ObjectStore, key: str, frame: pl.DataFrame, scratch: P
     store.put_file(key, path)
 
 
-def _stage_shards(store: ObjectStore, wave: str, staged: StagedSlices, scratch: Path) -> int:
-    """Publish each shard's staged `.npy` (moved, not copied, on a local store) and its index."""
+def _stage_shards(store: ObjectStore, wave: str, staged: StagedSlices) -> int:
+    """Publish each shard's staged `.npy` (moved, not copied, on a local store); drop stale staging."""
     published = set()
     for shard in range(N_SHARDS):
         key = staged_pixels_key(wave, shard)
         store.publish_file(key, staged.path(shard))
-        published.add(key)
-        key = staging_index_key(wave, shard)
-        _write_parquet(store, key, staged.index(shard), scratch)
         published.add(key)
     for info in store.list(staging_prefix(wave)):
         if info.key not in published:
@@ -120,7 +116,7 @@ def manifest(context: dg.AssetExecutionContext, object_store: ObjectStore, inges
             .alias("source_uri"),
         )
         _write_parquet(object_store, manifest_key(wave), frame, scratch)
-        staged_count = _stage_shards(object_store, wave, staged, scratch)
+        staged_count = _stage_shards(object_store, wave, staged)
     seconds = time.perf_counter() - started
     check = reconcile([s.key for s in sources], frame)
     counts = _summary_table(frame, "status")
@@ -173,22 +169,21 @@ def manifest(context: dg.AssetExecutionContext, object_store: ObjectStore, inges
 def slices(context: dg.AssetExecutionContext, object_store: ObjectStore) -> dg.Output[dict]:
     """The shard's `ok` slices, 256 px uint8, lossless, in a memmap-able `.npy` with an index.
 
-    The `.npy` is the one the `manifest` step's workers wrote: this step checks the staging index
-    against the manifest, writes the shard index (image_id order, each with its row) and links the
-    file into place (a hard link locally, a server-side copy on S3).
+    The `.npy` is the one the `manifest` step's workers wrote: this step checks the manifest's
+    `slice_row`s against it, writes the shard index (image_id order, each with its row) and links
+    the file into place (a hard link locally, a server-side copy on S3).
     """
     wave, shard = wave_and_shard(context)
     started = time.perf_counter()
     wanted = (
         pl.scan_parquet(object_store.local_path(manifest_key(wave)))
         .filter((pl.col("shard") == shard) & (pl.col("status") == "ok"))
-        .select("image_id", "split", "slice_index", "source_uri")
+        .select("image_id", "slice_row", "payload_crc32", "split", "slice_index", "source_uri")
         .collect()
     )
-    staged = pl.read_parquet(object_store.local_path(staging_index_key(wave, shard)))
     staged_key = staged_pixels_key(wave, shard)
     n_bytes = object_store.size(staged_key)
-    index = shard_index(staged, wanted, staged_rows(n_bytes, SLICE_SIZE))
+    index = shard_index(wanted, staged_rows(n_bytes, SLICE_SIZE))
     npy_key, index_key = slice_keys(wave, shard)
     object_store.copy(staged_key, npy_key)
     with object_store.scratch_dir() as scratch_dir:

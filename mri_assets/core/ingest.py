@@ -3,7 +3,8 @@
 Each raw object is read and decoded exactly once, in a worker process. A worker appends the pixels
 of each slice straight to its shard's staging `.npy` (`shard-SS.npy`, opened `O_APPEND`, so the
 kernel gives every 64 KiB write its own rows even with several workers appending) and computes the
-crc32 while the slice is still in its cache; only rows and placements travel back to the parent.
+crc32 while the slice is still in its cache; only manifest rows, which carry each slice's row and
+crc32, travel back to the parent.
 Memory stays bounded by one object whatever the wave's size, no pixel is copied between processes,
 and the staging file is already the shard's final `.npy`.
 """
@@ -33,12 +34,6 @@ from mri_assets.core.slice_shards import (
 )
 
 SLICE_SIZE = 256
-STAGING_INDEX_SCHEMA: dict[str, pl.DataType] = {
-    "image_id": pl.String,
-    "row": pl.Int64,
-    "payload_crc32": pl.Int64,
-}
-
 
 @dataclass(frozen=True)
 class SourceObject:
@@ -79,10 +74,11 @@ class DecodeSettings:
 
 @dataclass
 class ChunkResult:
-    """A chunk's manifest rows, and where each of its readable slices was spilled."""
+    """A chunk's manifest rows (an `ok` row carries `slice_row` and `payload_crc32`), and how many
+    slices it appended to each shard's staging file."""
 
     rows: list[dict]
-    placements: list[tuple[int, str, int, int]]  # shard, image_id, row, crc32
+    staged: dict[int, int]
 
 
 def _quarantine_row(source: SourceObject, sha: str, settings: DecodeSettings, reason: str) -> dict:
@@ -142,14 +138,14 @@ def decode_source(source: SourceObject, settings: DecodeSettings) -> tuple[list[
     return rows, [item.pixels for item in decoded.slices]
 
 
-def staged_shard_path(directory: Path, shard: int) -> Path:
-    return Path(directory) / f"{shard_name(shard)}.npy"
+def staged_shard_path(directory: Path | str, shard: int) -> str:
+    return os.path.join(directory, f"{shard_name(shard)}.npy")
 
 
 class _ShardAppender:
     """Appends slices to the shards' staging files, one descriptor per shard, while a chunk lasts."""
 
-    def __init__(self, directory: Path, slice_bytes: int) -> None:
+    def __init__(self, directory: str, slice_bytes: int) -> None:
         self.directory = directory
         self.slice_bytes = slice_bytes
         self.descriptors: dict[int, int] = {}
@@ -178,8 +174,8 @@ class _ShardAppender:
 def decode_chunk(sources: list[SourceObject], settings: DecodeSettings, spill_dir: str) -> ChunkResult:
     """Decode a chunk of objects, spilling each object's slices before the next one is read."""
     rows: list[dict] = []
-    placements = []
-    writer = _ShardAppender(Path(spill_dir), settings.size * settings.size)
+    staged: dict[int, int] = {}
+    writer = _ShardAppender(spill_dir, settings.size * settings.size)
     try:
         for source in sources:
             source_rows, pixels = decode_source(source, settings)
@@ -188,27 +184,28 @@ def decode_chunk(sources: list[SourceObject], settings: DecodeSettings, spill_di
             for row, item in zip(ok_rows, pixels, strict=True):
                 image_id = image_id_for(row["sha256"], row["slice_index"])
                 shard = shard_for(image_id, settings.n_shards)
-                placements.append((shard, image_id, *writer.write(shard, item)))
+                row["slice_row"], row["payload_crc32"] = writer.write(shard, item)
+                staged[shard] = staged.get(shard, 0) + 1
     finally:
         writer.close()
-    return ChunkResult(rows, placements)
+    return ChunkResult(rows, staged)
 
 
 def _chunks(sources: list[SourceObject], parts: int, most: int = 64) -> list[list[SourceObject]]:
     """About `parts` chunks of similar size in bytes (a proxy for decoding time), largest objects
     first: a large volume starts early instead of leaving the other workers idle at the end, and
     the small objects that come last even out the finish. At most `most` objects per chunk."""
-    ordered = sorted(sources, key=lambda source: -source.nbytes())
-    budget = max(1, sum(source.nbytes() for source in ordered) // max(1, parts))
+    sized = sorted(((source.nbytes(), position) for position, source in enumerate(sources)), reverse=True)
+    budget = max(1, sum(size for size, _ in sized) // max(1, parts))
     chunks: list[list[SourceObject]] = []
     current: list[SourceObject] = []
     current_bytes = 0
-    for source in ordered:
-        if current and (current_bytes + source.nbytes() > budget or len(current) == most):
+    for size, position in sized:
+        if current and (current_bytes + size > budget or len(current) == most):
             chunks.append(current)
             current, current_bytes = [], 0
-        current.append(source)
-        current_bytes += source.nbytes()
+        current.append(sources[position])
+        current_bytes += size
     if current:
         chunks.append(current)
     return chunks
@@ -219,11 +216,12 @@ def iter_decoded_chunks(
 ) -> Iterable[ChunkResult]:
     """Decoded chunks (in no particular order); `workers <= 1` decodes in this process.
 
-    About 32 chunks per worker, largest objects first (see `_chunks`).
+    About 8 chunks per worker, largest objects first (see `_chunks`): few enough that handing
+    them out costs the parent little, many enough to even out the finish.
     """
     if not sources:
         return
-    chunks = _chunks(sources, max(1, workers) * 32)
+    chunks = _chunks(sources, max(1, workers) * 8)
     if workers <= 1:
         for chunk in chunks:
             yield decode_chunk(chunk, settings, str(spill_dir))
@@ -243,26 +241,22 @@ def iter_decoded_chunks(
 
 @dataclass
 class StagedSlices:
-    """The staging `.npy` of every shard, and per shard where each image id lies in it."""
+    """The staging `.npy` of every shard, and how many slices the workers appended to each."""
 
     directory: Path
     size: int
     n_shards: int
-    placements: dict[int, list[tuple[str, int, int]]] = field(default_factory=dict)
+    counts: dict[int, int] = field(default_factory=dict)
 
     def add(self, chunk: ChunkResult) -> None:
-        for shard, image_id, row, crc in chunk.placements:
-            self.placements.setdefault(shard, []).append((image_id, row, crc))
+        for shard, count in chunk.staged.items():
+            self.counts[shard] = self.counts.get(shard, 0) + count
 
     def count(self, shard: int) -> int:
-        return len(self.placements.get(shard, []))
-
-    def index(self, shard: int) -> pl.DataFrame:
-        """`image_id`, `row`, `payload_crc32` of the shard's staged slices."""
-        return pl.DataFrame(self.placements.get(shard, []), schema=STAGING_INDEX_SCHEMA, orient="row")
+        return self.counts.get(shard, 0)
 
     def path(self, shard: int) -> Path:
-        return staged_shard_path(self.directory, shard)
+        return Path(staged_shard_path(self.directory, shard))
 
 
 def decode_wave(
@@ -287,7 +281,7 @@ def decode_wave(
         n_rows = finish_staged_shard(staged.path(shard), settings.size)
         if n_rows != staged.count(shard):
             raise RuntimeError(f"shard {shard}: {n_rows} slices in its staging file but "
-                               f"{staged.count(shard)} placements came back from the workers")
+                               f"{staged.count(shard)} reported by the workers")
     return rows_frame(rows), staged
 
 
@@ -304,6 +298,8 @@ ROW_SCHEMA: dict[str, pl.DataType] = {
     "width": pl.Int32,
     "window_low": pl.Float32,
     "window_high": pl.Float32,
+    "slice_row": pl.Int64,
+    "payload_crc32": pl.Int64,
     "status": pl.String,
     "reason": pl.String,
 }

@@ -37,6 +37,8 @@ MANIFEST_SCHEMA: dict[str, pl.DataType] = {
     "patient_key": pl.String,
     "split": pl.String,
     "shard": pl.Int32,
+    "slice_row": pl.Int64,
+    "payload_crc32": pl.Int64,
     "status": pl.String,
     "reason": pl.String,
     "duplicate_of": pl.String,

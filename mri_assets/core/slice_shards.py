@@ -4,8 +4,9 @@ The `.npy` of a shard is written once, by the decoding workers of the `manifest`
 appends its slices to the shard's staging file (`O_APPEND`, one 64 KiB write per slice) and
 records the row it landed on. Rows are therefore in arrival order; the index, sorted by
 `image_id`, says where each slice lies, and a row no index entry points at (the pixels of a slice
-later found to be a duplicate) is never read. The `slices` step only checks the staging index
-against the manifest, writes the shard index and links the file into place: no pixel is copied.
+later found to be a duplicate) is never read. The manifest carries each slice's `slice_row` and
+`payload_crc32`; the `slices` step only checks them against the file, writes the shard index and
+links the file into place: no pixel is copied.
 """
 
 from __future__ import annotations
@@ -29,11 +30,6 @@ def shard_name(shard: int) -> str:
 
 def staging_prefix(wave: str) -> str:
     return f"staging/{wave}/"
-
-
-def staging_index_key(wave: str, shard: int) -> str:
-    """The shard's staging index: `image_id`, `row`, `payload_crc32`."""
-    return f"{staging_prefix(wave)}{shard_name(shard)}.parquet"
 
 
 def staged_pixels_key(wave: str, shard: int) -> str:
@@ -88,38 +84,32 @@ def manifest_key(wave: str) -> str:
     return f"manifests/{wave}/manifest.parquet"
 
 
-def shard_index(staged: pl.DataFrame, wanted: pl.DataFrame, n_rows: int) -> pl.DataFrame:
+def shard_index(wanted: pl.DataFrame, n_rows: int) -> pl.DataFrame:
     """The index of one shard: its `ok` slices in image_id order, each with its row in the `.npy`.
 
-    `staged` is the shard's staging index (`image_id`, `row`, `payload_crc32`), `wanted` the
-    manifest rows of the shard with status `ok`, and `n_rows` the rows of the staged `.npy`.
-    Every wanted slice must have been staged inside the file, otherwise the staging area is
+    `wanted` holds the manifest rows of the shard with status `ok` (`image_id`, `slice_row`,
+    `payload_crc32`, `split`, `slice_index`, `source_uri`) and `n_rows` is the number of rows in
+    the staged `.npy`. Every wanted slice must lie inside the file, otherwise the staging area is
     incomplete and indexing refuses. The crc32 is the one the decoding worker computed, so the
     embedding loader's check covers every copy made since.
     """
-    located = (
-        wanted.lazy()
-        .join(staged.lazy().unique("image_id", keep="first"), on="image_id", how="left")
-        .sort("image_id")
-        .collect()
-    )
-    missing = located.filter(pl.col("row").is_null())["image_id"]
+    located = wanted.sort("image_id")
+    missing = located.filter(pl.col("slice_row").is_null())["image_id"]
     if missing.len():
         raise ValueError(
             f"{missing.len()} slices of the manifest are not staged (first: {missing.head(3).to_list()}); "
             "re-materialize the wave's manifest"
         )
-    beyond = located.filter(pl.col("row") >= n_rows)
-    if beyond.height:
+    if located.height and int(located["slice_row"].max()) >= n_rows:
         raise ValueError(
-            f"the staged .npy holds {n_rows} slices but its index points at row "
-            f"{int(beyond['row'].max())}: the file is shorter than its index; "
+            f"the staged .npy holds {n_rows} slices but the manifest points at row "
+            f"{int(located['slice_row'].max())}: the file is shorter than its index; "
             "re-materialize the wave's manifest"
         )
     return located.select(
         "image_id",
-        pl.col("row").cast(pl.Int64),
-        "payload_crc32",
+        pl.col("slice_row").cast(pl.Int64).alias("row"),
+        pl.col("payload_crc32").cast(pl.Int64),
         "split",
         "slice_index",
         "source_uri",
