@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,8 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+from mri_assets.core.slice_shards import payload_crc32
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -78,7 +79,7 @@ class SliceShard(Dataset):
 
     def _checked(self, positions: list[int], block: np.ndarray) -> np.ndarray:
         for position, pixels in zip(positions, block):
-            actual = zlib.crc32(pixels)
+            actual = payload_crc32(pixels)
             if actual != self.crc32[position]:
                 image_id = self.image_ids[position]
                 raise CorruptSliceError(

@@ -15,7 +15,6 @@ import gc
 import hashlib
 import multiprocessing
 import os
-import zlib
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from mri_assets.core.slice_shards import (
     HEADER_BYTES,
     create_staged_shard,
     finish_staged_shard,
+    payload_crc32,
     shard_name,
 )
 
@@ -163,7 +163,7 @@ class _ShardAppender:
                           f"{self.slice_bytes} bytes (disk full?)")
         # O_APPEND moved this descriptor's offset to the end of this very write
         end = os.lseek(fd, 0, os.SEEK_CUR)
-        return (end - HEADER_BYTES) // self.slice_bytes - 1, zlib.crc32(pixels)
+        return (end - HEADER_BYTES) // self.slice_bytes - 1, payload_crc32(pixels)
 
     def close(self) -> None:
         for fd in self.descriptors.values():
@@ -226,8 +226,8 @@ def iter_decoded_chunks(
         for chunk in chunks:
             yield decode_chunk(chunk, settings, str(spill_dir))
         return
-    context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))
+    try:
         # the workers are forked at the first submit; frozen, the parent's objects stay out of
         # their garbage collector, so its pages are not copied into every worker on write
         gc.freeze()
@@ -237,6 +237,9 @@ def iter_decoded_chunks(
             gc.unfreeze()
         for future in futures:
             yield future.result()
+    finally:
+        # every result is in (or the wave failed): the workers' exit is joined in the background
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass

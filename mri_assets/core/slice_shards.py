@@ -17,11 +17,18 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+from isal import isal_zlib
 
 INDEX_COLUMNS = ("image_id", "row", "payload_crc32", "split", "slice_index", "source_uri")
 # The staging file's `.npy` header is reserved at this fixed length before any slice is appended,
 # and rewritten in place with the final row count once the workers are done.
 HEADER_BYTES = 128
+
+
+def payload_crc32(pixels: np.ndarray | bytes) -> int:
+    """`zlib.crc32` of a slice's bytes (same polynomial, same value) through ISA-L, several times
+    faster: the decoding workers and the embedding loader checksum every slice."""
+    return isal_zlib.crc32(pixels)
 
 
 def shard_name(shard: int) -> str:
