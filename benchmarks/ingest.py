@@ -36,7 +36,7 @@ from mri_assets.core.imaging import UnreadableImage, process_object
 from mri_assets.core.ingest import DecodeSettings, SourceObject, decode_wave
 from mri_assets.core.manifest import ManifestSettings, finish_manifest, reconcile
 from mri_assets.core.sample_data import build_sample_data
-from mri_assets.core.slice_shards import shard_index, staged_rows
+from mri_assets.core.slice_shards import manifest_shard_rows, shard_index, staged_rows
 from mri_assets.resources.object_store import LocalObjectStore
 
 
@@ -77,19 +77,14 @@ def pipeline(paths: list[Path], root: Path, scratch: Path, workers: int, n_shard
     `.npy` into place, `workers` shards at a time."""
     sources = [SourceObject(f"raw/bench/{p.relative_to(root).as_posix()}", path=str(p)) for p in paths]
     rows, _ = decode_wave(sources, DecodeSettings("bench", n_shards), scratch / "spill", workers)
-    manifest = finish_manifest(rows, ManifestSettings(salt="bench", n_shards=n_shards))
+    manifest = finish_manifest(rows, ManifestSettings(salt="bench", n_shards=n_shards)).with_columns(
+        source_uri=pl.col("source_key"))  # the asset writes the store URI here
     manifest.write_parquet(scratch / "manifest.parquet", compression="zstd")
     assert reconcile([s.key for s in sources], manifest).passed
     store = LocalObjectStore(root=str(scratch))
 
     def slices_step(shard: int) -> None:
-        wanted = (
-            pl.scan_parquet(scratch / "manifest.parquet")
-            .filter((pl.col("shard") == shard) & (pl.col("status") == "ok"))
-            .select("image_id", "slice_row", "payload_crc32", "split", "slice_index",
-                    source_uri=pl.col("source_key"))
-            .collect()
-        )
+        wanted = manifest_shard_rows(scratch / "manifest.parquet", shard)
         index = shard_index(wanted, staged_rows(store.size(f"spill/shard-{shard:02d}.npy"), 256))
         store.copy(f"spill/shard-{shard:02d}.npy", f"slices/shard-{shard:02d}.npy")
         index.write_parquet(scratch / f"shard-{shard:02d}.parquet", compression="zstd")

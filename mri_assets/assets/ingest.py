@@ -18,6 +18,7 @@ from mri_assets.core.ingest import (
 from mri_assets.core.manifest import READY_MARKER, finish_manifest, raw_prefix, reconcile
 from mri_assets.core.slice_shards import (
     manifest_key,
+    manifest_shard_rows,
     shard_index,
     slice_keys,
     staged_pixels_key,
@@ -175,15 +176,11 @@ def slices(context: dg.AssetExecutionContext, object_store: ObjectStore) -> dg.O
     """
     wave, shard = wave_and_shard(context)
     started = time.perf_counter()
-    wanted = (
-        pl.scan_parquet(object_store.local_path(manifest_key(wave)))
-        .filter((pl.col("shard") == shard) & (pl.col("status") == "ok"))
-        .select("image_id", "slice_row", "payload_crc32", "split", "slice_index", "source_uri")
-        .collect()
-    )
+    wanted = manifest_shard_rows(object_store.local_path(manifest_key(wave)), shard)
     staged_key = staged_pixels_key(wave, shard)
     n_bytes = object_store.size(staged_key)
-    index = shard_index(wanted, staged_rows(n_bytes, SLICE_SIZE))
+    n_rows = staged_rows(n_bytes, SLICE_SIZE)
+    index = shard_index(wanted, n_rows)
     npy_key, index_key = slice_keys(wave, shard)
     object_store.copy(staged_key, npy_key)
     with object_store.scratch_dir() as scratch_dir:
@@ -196,7 +193,7 @@ def slices(context: dg.AssetExecutionContext, object_store: ObjectStore) -> dg.O
         metadata={
             "count": index.height,
             "bytes": n_bytes,
-            "unindexed_rows": staged_rows(n_bytes, SLICE_SIZE) - index.height,
+            "unindexed_rows": n_rows - index.height,
             "images_per_s": round(index.height / max(seconds, 1e-9), 1),
             "store_path": object_store.uri(npy_key),
         },

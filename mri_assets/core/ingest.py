@@ -248,7 +248,6 @@ class StagedSlices:
 
     directory: Path
     size: int
-    n_shards: int
     counts: dict[int, int] = field(default_factory=dict)
 
     def add(self, chunk: ChunkResult) -> None:
@@ -271,7 +270,7 @@ def decode_wave(
 ) -> tuple[pl.DataFrame, StagedSlices]:
     """Decode every object once; return the per-slice rows and the staged pixels per shard."""
     staging_dir.mkdir(parents=True, exist_ok=True)
-    staged = StagedSlices(staging_dir, settings.size, settings.n_shards)
+    staged = StagedSlices(staging_dir, settings.size)
     for shard in range(settings.n_shards):
         create_staged_shard(staged.path(shard), settings.size)
     rows: list[dict] = []

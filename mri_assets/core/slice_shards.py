@@ -91,6 +91,16 @@ def manifest_key(wave: str) -> str:
     return f"manifests/{wave}/manifest.parquet"
 
 
+def manifest_shard_rows(manifest_path: Path, shard: int) -> pl.DataFrame:
+    """The `ok` rows of one shard, as `shard_index` takes them, read from the manifest Parquet."""
+    return (
+        pl.scan_parquet(manifest_path)
+        .filter((pl.col("shard") == shard) & (pl.col("status") == "ok"))
+        .select("image_id", "slice_row", "payload_crc32", "split", "slice_index", "source_uri")
+        .collect()
+    )
+
+
 def shard_index(wanted: pl.DataFrame, n_rows: int) -> pl.DataFrame:
     """The index of one shard: its `ok` slices in image_id order, each with its row in the `.npy`.
 
@@ -107,11 +117,11 @@ def shard_index(wanted: pl.DataFrame, n_rows: int) -> pl.DataFrame:
             f"{missing.len()} slices of the manifest are not staged (first: {missing.head(3).to_list()}); "
             "re-materialize the wave's manifest"
         )
-    if located.height and int(located["slice_row"].max()) >= n_rows:
+    last_row = located["slice_row"].max()
+    if last_row is not None and last_row >= n_rows:
         raise ValueError(
-            f"the staged .npy holds {n_rows} slices but the manifest points at row "
-            f"{int(located['slice_row'].max())}: the file is shorter than its index; "
-            "re-materialize the wave's manifest"
+            f"the staged .npy holds {n_rows} slices but the manifest points at row {last_row}: "
+            "the file is shorter than its index; re-materialize the wave's manifest"
         )
     return located.select(
         "image_id",

@@ -17,6 +17,7 @@ import polars as pl
 from PIL import Image
 
 from mri_assets.core.manifest import shard_for
+from mri_assets.core.slice_shards import read_npy, slice_keys
 from mri_assets.partitions import N_SHARDS
 from mri_assets.resources.object_store import ObjectStore, ObjectStoreError
 
@@ -46,7 +47,7 @@ class SliceReader:
     def _rows(self, wave: str, shard: int) -> dict[str, int]:
         if (wave, shard) not in self._indexes:
             try:
-                path = self._store.local_path(f"slices/{wave}/shard-{shard:02d}.parquet")
+                path = self._store.local_path(slice_keys(wave, shard)[1])
             except ObjectStoreError as error:
                 raise SliceNotFound(
                     f"wave {wave!r} has no slices shard {shard:02d}: materialize its slices"
@@ -63,7 +64,5 @@ class SliceReader:
             row = self._rows(wave, shard).get(image_id)
         if row is None:
             raise SliceNotFound(f"image {image_id!r} is not in wave {wave!r}'s slices")
-        pixels = np.load(
-            self._store.local_path(f"slices/{wave}/shard-{shard:02d}.npy"), mmap_mode="r"
-        )
+        pixels = read_npy(self._store.local_path(slice_keys(wave, shard)[0]))
         return slice_png(pixels[row])
