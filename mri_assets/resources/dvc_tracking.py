@@ -4,6 +4,10 @@ Local profile: repo in `MRI_ASSETS_HOME/dvc`, remote folder `MRI_ASSETS_HOME/dvc
 Other profiles: remote `s3://BUCKET/PREFIX/dvc` with `remote_endpoint_url` for S3-compatible
 stores; credentials come from the usual AWS variables.
 
+DVC runs as a command-line tool in its own environment (`.venv-dvc/`, built by `make dvc-env`
+from `requirements/dvc.lock.txt`), never imported here: DVC's hydra-core/omegaconf pin
+`antlr4-python3-runtime==4.9.*`, while Dagster's asset-selection parser needs the 4.13 runtime.
+
 Several Dagster steps (processes) may track different shards at once: every repo operation runs
 under one file lock beside the repo, so DVC's own repo lock never makes a step fail.
 """
@@ -12,6 +16,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +29,12 @@ from filelock import FileLock, Timeout
 
 REMOTE_NAME = "storage"
 LOCK_TIMEOUT_S = 1800.0
+COMMAND_TIMEOUT_S = 3600.0
+DVC_ENV_DIR = ".venv-dvc"
+DVC_EXECUTABLE_ENV = "MRI_ASSETS_DVC"
+SITE_CACHE = ".dvc/tmp/site-cache"
+# Variables that could point the DVC environment's interpreter at another environment's packages.
+_PYTHON_ENV_LEAKS = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV", "__PYVENV_LAUNCHER__")
 
 
 class DvcTrackingError(RuntimeError):
@@ -61,6 +73,21 @@ def _read_dvc_file(dvc_file: Path) -> tuple[str, int]:
     return str(outs[0]["md5"]), int(outs[0]["size"])
 
 
+def _write_atomically(target: Path, text: str) -> None:
+    """Write `text` to `target` unless it already holds exactly that (no needless mtime change)."""
+    if target.is_file() and target.read_text() == text:
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _copy_atomically(source: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
@@ -73,12 +100,74 @@ def _copy_atomically(source: Path, target: Path) -> None:
         raise
 
 
+def _config_value(value: str) -> str:
+    """A value for DVC's INI config (configobj syntax): quoted, so commas and '#' stay literal."""
+    if '"' not in value:
+        return f'"{value}"'
+    if "'" not in value:
+        return f"'{value}'"
+    raise DvcTrackingError(f"cannot write {value!r} to the DVC config: it holds both quote kinds")
+
+
+def _config_text(sections: dict[str, dict[str, str]]) -> str:
+    lines = [
+        "# Written by mri_assets (resources/dvc_tracking.py) on every repo operation; put your",
+        "# own settings in .dvc/config.local, which DVC merges over this file.",
+    ]
+    for section, settings in sections.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"    {key} = {_config_value(value)}" for key, value in settings.items())
+    return "\n".join(lines) + "\n"
+
+
+def _project_roots() -> list[Path]:
+    """Folders that may hold `.venv-dvc/`: the one holding this interpreter's venv, and the
+    source checkout this module was imported from (an editable install)."""
+    roots = [Path(sys.prefix).resolve().parent, Path(__file__).resolve().parents[2]]
+    return list(dict.fromkeys(roots))
+
+
+def find_dvc_executable(configured: str | None = None) -> str:
+    """The `dvc` program to run: `configured` (a path, or a name looked up on PATH), else
+    `$MRI_ASSETS_DVC`, else `.venv-dvc/bin/dvc` beside the project's venv, else `dvc` on PATH."""
+    wanted = configured or os.environ.get(DVC_EXECUTABLE_ENV) or None
+    if wanted:
+        found = shutil.which(str(Path(wanted).expanduser()))
+        if found is None:
+            origin = "dvc_executable" if configured else f"${DVC_EXECUTABLE_ENV}"
+            raise DvcTrackingError(
+                f"{origin} is {wanted!r}, which is not an executable file nor a program on PATH; "
+                f"run `make dvc-env` (builds {DVC_ENV_DIR}/ from requirements/dvc.lock.txt) or "
+                "point it at an installed `dvc`"
+            )
+        return found
+    candidates = [root / DVC_ENV_DIR / "bin" / "dvc" for root in _project_roots()]
+    for candidate in candidates:
+        if os.access(candidate, os.X_OK):
+            return str(candidate)
+    on_path = shutil.which("dvc")
+    if on_path is not None:
+        return on_path
+    raise DvcTrackingError(
+        "DVC is not installed: looked for "
+        + ", ".join(str(candidate) for candidate in candidates)
+        + " and for `dvc` on PATH. Run `make dvc-env` in the project (it builds "
+        f"{DVC_ENV_DIR}/ from requirements/dvc.lock.txt), or set the dvc resource's "
+        f"`dvc_executable` (or ${DVC_EXECUTABLE_ENV}) to a `dvc` program. DVC must not be "
+        "installed in the project's own environment (its ANTLR pin breaks Dagster's --select)."
+    )
+
+
 class DvcTracking(ConfigurableResource):
-    """A DVC repo (no Git) with one default remote; `track` adds and pushes, `read` pulls."""
+    """A DVC repo (no Git) with one default remote; `track` adds and pushes, `read` pulls.
+
+    `dvc_executable`: the `dvc` program (path or name on PATH); unset, see `find_dvc_executable`.
+    """
 
     repo_dir: str
     remote_url: str
     remote_endpoint_url: str | None = None
+    dvc_executable: str | None = None
 
     @property
     def _repo_path(self) -> Path:
@@ -89,6 +178,18 @@ class DvcTracking(ConfigurableResource):
         if "://" in self.remote_url:
             return self.remote_url
         return str(Path(self.remote_url).expanduser().resolve())
+
+    def _remote_in_config(self, repo_root: Path) -> str:
+        """The remote URL as the repo's `.dvc/config` holds it: relative to `.dvc/` (DVC resolves
+        relative remote paths against the config file's folder) when the remote folder lies
+        in the folder that holds the repo (`MRI_ASSETS_HOME`), so a copied home pushes to its
+        own remote, never to the original's; absolute otherwise."""
+        if "://" in self._remote:
+            return self._remote
+        remote = Path(self._remote)
+        if not remote.is_relative_to(repo_root.parent):
+            return str(remote)
+        return Path(os.path.relpath(remote, repo_root / ".dvc")).as_posix()
 
     @contextmanager
     def _locked(self):
@@ -104,62 +205,84 @@ class DvcTracking(ConfigurableResource):
                 "process holds it (a hung step?) — stop it, or remove the lock file if none runs"
             ) from error
 
-    def _remote_config(self) -> dict:
-        config = {"url": self._remote}
-        if self.remote_endpoint_url:
-            config["endpointurl"] = self.remote_endpoint_url
-        return config
+    def _dvc(self, repo_root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run `dvc ARGS` in `repo_root`; a failure raises `DvcTrackingError` with DVC's output.
 
-    def _configure(self, repo_root: Path) -> None:
-        """`dvc init --no-scm` where missing, then the settings this resource owns.
-
-        DVC's per-repo site cache goes inside `.dvc/tmp`, so all state stays below the repo
-        instead of `/var/tmp/dvc`; analytics are off.
+        DVC's per-repo site cache goes to `REPO/.dvc/tmp/site-cache` (not `/var/tmp/dvc`), so
+        all state stays below the repo; analytics are off.
         """
-        from dvc.config import Config
-
-        dvc_dir = repo_root / ".dvc"
-        dvc_dir.mkdir(parents=True, exist_ok=True)
-        config = (
-            Config(str(dvc_dir)) if (dvc_dir / "config").is_file() else Config.init(str(dvc_dir))
+        executable = find_dvc_executable(self.dvc_executable)
+        env = {key: value for key, value in os.environ.items() if key not in _PYTHON_ENV_LEAKS}
+        env.update(
+            DVC_NO_ANALYTICS="1",
+            DVC_SITE_CACHE_DIR=str(repo_root / SITE_CACHE),
+            PYTHONNOUSERSITE="1",
         )
+        command = [executable, *args]
+        try:
+            result = subprocess.run(
+                command, cwd=repo_root, env=env, capture_output=True, text=True,
+                timeout=COMMAND_TIMEOUT_S, check=False,
+            )
+        except subprocess.TimeoutExpired as error:
+            raise DvcTrackingError(
+                f"`dvc {' '.join(args)}` in {repo_root} ran over {COMMAND_TIMEOUT_S:.0f} s"
+            ) from error
+        if result.returncode != 0:
+            output = (result.stderr.strip() or result.stdout.strip())[-2000:]
+            raise DvcTrackingError(
+                f"`dvc {' '.join(args)}` in {repo_root} failed (exit {result.returncode}): {output}"
+            )
+        return result
+
+    def _configure(self, repo_root: Path, remote_in_config: str) -> None:
+        """`dvc init --no-scm` where missing, then write the repo config this resource owns."""
+        if not (repo_root / ".dvc").is_dir():
+            repo_root.mkdir(parents=True, exist_ok=True)
+            self._dvc(repo_root, "init", "--no-scm", "--quiet")
+        remote = {"url": remote_in_config}
+        if self.remote_endpoint_url:
+            remote["endpointurl"] = self.remote_endpoint_url
         if "://" not in self._remote:
             Path(self._remote).mkdir(parents=True, exist_ok=True)
-        with config.edit("repo") as settings:
-            settings["core"]["no_scm"] = True
-            settings["core"]["analytics"] = False
-            settings["core"]["remote"] = REMOTE_NAME
-            settings["core"]["site_cache_dir"] = str(dvc_dir / "tmp" / "site-cache")
-            settings["cache"]["type"] = "reflink,hardlink,copy"
-            settings["remote"][REMOTE_NAME] = self._remote_config()
+        sections = {
+            "core": {
+                "no_scm": "true",
+                "analytics": "false",
+                "remote": REMOTE_NAME,
+                # For `dvc` run by hand from the repo root; our runs set DVC_SITE_CACHE_DIR.
+                "site_cache_dir": SITE_CACHE,
+            },
+            "cache": {"type": "reflink,hardlink,copy"},
+            f"'remote \"{REMOTE_NAME}\"'": remote,
+        }
+        _write_atomically(repo_root / ".dvc" / "config", _config_text(sections))
 
     def ensure_repo(self) -> Path:
         """Create the repo (`dvc init --no-scm`) if missing and point its default remote here."""
+        repo = self._repo_path
         with self._locked():
-            self._repo_path.mkdir(parents=True, exist_ok=True)
-            self._configure(self._repo_path)
-        return self._repo_path
+            repo.mkdir(parents=True, exist_ok=True)
+            self._configure(repo, self._remote_in_config(repo))
+        return repo
 
     def track(self, local_file: Path, dvc_path: str) -> DvcRecord:
         """Copy `local_file` to `dvc_path` in the workspace, `dvc add` it and `dvc push` it."""
-        from dvc.exceptions import DvcException
-        from dvc.repo import Repo
-
         local_file = Path(local_file)
         if not local_file.is_file():
             raise DvcTrackingError(f"cannot track {local_file}: no such file")
         _check_dvc_path(dvc_path)
-        target = self._repo_path / dvc_path
+        repo = self._repo_path
+        target = repo / dvc_path
         dvc_file = target.with_name(target.name + ".dvc")
         with self._locked():
-            self._repo_path.mkdir(parents=True, exist_ok=True)
-            self._configure(self._repo_path)
+            repo.mkdir(parents=True, exist_ok=True)
+            self._configure(repo, self._remote_in_config(repo))
             _copy_atomically(local_file, target)
             try:
-                with Repo(str(self._repo_path)) as repo:
-                    repo.add(str(target))
-                    repo.push(targets=[str(dvc_file)], remote=REMOTE_NAME)
-            except DvcException as error:
+                self._dvc(repo, "add", "--quiet", dvc_path)
+                self._dvc(repo, "push", "--quiet", "--remote", REMOTE_NAME, f"{dvc_path}.dvc")
+            except DvcTrackingError as error:
                 raise DvcTrackingError(
                     f"DVC could not add and push {dvc_path!r} to remote {self._remote}: {error}; "
                     "check the remote URL, its endpoint and the AWS credentials"
@@ -186,21 +309,18 @@ class DvcTracking(ConfigurableResource):
         a machine that never had this repo. Nothing from this repo's workspace or cache is used,
         so identical bytes prove the remote holds the file (DVC checks the md5 while pulling).
         """
-        from dvc.exceptions import DvcException
-        from dvc.repo import Repo
-
         revision = md5 or self.record(dvc_path).md5
         with tempfile.TemporaryDirectory(prefix="dvc-read-") as scratch:
             clone = Path(scratch)
-            self._configure(clone)
+            (clone / ".dvc").mkdir()
+            self._configure(clone, self._remote)
             dvc_file = clone / (_check_dvc_path(dvc_path) + ".dvc")
             dvc_file.parent.mkdir(parents=True, exist_ok=True)
             outs = [{"md5": revision, "hash": "md5", "path": PurePosixPath(dvc_path).name}]
             dvc_file.write_text(yaml.safe_dump({"outs": outs}, sort_keys=False))
             try:
-                with Repo(str(clone)) as repo:
-                    repo.pull(targets=[str(dvc_file)], remote=REMOTE_NAME)
-            except DvcException as error:
+                self._dvc(clone, "pull", "--quiet", "--remote", REMOTE_NAME, f"{dvc_path}.dvc")
+            except DvcTrackingError as error:
                 raise DvcTrackingError(
                     f"DVC could not pull {dvc_path!r} at md5 {revision} from remote "
                     f"{self._remote}: {error}; check that the revision was pushed there"

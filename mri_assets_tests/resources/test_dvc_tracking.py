@@ -1,11 +1,15 @@
-"""DVC tracking against a local-folder remote and an S3 remote on a real moto server."""
+"""DVC tracking against a local-folder remote and an S3 remote on a real moto server.
+
+DVC runs as a CLI from its own environment (`make dvc-env`); these tests run it the same way.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import multiprocessing
+import os
 import shutil
+import subprocess
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -16,6 +20,7 @@ from mri_assets.resources.dvc_tracking import (
     DvcRecord,
     DvcTracking,
     DvcTrackingError,
+    find_dvc_executable,
     local_dvc_tracking,
 )
 
@@ -34,6 +39,15 @@ def _forget_local_copies(tracking: DvcTracking, dvc_path: str) -> None:
     repo = Path(tracking.repo_dir)
     (repo / dvc_path).unlink()
     shutil.rmtree(repo / ".dvc" / "cache")
+
+
+def _dvc_by_hand(repo: Path, *args: str) -> str:
+    """`dvc ARGS` run in `repo` the way a person would, with no help from the resource."""
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    env.pop("DVC_SITE_CACHE_DIR", None)
+    result = subprocess.run([find_dvc_executable(), *args], cwd=repo, env=env,
+                            capture_output=True, text=True, timeout=300, check=True)
+    return result.stdout
 
 
 def _track_in_a_new_process(repo_dir: str, remote_url: str, source: str, dvc_path: str):
@@ -82,17 +96,46 @@ def test_a_revision_never_pushed_is_a_clear_error(mri_home: Path, tmp_path: Path
 
 
 def test_ensure_repo_is_idempotent_and_sets_the_default_remote(mri_home: Path):
-    from dvc.repo import Repo
-
     tracking = local_dvc_tracking(mri_home)
     assert tracking.ensure_repo() == tracking.ensure_repo()
 
-    with Repo(str(mri_home / "dvc")) as repo:
-        core = repo.config["core"]
-        remote = repo.config["remote"][core["remote"]]
-    assert core["no_scm"] is True
-    assert core["analytics"] is False
-    assert remote["url"] == str((mri_home / "dvc-remote").resolve())
+    settings = dict(
+        line.split("=", 1)
+        for line in _dvc_by_hand(mri_home / "dvc", "config", "--list").splitlines()
+    )
+    assert settings["core.no_scm"] == "true"
+    assert settings["core.analytics"] == "false"
+    assert settings["core.remote"] == "storage"
+    assert settings["remote.storage.url"] == str((mri_home / "dvc-remote").resolve())
+    # Stored relative to `.dvc/`, so a copied home has its own remote.
+    assert 'url = "../../dvc-remote"' in (mri_home / "dvc" / ".dvc" / "config").read_text()
+
+
+def test_a_copied_home_pushes_to_its_own_remote_never_the_original(
+    mri_home: Path, tmp_path: Path
+):
+    local_dvc_tracking(mri_home).track(
+        _write(tmp_path / "a", _shard_bytes(1)), "embeddings/pilot/shard-00.arrow"
+    )
+    copy = tmp_path / "copied_home"
+    shutil.copytree(mri_home, copy)
+    original_remote = sorted((mri_home / "dvc-remote").rglob("*"))
+    original_site_cache = sorted((mri_home / "dvc" / ".dvc" / "tmp").rglob("*"))
+
+    _write(copy / "dvc" / "embeddings" / "pilot" / "shard-01.arrow", _shard_bytes(2))
+    _dvc_by_hand(copy / "dvc", "add", "embeddings/pilot/shard-01.arrow")
+    _dvc_by_hand(copy / "dvc", "push")
+    by_resource = local_dvc_tracking(copy).track(
+        _write(tmp_path / "c", _shard_bytes(3)), "embeddings/pilot/shard-02.arrow"
+    )
+
+    copied_remote = copy / "dvc-remote" / "files" / "md5"
+    for data in (_shard_bytes(2), _shard_bytes(3)):
+        md5 = hashlib.md5(data).hexdigest()
+        assert (copied_remote / md5[:2] / md5[2:]).read_bytes() == data
+    assert by_resource.remote == str((copy / "dvc-remote").resolve())
+    assert sorted((mri_home / "dvc-remote").rglob("*")) == original_remote
+    assert sorted((mri_home / "dvc" / ".dvc" / "tmp").rglob("*")) == original_site_cache
 
 
 def test_tracks_from_four_processes_at_once_all_succeed(mri_home: Path, tmp_path: Path):
@@ -103,7 +146,6 @@ def test_tracks_from_four_processes_at_once_all_succeed(mri_home: Path, tmp_path
         )
         for shard in range(4)
     }
-    importlib.import_module("dvc.repo")  # imported once here, shared by the forked processes
     with ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("fork")) as pool:
         futures = [
             pool.submit(
@@ -140,6 +182,35 @@ def test_reading_an_untracked_path_says_so(mri_home: Path):
     tracking.ensure_repo()
     with pytest.raises(DvcTrackingError, match="is not tracked"):
         tracking.read("embeddings/pilot/shard-15.arrow")
+
+
+def test_a_missing_dvc_program_names_what_to_run(
+    mri_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from mri_assets.resources import dvc_tracking
+
+    configured = DvcTracking(repo_dir=str(mri_home / "dvc"), remote_url=str(tmp_path / "remote"),
+                             dvc_executable=str(tmp_path / "nowhere" / "dvc"))
+    with pytest.raises(DvcTrackingError, match=r"dvc_executable is .*nowhere.*make dvc-env"):
+        configured.ensure_repo()
+
+    monkeypatch.setenv("MRI_ASSETS_DVC", str(tmp_path / "elsewhere" / "dvc"))
+    with pytest.raises(DvcTrackingError, match=r"\$MRI_ASSETS_DVC is .*elsewhere"):
+        local_dvc_tracking(mri_home).ensure_repo()
+
+    monkeypatch.delenv("MRI_ASSETS_DVC")
+    monkeypatch.setattr(dvc_tracking, "_project_roots", lambda: [tmp_path])
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    with pytest.raises(DvcTrackingError, match=r"\.venv-dvc/bin/dvc .*make dvc-env"):
+        local_dvc_tracking(mri_home).ensure_repo()
+
+
+def test_an_explicit_dvc_program_is_used(mri_home: Path, tmp_path: Path):
+    tracking = DvcTracking(repo_dir=str(mri_home / "dvc"), remote_url=str(mri_home / "remote"),
+                           dvc_executable=find_dvc_executable())
+    data = _shard_bytes(4)
+    record = tracking.track(_write(tmp_path / "s", data), "embeddings/pilot/shard-04.arrow")
+    assert record.md5 == hashlib.md5(data).hexdigest()
 
 
 @pytest.mark.integration
