@@ -14,12 +14,22 @@ What this does, per Table E.1-1 of the basic application level confidentiality p
 - PatientIdentityRemoved = YES, DeidentificationMethod and its code sequence are set.
 
 The result is deterministic: the same bytes and pseudonym give the same output bytes.
+
+Legacy objects without preamble and file meta are read the same way (after `imaging` has seen a
+run of well-formed data elements) and written back in the encoding they came in. After cleaning,
+the output is searched for the original patient name, ID and birth date; where one is still found
+(copied into an element the profile does not list) the object is refused, never passed on.
+
+An object that cannot be de-identified is never stored: the landing keeps a *withheld record* in
+its place (`withheld_record`: a short text naming its sha256, size and the reason), which the
+manifest quarantines under the original sha256.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import struct
 
 from mri_assets.core.imaging import UnreadableImage, is_dicom
@@ -160,11 +170,25 @@ def _mark_deidentified(ds) -> None:
     ds.LongitudinalTemporalInformationModified = "REMOVED"
 
 
+_CHECKED_IDENTIFIERS = ("PatientName", "PatientID", "PatientBirthDate")
+
+
+def _identifying_values(ds) -> list[bytes]:
+    """The patient's name, ID and birth date as they may appear in the encoded bytes."""
+    values = []
+    for keyword in _CHECKED_IDENTIFIERS:
+        value = str(ds.get(keyword, "") or "").strip()
+        if len(value) >= 4:
+            values.append(value.encode("utf-8", "ignore"))
+    return values
+
+
 def deidentify_dicom(data: bytes, pseudonym: str) -> bytes:
     """DICOM bytes with the basic-profile PHI removed and the patient renamed to `pseudonym`.
 
     Bytes that are not DICOM come back unchanged. A cut-off header keeps only the elements pydicom
-    could parse (all cleaned); a header pydicom cannot parse at all raises `UnreadableImage`.
+    could parse (all cleaned); a header pydicom cannot parse at all, or an output that still holds
+    the original name, ID or birth date, raises `UnreadableImage`.
     """
     if not is_dicom(data):
         return data
@@ -173,6 +197,7 @@ def deidentify_dicom(data: bytes, pseudonym: str) -> bytes:
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        identifying = _identifying_values(ds)
     except (InvalidDicomError, EOFError, ValueError, OSError, KeyError, struct.error) as exc:
         raise UnreadableImage(f"unreadable DICOM header, cannot de-identify: {exc}") from exc
     ds.remove_private_tags()
@@ -186,5 +211,44 @@ def deidentify_dicom(data: bytes, pseudonym: str) -> bytes:
             file_meta.MediaStorageSOPInstanceUID
         )
     out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=file_meta is not None and "TransferSyntaxUID" in file_meta)
-    return out.getvalue()
+    has_syntax = file_meta is not None and "TransferSyntaxUID" in file_meta
+    try:
+        if has_syntax:
+            ds.save_as(out, enforce_file_format=True)
+        else:  # legacy data set without file meta: written back as it came, without one
+            implicit, little = getattr(ds, "original_encoding", (True, True))
+            ds.save_as(out, implicit_vr=implicit is not False, little_endian=little is not False,
+                       enforce_file_format=False)
+    except (ValueError, TypeError, AttributeError, OverflowError, struct.error) as exc:
+        raise UnreadableImage(f"DICOM header cannot be written back, cannot de-identify: {exc}") from exc
+    cleaned = out.getvalue()
+    left = [value for value in identifying if value in cleaned and value != pseudonym.encode()]
+    if left:
+        raise UnreadableImage(
+            f"de-identification left {len(left)} patient identifier(s) in the object (copied "
+            "into elements the basic profile does not list): cannot de-identify"
+        )
+    return cleaned
+
+
+WITHHELD_MAGIC = b"MRI-ASSETS-WITHHELD/1\n"
+
+
+def withheld_record(data: bytes, reason: str) -> bytes:
+    """What the store keeps in place of an object that cannot be de-identified: its sha256, size
+    and the reason, never its bytes. Deterministic, so re-landing the same object skips it."""
+    record = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "reason": reason}
+    return WITHHELD_MAGIC + json.dumps(record, sort_keys=True).encode()
+
+
+def read_withheld(data: bytes) -> dict | None:
+    """The record of a withheld object (`sha256`, `size`, `reason`), or None for any other bytes."""
+    if not data.startswith(WITHHELD_MAGIC):
+        return None
+    try:
+        record = json.loads(data[len(WITHHELD_MAGIC):])
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or not {"sha256", "size", "reason"} <= record.keys():
+        return None
+    return record

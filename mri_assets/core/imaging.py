@@ -1,9 +1,10 @@
-"""Decode one raw object (PNG, JPEG, DICOM, NIfTI) into windowed, 256 px uint8 slices.
+"""Decode one raw object (PNG, JPEG, DICOM, NIfTI, FreeSurfer MGH) into windowed, 256 px uint8 slices.
 
-The format comes from the content (PNG/JPEG signatures, the DICM preamble, the NIfTI header),
-never from the name alone; the name's extension is only checked against it. A 2-D file is one
-slice windowed on its own; a volume (NIfTI, multi-frame DICOM) is windowed once over all its
-voxels so its slices keep their relative contrast.
+The format comes from the content (PNG/JPEG signatures, the DICM preamble or a run of
+well-formed data elements for legacy DICOM without one, the NIfTI and MGH headers), never from
+the name alone; the name's extension is only checked against it. A 2-D file is one slice windowed
+on its own; a volume (NIfTI, MGH, multi-frame DICOM) is windowed once over all its voxels so its
+slices keep their relative contrast. DICOM objects must be of an allowed modality (MR by default).
 """
 
 from __future__ import annotations
@@ -36,9 +37,16 @@ _EXTENSION_FORMATS = (
     (".dcm", "dicom"),
     (".dicom", "dicom"),
     (".ima", "dicom"),
+    (".mgz", "mgh"),
+    (".mgh", "mgh"),
 )
 
-_SUGGESTED_EXTENSION = {"png": ".png", "jpeg": ".jpg", "dicom": ".dcm", "nifti": ".nii / .nii.gz"}
+_SUGGESTED_EXTENSION = {"png": ".png", "jpeg": ".jpg", "dicom": ".dcm", "nifti": ".nii / .nii.gz",
+                        "mgh": ".mgz / .mgh"}
+
+DEFAULT_MODALITIES = ("MR",)
+# Secondary Capture SOP classes: screen grabs and scanned films, which may show burned-in text
+_SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 
 _INTEGER_HISTOGRAM_MAX_RANGE = 1 << 20
 _HISTOGRAM_RANGE_ALWAYS = 1 << 17
@@ -101,8 +109,65 @@ def _nifti_sizeof_hdr(data: bytes) -> int | None:
     return None
 
 
+_MGH_HEADER_BYTES = 284
+_MGH_TYPES = {0: 1, 1: 4, 3: 4, 4: 2}  # MGH data type code -> bytes per voxel
+
+
+def _is_mgh_header(head: bytes) -> bool:
+    """FreeSurfer MGH: big-endian int32 version 1, four positive dimensions, a known data type."""
+    if len(head) < 24:
+        return False
+    version, *dims, kind = struct.unpack(">6i", head[:24])
+    return version == 1 and all(0 < d < 1 << 20 for d in dims) and kind in _MGH_TYPES
+
+
+_EXPLICIT_VRS = frozenset(
+    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN "
+    b"UR US UT UV".split()
+)
+_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ UC UN UR UT SV UV".split())
+
+
+def _walks_as_elements(data: bytes, explicit: bool, wanted: int = 3) -> bool:
+    """True when `data` starts with `wanted` well-formed little-endian data elements (group 0002
+    or 0008 first, tags ascending, lengths inside the data): a DICOM data set written without the
+    128-byte preamble and file meta, as old archives and ACR-NEMA era tools do."""
+    offset, previous, seen = 0, -1, 0
+    while seen < wanted:
+        if offset + 8 > len(data):
+            return seen > 0 and offset == len(data)
+        group, element = struct.unpack_from("<HH", data, offset)
+        tag = group << 16 | element
+        if tag <= previous or (seen == 0 and group not in (0x0002, 0x0008)):
+            return False
+        if explicit:
+            vr = data[offset + 4 : offset + 6]
+            if vr not in _EXPLICIT_VRS:
+                return False
+            if vr in _LONG_VRS:
+                if offset + 12 > len(data):
+                    return False
+                header, length = 12, struct.unpack_from("<I", data, offset + 8)[0]
+            else:
+                header, length = 8, struct.unpack_from("<H", data, offset + 6)[0]
+        else:
+            header, length = 8, struct.unpack_from("<I", data, offset + 4)[0]
+        if length == 0xFFFFFFFF:  # a sequence of undefined length: the elements so far suffice
+            return seen > 0
+        if offset + header + length > len(data):
+            return False
+        offset += header + length
+        previous, seen = tag, seen + 1
+    return True
+
+
+def is_headerless_dicom(data: bytes) -> bool:
+    """A DICOM data set without preamble and file meta (explicit or implicit VR little endian)."""
+    return _walks_as_elements(data, explicit=True) or _walks_as_elements(data, explicit=False)
+
+
 def detect_format(data: bytes) -> str | None:
-    """The format the bytes hold: "png", "jpeg", "dicom", "nifti" or None."""
+    """The format the bytes hold: "png", "jpeg", "dicom", "nifti", "mgh" or None."""
     if data.startswith(PNG_SIGNATURE):
         return "png"
     if data.startswith(JPEG_SIGNATURE):
@@ -110,11 +175,15 @@ def detect_format(data: bytes) -> str | None:
     if len(data) >= 132 and data[128:132] == b"DICM":
         return "dicom"
     if data.startswith(GZIP_SIGNATURE):
-        head = _gunzip_head(data, 4)
-        return "nifti" if head is not None and _nifti_sizeof_hdr(head) else None
+        head = _gunzip_head(data, 24)
+        if head is not None and _nifti_sizeof_hdr(head):
+            return "nifti"
+        return "mgh" if head is not None and _is_mgh_header(head) else None
     if _nifti_sizeof_hdr(data):
         return "nifti"
-    if len(data) >= 8 and data[:2] in (b"\x08\x00", b"\x02\x00") and data[4:6].isalpha():
+    if _is_mgh_header(data[:24]):
+        return "mgh"
+    if is_headerless_dicom(data):
         return "dicom"
     return None
 
@@ -125,7 +194,7 @@ def is_dicom(data: bytes) -> bool:
 
 def _gunzip_head(data: bytes, n: int) -> bytes | None:
     try:
-        return zlib.decompressobj(31).decompress(data, n)
+        return zlib.decompressobj(31).decompress(data[: 64 * 1024], n)
     except zlib.error:
         return None
 
@@ -134,7 +203,8 @@ def _check_side_lengths(rows: int, cols: int, what: str) -> None:
     for side in (rows, cols):
         if side < MIN_SIDE or side > MAX_SIDE:
             raise UnreadableImage(
-                f"{what} is {rows}x{cols} px (height x width); every side must be between {MIN_SIDE} and {MAX_SIDE} px"
+                f"{what} is {rows}x{cols} px (height x width); every side must be between "
+                f"{MIN_SIDE} and {MAX_SIDE} px: leave thumbnails out, tile or downsample larger images"
             )
 
 
@@ -152,13 +222,15 @@ def _decode_pil(data: bytes, fmt: str) -> _DecodedStack:
     try:
         img = Image.open(io.BytesIO(data))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise UnreadableImage(f"unreadable {label}: {exc}") from exc
+        raise UnreadableImage(f"unreadable {label}: {exc}; re-export the image") from exc
     width, height = img.size
     _check_side_lengths(height, width, f"{label} image")
     try:
         img.load()
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise UnreadableImage(f"truncated or corrupt {label}: {exc}") from exc
+        raise UnreadableImage(
+            f"truncated or corrupt {label}: {exc}; copy the file again from its source"
+        ) from exc
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F", "L"):
         arr = np.asarray(img)
     else:
@@ -168,7 +240,56 @@ def _decode_pil(data: bytes, fmt: str) -> _DecodedStack:
     )
 
 
-def _decode_dicom(data: bytes) -> _DecodedStack:
+def _transfer_syntax(ds, has_preamble: bool):
+    """The data set's transfer syntax; for a legacy object without file meta, the encoding pydicom
+    found while reading it (so pixel decoding knows the byte order)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    file_meta = getattr(ds, "file_meta", None)
+    tsuid = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    if tsuid is not None or has_preamble:
+        return tsuid
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if implicit is None:
+        return None
+    tsuid = (ImplicitVRLittleEndian if implicit
+             else ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    if file_meta is None:
+        ds.file_meta = file_meta = FileMetaDataset()
+    file_meta.TransferSyntaxUID = tsuid
+    return tsuid
+
+
+def check_dicom_admissible(ds, modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> None:
+    """Refuse (with what to do) a DICOM object that is not an acquired image of an allowed modality."""
+    allowed = " or ".join(modalities)
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    if not modality:
+        raise UnreadableImage(
+            f"DICOM object names no Modality (0008,0060), so it cannot be shown to be {allowed}: "
+            f"set Modality at the source if it is {allowed}, otherwise leave it out of the wave"
+        )
+    if modality not in modalities:
+        raise UnreadableImage(
+            f"DICOM modality {modality} is not {allowed}: this pipeline ingests {allowed} images "
+            f"only; leave it out of the wave (or add {modality} to ingest.allowed_modalities "
+            "if it belongs here)"
+        )
+    sop_class = str(ds.get("SOPClassUID", "") or "")
+    if sop_class.startswith(_SECONDARY_CAPTURE_PREFIX):
+        raise UnreadableImage(
+            f"DICOM secondary capture (SOP class {sop_class}), a screen grab or scanned film that "
+            "may show burned-in patient data, not an acquired image: export the original series"
+        )
+    if str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES":
+        raise UnreadableImage(
+            "DICOM BurnedInAnnotation is YES: the pixels may show patient data that header "
+            "de-identification cannot remove; export the series without annotations"
+        )
+
+
+def _decode_dicom(data: bytes, modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> _DecodedStack:
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import get_decoder
@@ -177,13 +298,17 @@ def _decode_dicom(data: bytes) -> _DecodedStack:
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=not has_preamble)
     except (InvalidDicomError, EOFError, ValueError, OSError, KeyError, struct.error) as exc:
-        raise UnreadableImage(f"unreadable DICOM header: {exc}") from exc
+        raise UnreadableImage(
+            f"unreadable DICOM header: {exc}; re-export the object from the archive"
+        ) from exc
+    check_dicom_admissible(ds, modalities)
     if "PixelData" not in ds:
-        raise UnreadableImage("DICOM object has no Pixel Data element: it is not an image")
+        raise UnreadableImage(
+            "DICOM object has no Pixel Data element: it is not an image; leave it out of the wave"
+        )
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     _check_side_lengths(rows, cols, "DICOM image")
-    file_meta = getattr(ds, "file_meta", None)
-    tsuid = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    tsuid = _transfer_syntax(ds, has_preamble)
     if tsuid is not None and tsuid.is_compressed:
         decoder = get_decoder(tsuid)
         if not decoder.is_available:
@@ -228,7 +353,8 @@ def _native_little_endian_pixels(
     if len(raw) < count * dtype.itemsize:
         raise UnreadableImage(
             f"truncated or corrupt DICOM pixel data: {len(raw)} bytes, "
-            f"{count * dtype.itemsize} expected for {frames}x{rows}x{cols} at {bits} bits"
+            f"{count * dtype.itemsize} expected for {frames}x{rows}x{cols} at {bits} bits; "
+            "copy the file again from the archive"
         )
     return np.frombuffer(raw, dtype=dtype, count=count).reshape(frames, rows, cols)
 
@@ -247,7 +373,9 @@ def _pydicom_pixels(ds) -> np.ndarray:
         RuntimeError,
         NotImplementedError,
     ) as exc:
-        raise UnreadableImage(f"truncated or corrupt DICOM pixel data: {exc}") from exc
+        raise UnreadableImage(
+            f"truncated or corrupt DICOM pixel data: {exc}; copy the file again from the archive"
+        ) from exc
 
 
 def _luminance(rgb: np.ndarray) -> np.ndarray:
@@ -262,12 +390,15 @@ def _decode_nifti(data: bytes) -> _DecodedStack:
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError, zlib.error) as exc:
-            raise UnreadableImage(f"truncated or corrupt gzip stream around NIfTI: {exc}") from exc
+            raise UnreadableImage(
+                f"truncated or corrupt gzip stream around NIfTI: {exc}; copy the file again"
+            ) from exc
     size = _nifti_sizeof_hdr(data)
     if size is None:
         found = struct.unpack("<i", data[:4])[0] if len(data) >= 4 else None
         raise UnreadableImage(
-            f"unreadable NIfTI header: sizeof_hdr is {found}, expected 348 (NIfTI-1) or 540 (NIfTI-2)"
+            f"unreadable NIfTI header: sizeof_hdr is {found}, expected 348 (NIfTI-1) or "
+            "540 (NIfTI-2); export the volume again"
         )
     magic = data[344:348] if size == 348 else data[4:8]
     if magic[:3] in (b"ni1", b"ni2"):
@@ -280,9 +411,13 @@ def _decode_nifti(data: bytes) -> _DecodedStack:
         arr = np.asanyarray(img.dataobj)
     except (ValueError, EOFError, OSError, nib.filebasedimages.ImageFileError, TypeError) as exc:
         detail = " ".join(str(exc).split())
-        raise UnreadableImage(f"unreadable or truncated NIfTI: {detail}") from exc
+        raise UnreadableImage(
+            f"unreadable or truncated NIfTI: {detail}; copy or export the volume again"
+        ) from exc
     if arr.ndim < 2:
-        raise UnreadableImage(f"NIfTI data has {arr.ndim} dimension(s); an image needs at least 2")
+        raise UnreadableImage(
+            f"NIfTI data has {arr.ndim} dimension(s); an image needs at least 2: leave it out"
+        )
     if arr.dtype.kind not in "uifb":
         raise UnreadableImage(
             f"NIfTI data type {arr.dtype} (complex or RGB) is not a scalar intensity image; "
@@ -290,46 +425,79 @@ def _decode_nifti(data: bytes) -> _DecodedStack:
         )
     if arr.dtype.kind == "b":
         arr = arr.astype(np.uint8)
+    slice_dim = img.header.get_dim_info()[2] if arr.ndim > 2 else None
+    return _volume_stack(arr, slice_dim, "NIfTI slice")
+
+
+def _volume_stack(arr: np.ndarray, slice_dim: int | None, what: str) -> _DecodedStack:
+    """(n, i, j) slices of a 2-D to N-D voxel array: along `slice_dim` (else the third axis),
+    volume-major beyond three dimensions (`t * n_slices + z`)."""
     if arr.ndim == 2:
         stack = arr[np.newaxis]
     else:
-        slice_dim = img.header.get_dim_info()[2]
         axis = slice_dim if slice_dim is not None and slice_dim < 3 else 2
         extra = int(np.prod(arr.shape[3:])) if arr.ndim > 3 else 1
         spatial = arr.reshape(arr.shape[:3] + (extra,))
         moved = np.moveaxis(spatial, (3, axis), (0, 1))
         stack = moved.reshape((extra * moved.shape[1],) + moved.shape[2:])
-    _check_side_lengths(stack.shape[1], stack.shape[2], "NIfTI slice")
+    _check_side_lengths(stack.shape[1], stack.shape[2], what)
     stack = np.ascontiguousarray(stack, dtype=stack.dtype.newbyteorder("="))
     return _DecodedStack(stack, is_volume=stack.shape[0] > 1, patient_id=None, nifti_display=True)
 
 
-def _decode(data: bytes, fmt: str) -> _DecodedStack:
+def _decode_mgh(data: bytes) -> _DecodedStack:
+    """A FreeSurfer `.mgh` volume, or `.mgz` (the same, gzip-compressed), through nibabel."""
+    from nibabel.freesurfer.mghformat import MGHImage
+
+    if data.startswith(GZIP_SIGNATURE):
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise UnreadableImage(
+                f"truncated or corrupt gzip stream around MGH (.mgz): {exc}; re-export the volume"
+            ) from exc
+    try:
+        img = MGHImage.from_bytes(data)
+        arr = np.asanyarray(img.dataobj)
+    except (ValueError, EOFError, OSError, TypeError, struct.error) as exc:
+        detail = " ".join(str(exc).split())
+        raise UnreadableImage(
+            f"unreadable or truncated MGH volume: {detail}; re-export it (mri_convert)"
+        ) from exc
+    return _volume_stack(arr, None, "MGH slice")
+
+
+def _decode(data: bytes, fmt: str, modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> _DecodedStack:
     if fmt in ("png", "jpeg"):
         return _decode_pil(data, fmt)
     if fmt == "dicom":
-        return _decode_dicom(data)
+        return _decode_dicom(data, modalities)
+    if fmt == "mgh":
+        return _decode_mgh(data)
     return _decode_nifti(data)
 
 
 def _resolve_format(data: bytes, name: str) -> str:
     if len(data) == 0:
-        raise UnreadableImage(f"empty object (0 bytes): {name}")
+        raise UnreadableImage(f"empty object (0 bytes): {name}; copy it again from its source")
     claimed = format_from_extension(name)
     found = detect_format(data)
     if found is None:
         if claimed == "nifti":
             size = struct.unpack("<i", data[:4])[0] if len(data) >= 4 else None
             raise UnreadableImage(
-                f"unreadable NIfTI header: sizeof_hdr is {size}, expected 348 (NIfTI-1) or 540 (NIfTI-2)"
+                f"unreadable NIfTI header: sizeof_hdr is {size}, expected 348 (NIfTI-1) or "
+                "540 (NIfTI-2); export the volume again or fix its name"
             )
         if claimed is not None:
             raise UnreadableImage(
                 f"not a {claimed.upper()} file: the extension says {claimed} but the content has no "
-                f"{claimed.upper()} signature (first bytes {data[:8]!r})"
+                f"{claimed.upper()} signature (first bytes {data[:8]!r}); copy it again or "
+                "leave it out of the wave"
             )
         raise UnreadableImage(
-            f"not an image: the content matches no PNG, JPEG, DICOM or NIfTI signature (first bytes {data[:8]!r})"
+            "not an image: the content matches no PNG, JPEG, DICOM, NIfTI or MGH signature "
+            f"(first bytes {data[:8]!r}); leave it out of the wave"
         )
     if claimed is not None and claimed != found:
         raise UnreadableImage(
@@ -475,20 +643,26 @@ def _slice_problems(stack: np.ndarray, lows: np.ndarray, highs: np.ndarray) -> d
     for index in np.flatnonzero(lows == highs):
         if int(index) not in problems:
             problems[int(index)] = (
-                f"constant slice (every pixel is {lows[index].item()}): no image content"
+                f"constant slice (every pixel is {lows[index].item()}): no image content, "
+                "nothing to label; re-export the scan if it should show anatomy"
             )
     return problems
 
 
 def process_object(
-    data: bytes, name: str, size: int = 256, window: tuple[float, float] = (0.5, 99.5)
+    data: bytes,
+    name: str,
+    size: int = 256,
+    window: tuple[float, float] = (0.5, 99.5),
+    modalities: tuple[str, ...] = DEFAULT_MODALITIES,
 ) -> ProcessedObject:
     """Decode one raw object into windowed `size` px uint8 slices plus the slices it had to quarantine.
 
-    Raises `UnreadableImage` when the object as a whole cannot be read.
+    Raises `UnreadableImage` when the object as a whole cannot be read, or is a DICOM object of
+    a modality outside `modalities`.
     """
     fmt = _resolve_format(data, name)
-    decoded = _decode(data, fmt)
+    decoded = _decode(data, fmt, tuple(m.upper() for m in modalities))
     stack = decoded.stack
     low_pct, high_pct = window
     lows, highs = stack.min(axis=(1, 2)), stack.max(axis=(1, 2))

@@ -23,6 +23,10 @@ class IngestSettings(ConfigurableResource):
     window_low_percentile: float = 0.5
     window_high_percentile: float = 99.5
     decode_workers: int = Field(default=0, description="0 = one per CPU core")
+    allowed_modalities: list[str] = Field(
+        default_factory=lambda: ["MR"],
+        description="DICOM modalities ingested; any other is quarantined with its modality named",
+    )
 
     def manifest_settings(self, n_shards: int) -> ManifestSettings:
         return ManifestSettings(
@@ -36,12 +40,23 @@ class IngestSettings(ConfigurableResource):
         low, high = self.window_low_percentile, self.window_high_percentile
         if not 0 <= low < high <= 100:
             raise ValueError(
-                f"window percentiles ({low}, {high}) must satisfy 0 <= low < high <= 100"
+                f"ingest.window_low_percentile / window_high_percentile are ({low}, {high}): "
+                "they must satisfy 0 <= low < high <= 100"
             )
         return low, high
 
     def workers(self) -> int:
+        if self.decode_workers < 0:
+            raise ValueError(f"ingest.decode_workers is {self.decode_workers}: use 0 (one per "
+                             "CPU core) or a positive number of processes")
         return self.decode_workers or (os.cpu_count() or 1)
+
+    def modalities(self) -> tuple[str, ...]:
+        codes = tuple(str(code).strip().upper() for code in self.allowed_modalities)
+        if not codes or not all(code.isalnum() and len(code) <= 16 for code in codes):
+            raise ValueError(f"ingest.allowed_modalities is {self.allowed_modalities!r}: list one "
+                             "or more DICOM modality codes, e.g. ['MR'] or ['MR', 'CT']")
+        return codes
 
     def uses_dev_salt(self) -> bool:
         return self.salt == DEV_SALT
