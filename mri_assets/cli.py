@@ -3,26 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from mri_assets.core.home import MriHome
+from mri_assets.deployment import Deployment
 
 
-def _home(args: argparse.Namespace) -> MriHome:
-    if getattr(args, "home", None):
-        os.environ["MRI_ASSETS_HOME"] = str(Path(args.home).resolve())
-    return MriHome.from_env().ensure()
-
-
-def _defs():
-    from mri_assets.definitions import build_defs
-
-    return build_defs()
+def _deployment(args: argparse.Namespace) -> Deployment:
+    """The edge of every command: the deployment of this environment (`--home` overrides
+    MRI_ASSETS_HOME), read once and handed to everything the command does."""
+    home = Path(args.home) if getattr(args, "home", None) else None
+    deployment = Deployment.from_env(home=home)
+    deployment.home.ensure()
+    return deployment
 
 
 def cmd_sample_data(args: argparse.Namespace) -> int:
@@ -36,70 +32,31 @@ def cmd_sample_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ingest(home: MriHome, wave: str, source: str) -> str:
-    from mri_assets.core.manifest import validate_wave_key
-    from mri_assets.local_run import dagster_instance
-    from mri_assets.partitions import WAVES
-    from mri_assets.resources.landing import land_wave
-    from mri_assets.resources.object_store import store_from_uri
-
-    validate_wave_key(wave)
-    defs = _defs()
-    store = defs.resources["object_store"]
-    salt = defs.resources["ingest"].salt
-    salt = salt.get_value() if hasattr(salt, "get_value") else salt
-    source_store = store_from_uri(source, cache_dir=str(home.cache))
-    with tqdm(desc=f"landing {wave}", unit="file") as bar:
-        report = land_wave(source_store, "", store, wave, salt, on_file=bar.update)
-    instance = dagster_instance(home)
-    if not instance.has_dynamic_partition(WAVES, wave):
-        instance.add_dynamic_partitions(WAVES, [wave])
-    return report.describe()
-
-
 def cmd_ingest_wave(args: argparse.Namespace) -> int:
-    print(_ingest(_home(args), args.wave, args.source))
+    from mri_assets.operations import ingest_wave
+
+    with tqdm(desc=f"landing {args.wave}", unit="file") as bar:
+        print(ingest_wave(_deployment(args), args.wave, args.source, on_file=bar.update))
     return 0
 
 
-def _run_wave(home: MriHome, wave: str, selection: str | None) -> bool:
-    from mri_assets.local_run import dagster_instance, materialize_wave
-
-    defs = _defs()
-    instance = dagster_instance(home)
-    with tqdm(desc=f"materializing {wave}", unit="step") as bar:
-        report = materialize_wave(defs, instance, wave, selection, on_step=lambda _: bar.update())
-    if not report.success:
-        print(f"wave {wave}: failed at {report.failed}; see the run in `make dev` "
-              f"(run ids: {report.runs[-1:]})", file=sys.stderr)
-    return report.success
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    return 0 if _run_wave(_home(args), args.wave, args.select) else 1
+    from mri_assets.operations import run_wave
 
-
-def label_from_csv(home: MriHome, wave: str, labels_csv: Path, limit: int | None = None):
-    import io
-
-    import polars as pl
-
-    from mri_assets.core.sample_labels import ground_truth_for_wave
-    from mri_assets.core.slice_shards import manifest_key
-    from mri_assets.simulated_clinician import label_queue_from_truth
-
-    defs = _defs()
-    store = defs.resources["object_store"]
-    manifest = pl.read_parquet(io.BytesIO(store.get_bytes(manifest_key(wave))))
-    truth = ground_truth_for_wave(Path(labels_csv), manifest, wave)
-    password = os.environ.get("MRI_ASSETS_SIMULATED_PASSWORD", "simulated-clinician-password")
-    with tqdm(desc=f"simulated clinician labeling {wave}", unit="label") as bar:
-        return label_queue_from_truth(defs.resources["label_store"], truth, password, limit,
-                                      on_item=bar.update)
+    with tqdm(desc=f"materializing {args.wave}", unit="step") as bar:
+        report = run_wave(_deployment(args), args.wave, args.select, on_step=lambda _: bar.update())
+    if not report.success:
+        print(f"wave {args.wave}: failed at {report.failed}; see the run in `make dev` "
+              f"(run ids: {report.runs[-1:]})", file=sys.stderr)
+    return 0 if report.success else 1
 
 
 def cmd_label_from_csv(args: argparse.Namespace) -> int:
-    result = label_from_csv(_home(args), args.wave, Path(args.labels), args.limit)
+    from mri_assets.operations import label_from_csv
+
+    with tqdm(desc=f"simulated clinician labeling {args.wave}", unit="label") as bar:
+        result = label_from_csv(_deployment(args), args.wave, Path(args.labels), args.limit,
+                                on_item=bar.update)
     print(f"simulated clinician: {result.labeled} labels, {result.qa_labeled} QA re-reads, "
           f"{result.skipped_without_truth} skipped (no ground truth)")
     return 0
@@ -108,19 +65,21 @@ def cmd_label_from_csv(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from mri_assets.demo import run_demo
 
-    return run_demo(_home(args), slices=args.slices, seed=args.seed)
+    return run_demo(_deployment(args), slices=args.slices, seed=args.seed)
 
 
 def cmd_smoke(args: argparse.Namespace) -> int:
     import json
 
+    from mri_assets.definitions import build_defs
     from mri_assets.local_run import dagster_instance
     from mri_assets.smoke_run import run_smoke
 
-    home = _home(args)
+    deployment = _deployment(args)
     kwargs = {"reference_dir": Path(args.reference_dir)} if args.reference_dir else {}
-    report = run_smoke(_defs(), dagster_instance(home), home, update_reference=args.update_reference,
-                       n_slices=args.slices, check_only=args.check_only, **kwargs)
+    report = run_smoke(build_defs(deployment), dagster_instance(deployment.home), deployment.home,
+                       update_reference=args.update_reference, n_slices=args.slices,
+                       check_only=args.check_only, **kwargs)
     print(f"smoke: {'PASS' if report.passed else 'FAIL'} in {report.seconds:.1f} s: {report.detail}")
     if report.metadata.get("mismatches"):
         print(json.dumps(report.metadata["mismatches"], indent=1))
@@ -130,8 +89,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 def cmd_triage_serve(args: argparse.Namespace) -> int:
     from mri_assets.triage.app import serve
 
-    _home(args)
-    serve(args.host, args.port)
+    serve(_deployment(args), args.host, args.port)
     return 0
 
 
@@ -140,9 +98,9 @@ def cmd_triage_add_user(args: argparse.Namespace) -> int:
 
     from mri_assets.triage.app import add_user
 
-    _home(args)
+    deployment = _deployment(args)
     password = sys.stdin.readline().rstrip("\n") if args.password_stdin else getpass.getpass()
-    add_user(args.username, password, args.role)
+    add_user(deployment, args.username, password, args.role)
     print(f"annotator {args.username!r} ({args.role}) added")
     return 0
 
@@ -150,9 +108,10 @@ def cmd_triage_add_user(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from mri_assets.workers import start_worker
 
-    home = _home(args)
-    start_worker(args.queue, home.dagster / "celery" / args.queue, name=args.name,
-                 concurrency=args.concurrency, pool=args.pool, loglevel=args.loglevel)
+    deployment = _deployment(args)
+    start_worker(deployment, args.queue, deployment.home.dagster / "celery" / args.queue,
+                 name=args.name, concurrency=args.concurrency, pool=args.pool,
+                 loglevel=args.loglevel)
     return 0
 
 

@@ -9,28 +9,24 @@ whose clusters drift, and the drift sensor's verdict.
 from __future__ import annotations
 
 import io
-import os
 import time
 
 import dagster as dg
 import polars as pl
 
-from mri_assets.core.home import MriHome
+from mri_assets.deployment import Deployment
 
 PILOT = "pilot"
 DRIFT_WAVE = "scale"
 FIRST_PASS = "manifest slices gpu_budget embeddings pca_model clusters labeling_queue"
 AFTER_LABELS = "expert_labels clusters pseudo_labels classifier wave_costs"
 SECOND_WAVE = "manifest slices gpu_budget embeddings pca_model clusters labeling_queue"
-DEMO_SETTINGS = {
-    "MRI_ASSETS_MAX_FINETUNE_IMAGES": "1500",
-    "MRI_ASSETS_RETRAIN_EVERY": "1000",
-    "MRI_ASSETS_LABEL_BATCH": "500",
-}
+# The demo's smaller loop figures, where the environment does not set them.
+DEMO_SETTINGS = {"max_finetune_images": 1500, "retrain_every": 1000, "label_batch": 500}
 
 
-def _manifest_summary(defs: dg.Definitions, wave: str) -> str:
-    frame: pl.DataFrame = defs.load_asset_value("manifest", partition_key=wave)
+def _manifest_summary(defs: dg.Definitions, instance: dg.DagsterInstance, wave: str) -> str:
+    frame: pl.DataFrame = defs.load_asset_value("manifest", partition_key=wave, instance=instance)
     counts = dict(frame.group_by("status").len().iter_rows())
     splits = dict(frame.filter(pl.col("status") == "ok").group_by("split").len().iter_rows())
     return (
@@ -64,7 +60,8 @@ def _check_status(instance: dg.DagsterInstance, asset: str, check: str) -> str:
     return f"{record.status.value.lower()} {figures}"
 
 
-def pseudo_label_precision(defs: dg.Definitions, wave: str, labels_csv) -> tuple[int, float | None]:
+def pseudo_label_precision(defs: dg.Definitions, instance: dg.DagsterInstance, wave: str,
+                           labels_csv) -> tuple[int, float | None]:
     """Promoted pseudo-labels checked against the sample's ground truth (never used to train)."""
     from mri_assets.core.sample_labels import ground_truth_for_wave
     from mri_assets.core.slice_shards import manifest_key
@@ -72,7 +69,8 @@ def pseudo_label_precision(defs: dg.Definitions, wave: str, labels_csv) -> tuple
     store = defs.resources["object_store"]
     manifest = pl.read_parquet(io.BytesIO(store.get_bytes(manifest_key(wave))))
     truth = ground_truth_for_wave(labels_csv, manifest, wave)
-    promoted = defs.load_asset_value("pseudo_labels", partition_key=wave).filter(pl.col("promoted"))
+    promoted = defs.load_asset_value("pseudo_labels", partition_key=wave,
+                                     instance=instance).filter(pl.col("promoted"))
     checked = promoted.join(truth, on="image_id", suffix="_truth")
     if checked.height == 0:
         return 0, None
@@ -89,58 +87,62 @@ def drift_verdict(defs: dg.Definitions, instance: dg.DagsterInstance) -> list[st
     return [f"{r.run_key} -> active_learning[{r.partition_key}]" for r in requests or []]
 
 
-def run_demo(home: MriHome, slices: int, seed: int) -> int:
+def run_demo(deployment: Deployment, slices: int, seed: int) -> int:
     from mri_assets.assets.costs import cost_line
-    from mri_assets.cli import _defs, _ingest, _run_wave, label_from_csv
     from mri_assets.core.sample_data import build_sample_data
-    from mri_assets.local_run import dagster_instance
+    from mri_assets.definitions import build_defs
+    from mri_assets.operations import ingest_wave, instance_for, label_from_csv, run_wave
 
-    for name, value in DEMO_SETTINGS.items():
-        os.environ.setdefault(name, value)
+    deployment = deployment.with_defaults(**DEMO_SETTINGS)
+    home = deployment.home
+
+    def run(wave: str, selection: str) -> bool:
+        return run_wave(deployment, wave, selection).success
+
     started = time.perf_counter()
     pilot_dir = home.root / "sample" / PILOT
     drift_dir = home.root / "sample" / DRIFT_WAVE
     print(f"[1/7] sample data: {slices} T1 slices from real scans into {pilot_dir}")
     build_sample_data(pilot_dir, n_slices=slices, seed=seed, wave_style="t1", progress=True)
-    print(f"[2/7] landing: {_ingest(home, PILOT, str(pilot_dir))}")
+    print(f"[2/7] landing: {ingest_wave(deployment, PILOT, str(pilot_dir))}")
     print(f"[3/7] wave {PILOT}: manifest -> slices -> embeddings -> PCA -> clusters -> queue")
-    ok = _run_wave(home, PILOT, FIRST_PASS)
+    ok = run(PILOT, FIRST_PASS)
     print("[4/7] simulated clinician labels the queue from labels.csv (demo only)")
-    labeled = label_from_csv(home, PILOT, pilot_dir / "labels.csv")
+    labeled = label_from_csv(deployment, PILOT, pilot_dir / "labels.csv")
     print(f"      {labeled.labeled} labels, {labeled.qa_labeled} QA re-reads")
     print(f"[5/7] wave {PILOT}: expert labels -> ARI -> pseudo-labels + gate -> classifier -> costs")
-    ok = _run_wave(home, PILOT, AFTER_LABELS) and ok
+    ok = run(PILOT, AFTER_LABELS) and ok
     n_drift = max(slices // 3, 200)
     print(f"[6/7] second wave {DRIFT_WAVE}: {n_drift} EPI-like slices (a shifted distribution)")
     build_sample_data(drift_dir, n_slices=n_drift, seed=seed + 1, wave_style="epi", progress=True)
-    print(f"      landing: {_ingest(home, DRIFT_WAVE, str(drift_dir))}")
-    ok = _run_wave(home, DRIFT_WAVE, SECOND_WAVE) and ok
-    label_from_csv(home, DRIFT_WAVE, drift_dir / "labels.csv")
-    ok = _run_wave(home, DRIFT_WAVE, "expert_labels clusters") and ok
-    defs = _defs()
-    instance = dagster_instance(home)
+    print(f"      landing: {ingest_wave(deployment, DRIFT_WAVE, str(drift_dir))}")
+    ok = run(DRIFT_WAVE, SECOND_WAVE) and ok
+    label_from_csv(deployment, DRIFT_WAVE, drift_dir / "labels.csv")
+    ok = run(DRIFT_WAVE, "expert_labels clusters") and ok
+    defs = build_defs(deployment)
+    instance = instance_for(deployment)
     print("[7/7] drift sensor, evaluated once:")
     requests = drift_verdict(defs, instance)
     print("      " + ("; ".join(requests) if requests else "no drift request"))
     for request in requests:
         wave = request.split("[")[-1].rstrip("]")
-        ok = _run_wave(home, wave, "labeling_queue") and ok
-    print(_summary(defs, instance, pilot_dir, started))
-    print(cost_line(defs, PILOT))
+        ok = run(wave, "labeling_queue") and ok
+    print(_summary(defs, instance, deployment, pilot_dir, started))
+    print(cost_line(defs, PILOT, instance))
     return 0 if ok else 1
 
 
-def _summary(defs, instance, pilot_dir, started: float) -> str:
+def _summary(defs, instance, deployment: Deployment, pilot_dir, started: float) -> str:
     pilot_clusters = _latest_metadata(instance, "clusters", PILOT)
     drift_clusters = _latest_metadata(instance, "clusters", DRIFT_WAVE)
     pseudo = _latest_metadata(instance, "pseudo_labels", PILOT)
     model = _latest_metadata(instance, "classifier", PILOT)
-    checked, precision = pseudo_label_precision(defs, PILOT, pilot_dir / "labels.csv")
+    checked, precision = pseudo_label_precision(defs, instance, PILOT, pilot_dir / "labels.csv")
     lines = [
         "",
         "summary",
-        _manifest_summary(defs, PILOT),
-        _manifest_summary(defs, DRIFT_WAVE),
+        _manifest_summary(defs, instance, PILOT),
+        _manifest_summary(defs, instance, DRIFT_WAVE),
         (f"  ARI k=4: {PILOT} {pilot_clusters.get('ari_k4')}, {DRIFT_WAVE} "
         f"{drift_clusters.get('ari_k4')} (NMI {pilot_clusters.get('nmi_k4')} / "
         f"{drift_clusters.get('nmi_k4')})"),
@@ -151,7 +153,7 @@ def _summary(defs, instance, pilot_dir, started: float) -> str:
         (f"  classifier holdout macro-F1 {model.get('macro_f1')} vs supervised baseline "
         f"{model.get('baseline_macro_f1')} ({model.get('expert_labels')} expert + "
         f"{model.get('pseudo_labels_used')} pseudo-labels; stage 2 on {model.get('stage2_images')} images)"),
-        f"  state: {MriHome.from_env().root} (store, Dagster instance, MLflow, DVC, labels)",
+        f"  state: {deployment.home.root} (store, Dagster instance, MLflow, DVC, labels)",
         ("  look: `make dev` -> http://127.0.0.1:3000 (assets, waves partitions, sensors, checks);"
         " `mri-assets triage serve` for the labeling page"),
         f"  total: {time.perf_counter() - started:.1f} s",

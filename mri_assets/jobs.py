@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from mri_assets.executors import gpu_run_tags
+from mri_assets.assets.gpu import gpu_run_tags
 from mri_assets.partitions import wave_partitions, wave_shard_partitions
 
 ingest_wave_job = dg.define_asset_job(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -10,8 +9,9 @@ from pathlib import Path
 
 import dagster as dg
 
+from mri_assets.assets.gpu import GPU_POOL
 from mri_assets.core.home import MriHome
-from mri_assets.executors import GPU_POOL
+from mri_assets.core.wave_layout import wave_shard_count
 from mri_assets.partitions import WAVES, shard_partitions, wave_shard_key, wave_shard_partitions
 
 QUIET_CONSOLE = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
@@ -19,13 +19,13 @@ REPO_DAGSTER_YAML = Path(__file__).resolve().parent.parent / "dagster.yaml"
 
 
 def dagster_instance(home: MriHome) -> dg.DagsterInstance:
-    """The persistent Dagster instance under MRI_ASSETS_HOME, set up on first use."""
+    """The persistent Dagster instance under `HOME/dagster` (DAGSTER_HOME of `make dev`), set up
+    on first use. It is opened from that folder, so no process environment is changed."""
     home.ensure()
-    os.environ["DAGSTER_HOME"] = str(home.dagster)
     target = home.dagster / "dagster.yaml"
     if not target.exists() and REPO_DAGSTER_YAML.exists():
         shutil.copyfile(REPO_DAGSTER_YAML, target)
-    instance = dg.DagsterInstance.get()
+    instance = dg.DagsterInstance.from_config(str(home.dagster))
     storage = instance.event_log_storage
     if storage.supports_global_concurrency_limits and GPU_POOL not in storage.get_concurrency_keys():
         storage.set_concurrency_slots(GPU_POOL, 1)
@@ -80,6 +80,17 @@ def selected_keys(graph, selection: str | None) -> set[dg.AssetKey]:
     return chosen
 
 
+def wave_shard_keys(defs: dg.Definitions, wave: str) -> list[dg.MultiPartitionKey]:
+    """The shard partitions of `wave`: as many as its layout records, within the shard dimension."""
+    n_shards = wave_shard_count(defs.resources["object_store"], wave)
+    dimension = len(shard_partitions.get_partition_keys())
+    if n_shards > dimension:
+        raise ValueError(
+            f"wave {wave} was written with {n_shards} shards but MRI_ASSETS_SHARDS={dimension}: "
+            f"set MRI_ASSETS_SHARDS={n_shards} to materialize its shard assets")
+    return [wave_shard_key(wave, shard) for shard in range(n_shards)]
+
+
 def materialize_wave(
     defs: dg.Definitions,
     instance: dg.DagsterInstance,
@@ -96,7 +107,7 @@ def materialize_wave(
     report = WaveRunReport(wave)
     for kind, keys in _stages(defs, chosen):
         partition_keys = (
-            [wave_shard_key(wave, s) for s in shard_partitions.get_partition_keys()]
+            wave_shard_keys(defs, wave)
             if kind == "shard" else [wave] if kind == "wave" else [None]
         )
         for partition_key in partition_keys:

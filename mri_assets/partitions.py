@@ -1,13 +1,21 @@
-"""Partitions: ingest waves (dynamic) and wave x shard for the work that fans out."""
+"""Partitions: ingest waves (dynamic) and wave x shard for the work that fans out.
+
+The shard dimension is static: its size is MRI_ASSETS_SHARDS when the code location is imported
+(read by the deployment edge, `deployment.shards_from_env`), because Dagster fixes an asset's
+partitions when the asset is defined. It says how many shard partitions a *new* wave gets. A
+wave records its own shard count in its layout (`manifests/WAVE/layout.json`, written with the
+manifest) and every reader takes the count from there; so lowering MRI_ASSETS_SHARDS later hides
+the upper shard partitions of older waves in the UI, but no reader loses their slices.
+"""
 
 from __future__ import annotations
 
-import os
-
 import dagster as dg
 
+from mri_assets.deployment import shards_from_env
+
 WAVES = "waves"
-N_SHARDS = int(os.environ.get("MRI_ASSETS_SHARDS", "16"))
+N_SHARDS = shards_from_env()  # the size of the shard dimension, not of any particular wave
 
 wave_partitions = dg.DynamicPartitionsDefinition(name=WAVES)
 shard_partitions = dg.StaticPartitionsDefinition([f"{i:02d}" for i in range(N_SHARDS)])

@@ -1,5 +1,7 @@
 """The nightly smoke run: a fixed sample as the `smoke` wave, ingestion -> embeddings -> clusters,
-then the `smoke_reproduces` check. Used by the `nightly_smoke` job and `mri-assets smoke`.
+then the `smoke_reproduces` check. Used by the `nightly_smoke` job and `mri-assets smoke`; both
+hand in the deployment they were started with (the job's op is built for the deployment of its
+code location).
 
 The wave's assets have different partitions (wave, wave x shard), which one Dagster run cannot
 hold; so the job's single op runs them stage by stage in this process (`materialize_wave`), each
@@ -25,7 +27,9 @@ from mri_assets.assets.smoke import (
     smoke_reproduces,
     write_reference,
 )
+from mri_assets.code_location import resources_for, wave_assets
 from mri_assets.core.home import MriHome
+from mri_assets.deployment import Deployment
 from mri_assets.local_run import QUIET_CONSOLE, materialize_wave
 from mri_assets.partitions import WAVES
 from mri_assets.resources.compute import ComputeResource
@@ -35,6 +39,7 @@ from mri_assets.resources.compute import ComputeResource
 PARTITION_TAG = "dagster/partition"
 SMOKE_MODEL = {"arch": "resnet18", "weights": "none", "seed": 0, "input_size": 128,
                "checkpoint_key": None}
+NIGHTLY_SMOKE_JOB = "nightly_smoke"
 SMOKE_ASSETS = ("manifest", "slices", "gpu_budget", "embeddings", "pca_model", "clusters")
 
 
@@ -145,28 +150,36 @@ def run_smoke(
                        [*wave_report.runs, run_id], metadata)
 
 
-@dg.op
-def smoke_wave_reproduces(context: dg.OpExecutionContext) -> dict:
-    """Runs the smoke wave on this instance; fails with the differing items on a mismatch."""
-    from mri_assets.definitions import build_defs
-
-    report = run_smoke(build_defs(), context.instance, MriHome.from_env().ensure())
-    context.log.info(f"smoke: {'pass' if report.passed else 'FAIL'} in {report.seconds:.1f} s")
-    if not report.passed:
-        raise dg.Failure(description=report.detail, metadata={
-            "runs": dg.MetadataValue.json(report.runs),
-            "mismatches": dg.MetadataValue.json(report.metadata.get("mismatches", [])),
-        })
-    return {"seconds": round(report.seconds, 1), "runs": report.runs}
+def smoke_location_defs(deployment: Deployment) -> dg.Definitions:
+    """The deployment's assets and resources, without the jobs (one of which holds this op)."""
+    return dg.Definitions(assets=wave_assets(), resources=resources_for(deployment))
 
 
-@dg.job(tags={"dagster/max_runtime": str(30 * 60)},
-        description="The fixed 1,000-slice smoke wave, ingest -> clusters, against its reference.")
-def nightly_smoke():
-    smoke_wave_reproduces()
+def nightly_smoke_job(deployment: Deployment) -> dg.JobDefinition:
+    """The `nightly_smoke` job of `deployment`: one op that runs the smoke wave on its instance."""
+
+    @dg.op(name="smoke_wave_reproduces")
+    def smoke_wave_reproduces(context: dg.OpExecutionContext) -> dict:
+        """Runs the smoke wave on this instance; fails with the differing items on a mismatch."""
+        report = run_smoke(smoke_location_defs(deployment), context.instance,
+                           deployment.home.ensure())
+        context.log.info(f"smoke: {'pass' if report.passed else 'FAIL'} in {report.seconds:.1f} s")
+        if not report.passed:
+            raise dg.Failure(description=report.detail, metadata={
+                "runs": dg.MetadataValue.json(report.runs),
+                "mismatches": dg.MetadataValue.json(report.metadata.get("mismatches", [])),
+            })
+        return {"seconds": round(report.seconds, 1), "runs": report.runs}
+
+    @dg.job(name=NIGHTLY_SMOKE_JOB, tags={"dagster/max_runtime": str(30 * 60)},
+            description="The fixed 1,000-slice smoke wave, ingest -> clusters, against its reference.")
+    def nightly_smoke():
+        smoke_wave_reproduces()
+
+    return nightly_smoke
 
 
-@dg.schedule(job=nightly_smoke, cron_schedule="30 2 * * *", execution_timezone="UTC",
+@dg.schedule(job_name=NIGHTLY_SMOKE_JOB, cron_schedule="30 2 * * *", execution_timezone="UTC",
              default_status=dg.DefaultScheduleStatus.RUNNING)
 def nightly_smoke_schedule(context: dg.ScheduleEvaluationContext):
     """Every night 02:30 UTC; one run per day (`run_key`)."""

@@ -2,7 +2,7 @@
 
 A worker is dagster-celery's own Celery app (`dagster_celery.app`) listening on one queue: `gpu`
 for steps tagged `dagster-celery/queue: gpu` (the embeddings), `default` (Celery queue `dagster`)
-for every other step. Worker and executor read the broker from the same environment variables
+for every other step. Worker and executor take the broker from the same deployment settings
 (`MRI_ASSETS_CELERY_BROKER`, `MRI_ASSETS_CELERY_BACKEND`; see `executors.celery_executor_config`).
 """
 
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from mri_assets.deployment import Deployment, child_environment
 from mri_assets.executors import DEFAULT_QUEUE, GPU_QUEUE, celery_executor_config
 
 QUEUES = {"gpu": GPU_QUEUE, "default": DEFAULT_QUEUE}
@@ -91,13 +92,14 @@ def worker_env(config_dir: Path, env: Mapping[str, str]) -> dict[str, str]:
 
 
 def start_worker(
-    queue: str, config_dir: Path, name: str | None = None, concurrency: int = 1,
-    pool: str = "prefork", loglevel: str = "INFO",
+    deployment: Deployment, queue: str, config_dir: Path, name: str | None = None,
+    concurrency: int = 1, pool: str = "prefork", loglevel: str = "INFO",
 ) -> None:
-    """Replace this process with a Celery worker for `queue` (never returns)."""
+    """Replace this process with a Celery worker for `queue` (never returns). The worker loads
+    `mri_assets.definitions`, which reads the same environment into the same deployment."""
     command = worker_command(queue, name, concurrency, pool, loglevel)
-    env = worker_env(write_worker_config(celery_executor_config(os.environ), config_dir), os.environ)
-    os.execve(command[0], command, env)
+    config_dir = write_worker_config(celery_executor_config(deployment), config_dir)
+    os.execve(command[0], command, worker_env(config_dir, child_environment()))
 
 
 def materialize_partition(select: str, partition: str | None, instance) -> str:

@@ -12,7 +12,8 @@ from mri_assets.core.clustering import PcaModel, cluster_scores, cluster_wave, f
 from mri_assets.core.embed import read_embedding_ids, read_embeddings
 from mri_assets.core.expert_labels import align_labels, expert_label_per_image
 from mri_assets.core.plots import projection_png
-from mri_assets.partitions import N_SHARDS, wave_partitions
+from mri_assets.core.wave_layout import wave_shard_count
+from mri_assets.partitions import wave_partitions
 from mri_assets.resources.label_store import LabelStore
 from mri_assets.resources.metrics import MetricsResource
 from mri_assets.resources.mlflow_tracking import MlflowTracking
@@ -31,8 +32,12 @@ def clusters_key(wave: str) -> str:
 
 
 def wave_embeddings(store: ObjectStore, wave: str):
-    """A factory of the wave's embedding shards, in shard order, plus their ids and model id."""
-    paths = [store.local_path(embeddings_key(wave, shard)) for shard in range(N_SHARDS)]
+    """A factory of the wave's embedding shards, in shard order, plus their ids and model id.
+
+    The shards are those the wave was written with (its layout), whatever MRI_ASSETS_SHARDS is now.
+    """
+    paths = [store.local_path(embeddings_key(wave, shard))
+             for shard in range(wave_shard_count(store, wave))]
     ids: list[str] = []
     model_ids: set[str] = set()
     for path in paths:

@@ -25,6 +25,7 @@ from mri_assets.core.slice_shards import (
     staged_rows,
     staging_prefix,
 )
+from mri_assets.core.wave_layout import WaveLayout, wave_shard_count, write_wave_layout
 from mri_assets.partitions import N_SHARDS, wave_and_shard, wave_partitions, wave_shard_partitions
 from mri_assets.resources.metrics import MetricsResource
 from mri_assets.resources.object_store import LocalObjectStore, ObjectStore
@@ -56,17 +57,17 @@ def _write_parquet(store: ObjectStore, key: str, frame: pl.DataFrame, scratch: P
     store.put_file(key, path)
 
 
-def _stage_shards(store: ObjectStore, wave: str, staged: StagedSlices) -> int:
+def _stage_shards(store: ObjectStore, wave: str, staged: StagedSlices, n_shards: int) -> int:
     """Publish each shard's staged `.npy` (moved, not copied, on a local store); drop stale staging."""
     published = set()
-    for shard in range(N_SHARDS):
+    for shard in range(n_shards):
         key = staged_pixels_key(wave, shard)
         store.publish_file(key, staged.path(shard))
         published.add(key)
     for info in store.list(staging_prefix(wave)):
         if info.key not in published:
             store.delete(info.key)
-    return sum(staged.count(shard) for shard in range(N_SHARDS))
+    return sum(staged.count(shard) for shard in range(n_shards))
 
 
 def _markdown_table(frame: pl.DataFrame) -> str:
@@ -93,14 +94,16 @@ def manifest(context: dg.AssetExecutionContext, object_store: ObjectStore, inges
     """One row per slice of the wave's raw objects: checksums, patient split, status and reason.
 
     Every object is decoded once here (a broken or duplicate slice can only be found by decoding);
-    the 256 px pixels are staged per shard for the `slices` asset.
+    the 256 px pixels are staged per shard for the `slices` asset. A new wave gets as many shards
+    as the shard partitions have (MRI_ASSETS_SHARDS) and records that count in its layout.
     """
     wave = context.partition_key
+    n_shards = N_SHARDS
     started = time.perf_counter()
     sources = list_raw_sources(object_store, wave)
     context.log.info(f"wave {wave}: {len(sources)} raw objects listed under {raw_prefix(wave)}")
-    settings = ingest.manifest_settings(N_SHARDS)
-    decode = DecodeSettings(wave=wave, n_shards=N_SHARDS, window=ingest.window())
+    settings = ingest.manifest_settings(n_shards)
+    decode = DecodeSettings(wave=wave, n_shards=n_shards, window=ingest.window())
     done = {"objects": 0}
 
     def log_progress(n: int) -> None:
@@ -117,7 +120,8 @@ def manifest(context: dg.AssetExecutionContext, object_store: ObjectStore, inges
             .alias("source_uri"),
         )
         _write_parquet(object_store, manifest_key(wave), frame, scratch)
-        staged_count = _stage_shards(object_store, wave, staged)
+        staged_count = _stage_shards(object_store, wave, staged, n_shards)
+        write_wave_layout(object_store, WaveLayout(wave, n_shards))
     seconds = time.perf_counter() - started
     check = reconcile([s.key for s in sources], frame)
     counts = _summary_table(frame, "status")
@@ -136,6 +140,7 @@ def manifest(context: dg.AssetExecutionContext, object_store: ObjectStore, inges
             "duplicate": counts.get("duplicate", 0),
             "quarantined": counts.get("quarantined", 0),
             "staged_slices": staged_count,
+            "shards": n_shards,
             "splits": dg.MetadataValue.json(_summary_table(frame.filter(pl.col("status") == "ok"), "split")),
             "formats": dg.MetadataValue.json(_summary_table(frame, "format")),
             "quarantine_reasons": dg.MetadataValue.md(_markdown_table(reasons)),
@@ -175,6 +180,10 @@ def slices(context: dg.AssetExecutionContext, object_store: ObjectStore) -> dg.O
     the file into place (a hard link locally, a server-side copy on S3).
     """
     wave, shard = wave_and_shard(context)
+    n_shards = wave_shard_count(object_store, wave)
+    if shard >= n_shards:
+        raise dg.Failure(f"wave {wave} was written with {n_shards} shards (its layout); shard "
+                         f"{shard:02d} holds nothing: MRI_ASSETS_SHARDS is larger than the wave's")
     started = time.perf_counter()
     wanted = manifest_shard_rows(object_store.local_path(manifest_key(wave)), shard)
     staged_key = staged_pixels_key(wave, shard)

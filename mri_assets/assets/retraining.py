@@ -31,8 +31,9 @@ from mri_assets.core.train import (
     save_checkpoint,
     train_two_stage,
 )
-from mri_assets.executors import GPU_POOL, gpu_step_tags
-from mri_assets.partitions import N_SHARDS, wave_partitions
+from mri_assets.assets.gpu import GPU_POOL, gpu_step_tags
+from mri_assets.core.wave_layout import wave_shard_count
+from mri_assets.partitions import wave_partitions
 from mri_assets.resources.compute import ComputeResource
 from mri_assets.resources.mlflow_tracking import MlflowTracking
 from mri_assets.resources.object_store import ObjectStore
@@ -78,9 +79,11 @@ def baseline_key(wave: str) -> str:
 
 
 def wave_slice_rows(store: ObjectStore, wave: str):
-    """A function image ids -> `SliceRows` over the wave's memmapped slice shards."""
-    indexes = [pl.read_parquet(store.local_path(slice_keys(wave, s)[1])) for s in range(N_SHARDS)]
-    arrays = [read_npy(store.local_path(slice_keys(wave, s)[0])) for s in range(N_SHARDS)]
+    """A function image ids -> `SliceRows` over the wave's memmapped slice shards (all of those
+    its layout records)."""
+    shards = range(wave_shard_count(store, wave))
+    indexes = [pl.read_parquet(store.local_path(slice_keys(wave, s)[1])) for s in shards]
+    arrays = [read_npy(store.local_path(slice_keys(wave, s)[0])) for s in shards]
     locations = slice_locations(indexes)
     return lambda image_ids: SliceRows(arrays, *locate(locations, image_ids))
 

@@ -8,7 +8,6 @@ run: a Pushgateway that is down or refuses the push is logged as a warning and c
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -176,8 +175,8 @@ def build_registry(
 class MetricsResource(dg.ConfigurableResource):
     """Pushes a batch step's figures to a Pushgateway; does nothing when no URL is set.
 
-    `pushgateway_url` None means: read `PUSHGATEWAY_URL` from the environment at push time.
-    An empty string turns pushing off.
+    `pushgateway_url` comes from the deployment (`PUSHGATEWAY_URL`); None or an empty string
+    turns pushing off.
     """
 
     pushgateway_url: str | None = None
@@ -190,10 +189,7 @@ class MetricsResource(dg.ConfigurableResource):
         return self._push_failures
 
     def gateway_url(self) -> str | None:
-        url = self.pushgateway_url
-        if url is None:
-            url = os.environ.get("PUSHGATEWAY_URL")
-        return url or None
+        return self.pushgateway_url or None
 
     def push(
         self,

@@ -263,7 +263,8 @@ def _pinnable_version(response: dict) -> str | None:
 
 
 def _default_cache_dir() -> Path:
-    return Path(os.environ.get("MRI_ASSETS_HOME", ".mri_assets")) / "cache"
+    """Where a store built without `cache_dir` caches (the deployment's stores use `HOME/cache`)."""
+    return Path(tempfile.gettempdir()) / "mri_assets-cache"
 
 
 class S3ObjectStore(ObjectStore):
@@ -572,18 +573,17 @@ class S3ObjectStore(ObjectStore):
         return target
 
 
-def _s3_endpoint_from_env() -> str | None:
-    for name in ("MRI_ASSETS_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
-        if os.environ.get(name):
-            return os.environ[name]
-    return None
-
-
-def store_from_uri(uri: str, cache_dir: str | Path | None = None) -> ObjectStore:
+def store_from_uri(
+    uri: str,
+    cache_dir: str | Path | None = None,
+    endpoint_url: str | None = None,
+    region_name: str = "us-east-1",
+) -> ObjectStore:
     """The store a path or URI names: a local path or `file://` URI, or `s3://bucket[/prefix]`.
 
-    For S3 the endpoint comes from MRI_ASSETS_S3_ENDPOINT_URL, else AWS_ENDPOINT_URL_S3, else
-    AWS_ENDPOINT_URL (none set: AWS itself); the region from AWS_REGION / AWS_DEFAULT_REGION.
+    For S3, `endpoint_url` (None: AWS itself) and `region_name`; `resources.deployed.source_store_for`
+    takes both from the deployment (MRI_ASSETS_S3_ENDPOINT_URL, else AWS_ENDPOINT_URL_S3, else
+    AWS_ENDPOINT_URL; AWS_REGION / AWS_DEFAULT_REGION).
     """
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
@@ -592,10 +592,8 @@ def store_from_uri(uri: str, cache_dir: str | Path | None = None) -> ObjectStore
         return S3ObjectStore(
             bucket=parsed.netloc,
             prefix=parsed.path.strip("/"),
-            endpoint_url=_s3_endpoint_from_env(),
-            region_name=os.environ.get("AWS_REGION")
-            or os.environ.get("AWS_DEFAULT_REGION")
-            or "us-east-1",
+            endpoint_url=endpoint_url,
+            region_name=region_name,
             cache_dir=str(cache_dir) if cache_dir is not None else None,
         )
     if parsed.scheme == "file":

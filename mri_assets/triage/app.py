@@ -1,7 +1,7 @@
 """The clinicians' triage web app: log in, label leased slices with the keyboard, admin totals.
 
-`create_app(label_store, load_slice_png, settings)` builds the FastAPI app; `serve(host, port,
-settings)` runs it with uvicorn against the default label store and local object store.
+`create_app(label_store, load_slice_png, settings)` builds the FastAPI app; `serve(deployment,
+host, port)` runs it with uvicorn over the deployment's label store and object store.
 
 Every route except /login and /static refuses anonymous requests: pages redirect to /login,
 API routes answer 401, /admin answers 403 to non-admins, and /metrics needs
@@ -26,6 +26,7 @@ from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel
 from starlette.middleware.sessions import SessionMiddleware
 
+from mri_assets.deployment import Deployment
 from mri_assets.resources import label_store as store_errors
 from mri_assets.resources.label_store import LabelStore
 from mri_assets.triage import auth
@@ -283,24 +284,28 @@ def create_app(
     return app
 
 
-def default_app(settings: TriageSettings) -> FastAPI:
-    """The app over `MRI_ASSETS_HOME`: the label store there and the local object store."""
-    from mri_assets.core.home import MriHome
-    from mri_assets.resources.object_store import LocalObjectStore
+def default_app(deployment: Deployment, settings: TriageSettings) -> FastAPI:
+    """The app over the deployment's label store and object store: the ones the pipeline reads
+    and writes (PostgreSQL and S3 in production), never a store of its own."""
+    from mri_assets.resources.deployed import label_store_for, object_store_for
     from mri_assets.triage.slice_reader import SliceReader
 
-    reader = SliceReader(LocalObjectStore(root=str(MriHome.from_env().store)))
-    return create_app(LabelStore(), reader, settings)
+    reader = SliceReader(object_store_for(deployment))
+    return create_app(label_store_for(deployment), reader, settings)
 
 
 def serve(
-    host: str = "127.0.0.1", port: int = 8765, settings: TriageSettings | None = None
+    deployment: Deployment, host: str = "127.0.0.1", port: int = 8765,
+    settings: TriageSettings | None = None,
 ) -> None:
     import uvicorn
 
-    uvicorn.run(default_app(settings or TriageSettings.from_env()), host=host, port=port)
+    app = default_app(deployment, settings or TriageSettings.from_env())
+    uvicorn.run(app, host=host, port=port)
 
 
-def add_user(username: str, password: str, role: str = "clinician") -> None:
-    """Create an annotator in the default label store (`mri-assets triage add-user`)."""
-    LabelStore().add_annotator(username, password, role)
+def add_user(deployment: Deployment, username: str, password: str, role: str = "clinician") -> None:
+    """Create an annotator in the deployment's label store (`mri-assets triage add-user`)."""
+    from mri_assets.resources.deployed import label_store_for
+
+    label_store_for(deployment).add_annotator(username, password, role)

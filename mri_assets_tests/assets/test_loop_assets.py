@@ -7,10 +7,11 @@ from mlflow.tracking import MlflowClient
 
 from mri_assets.assets.labeling import split_of
 from mri_assets.assets.retraining import REGISTERED_MODEL
-from mri_assets.cli import label_from_csv
 from mri_assets.core.home import MriHome
 from mri_assets.definitions import build_defs
+from mri_assets.deployment import Deployment
 from mri_assets.local_run import dagster_instance, materialize_wave
+from mri_assets.operations import label_from_csv
 from mri_assets.resources.settings import LabelingSettings, PseudoLabelSettings, TrainingSettings
 from mri_assets_tests.assets.wave_fixtures import land_sample_wave
 
@@ -36,7 +37,7 @@ def labeled_wave(tmp_path_factory):
         instance = dagster_instance(MriHome(home))
         report = materialize_wave(defs, instance, "pilot", FIRST)
         assert report.success, report.failed
-        labeled = label_from_csv(MriHome(home), "pilot", source / "labels.csv")
+        labeled = label_from_csv(Deployment.from_env(home=home), "pilot", source / "labels.csv")
         yield home, instance, source, labeled
 
 

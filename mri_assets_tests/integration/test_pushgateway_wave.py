@@ -27,15 +27,15 @@ PUSHING_ASSETS = ("manifest", "slices", "gpu_budget", "embeddings", "pca_model",
                   "labeling_queue", "wave_costs")
 MATERIALIZE_PUSHING_ASSETS = f"""
 import dagster as dg
-from mri_assets.core.home import MriHome
 from mri_assets.definitions import build_defs
+from mri_assets.deployment import Deployment
 from mri_assets.local_run import dagster_instance, materialize_wave
 
 defs = build_defs("local")
 wanted = {{dg.AssetKey(name) for name in {PUSHING_ASSETS!r}}}
 subset = dg.Definitions(assets=[a for a in defs.assets if set(a.keys) <= wanted],
                         resources=defs.resources)
-report = materialize_wave(subset, dagster_instance(MriHome.from_env()), {WAVE!r})
+report = materialize_wave(subset, dagster_instance(Deployment.from_env().home), {WAVE!r})
 assert report.success, report.failed
 """
 

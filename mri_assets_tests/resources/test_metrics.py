@@ -92,10 +92,14 @@ def test_push_without_url_does_nothing(monkeypatch):
     assert outcome.failures == 0
 
 
-def test_pushgateway_url_defaults_to_environment(monkeypatch):
-    monkeypatch.setenv("PUSHGATEWAY_URL", "http://gateway.example:9091")
+def test_pushgateway_url_comes_from_the_deployment(tmp_path):
+    from mri_assets.code_location import resources_for
+    from mri_assets.deployment import Deployment
 
-    assert MetricsResource().gateway_url() == "http://gateway.example:9091"
+    deployment = Deployment.from_env({"PUSHGATEWAY_URL": "http://gateway.example:9091"},
+                                     home=tmp_path)
+    assert resources_for(deployment)["metrics"].gateway_url() == "http://gateway.example:9091"
+    assert resources_for(Deployment.from_env({}, home=tmp_path))["metrics"].gateway_url() is None
     assert MetricsResource(pushgateway_url="").gateway_url() is None
 
 

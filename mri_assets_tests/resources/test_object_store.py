@@ -8,7 +8,9 @@ from pathlib import Path
 import boto3
 import pytest
 
+from mri_assets.deployment import Deployment
 from mri_assets.resources import object_store as object_store_module
+from mri_assets.resources.deployed import source_store_for
 from mri_assets.resources.object_store import (
     LocalObjectStore,
     ObjectStore,
@@ -320,7 +322,7 @@ def test_store_from_uri_gives_a_local_store_for_paths_and_file_uris(tmp_path: Pa
 
 
 @pytest.mark.integration
-def test_store_from_uri_gives_an_s3_store_on_the_endpoint_from_the_environment(
+def test_source_store_gives_an_s3_store_on_the_endpoint_from_the_environment(
     s3_endpoint: str, plain_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     _s3_client(s3_endpoint).put_object(Bucket=plain_bucket, Key="landing/site-a/a.png", Body=b"a")
@@ -328,7 +330,7 @@ def test_store_from_uri_gives_an_s3_store_on_the_endpoint_from_the_environment(
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
 
-    store = store_from_uri(f"s3://{plain_bucket}/landing/site-a/", cache_dir=tmp_path / "cache")
+    store = source_store_for(Deployment.from_env(home=tmp_path), f"s3://{plain_bucket}/landing/site-a/")
 
     assert isinstance(store, S3ObjectStore)
     assert (store.bucket, store.prefix, store.endpoint_url) == (
@@ -340,10 +342,10 @@ def test_store_from_uri_gives_an_s3_store_on_the_endpoint_from_the_environment(
     assert store.local_path("a.png").is_relative_to(tmp_path / "cache")
 
 
-def test_store_from_uri_prefers_the_project_endpoint_variable(monkeypatch: pytest.MonkeyPatch):
+def test_source_store_prefers_the_project_endpoint_variable(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://generic.invalid:9000")
     monkeypatch.setenv("MRI_ASSETS_S3_ENDPOINT_URL", "http://project.invalid:9000")
-    store = store_from_uri("s3://waves")
+    store = source_store_for(Deployment.from_env(), "s3://waves")
     assert isinstance(store, S3ObjectStore)
     assert (store.bucket, store.prefix, store.endpoint_url) == (
         "waves",

@@ -18,6 +18,7 @@ import pytest
 import uvicorn
 
 from mri_assets.core.manifest import image_id_for, shard_for
+from mri_assets.core.wave_layout import WaveLayout, layout_key
 from mri_assets.partitions import N_SHARDS
 from mri_assets.resources.label_store import LabelStore
 from mri_assets.resources.object_store import LocalObjectStore
@@ -62,6 +63,9 @@ def write_slices_shard(root: Path, wave: str, ids: list[str]) -> None:
     it; rows are stored in reverse so that an index row never equals its position."""
     folder = root / "slices" / wave
     folder.mkdir(parents=True, exist_ok=True)
+    layout = root / layout_key(wave)
+    layout.parent.mkdir(parents=True, exist_ok=True)
+    layout.write_bytes(WaveLayout(wave, N_SHARDS).to_json())
     template = mni_axial_slices()
     by_shard: dict[int, list[int]] = {}
     for position, image_id in enumerate(ids):

@@ -18,121 +18,89 @@ import math
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from datetime import UTC, datetime, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError
 from dagster import ConfigurableResource
 from pydantic import PrivateAttr
 
 from mri_assets.core.agreement import cohen_kappa
 from mri_assets.core.budget import LabelBudget, cases_affordable, period_end, period_start
 from mri_assets.core.home import MriHome
-
-MIGRATIONS_DIR = Path(__file__).parent / "migrations"
-ROLES = ("clinician", "admin")
-ENQUEUE_KINDS = ("expert", "holdout")
-_OPEN_STATES = ("queued", "leased")
-_PASSWORD_HASHER = PasswordHasher()
-_DUMMY_HASH = _PASSWORD_HASHER.hash("not-a-real-password")
-
-
-class LabelStoreError(RuntimeError):
-    """A label store operation was refused; the message says what to change."""
-
-
-class UnknownItem(LabelStoreError):
-    pass
-
-
-class LabelNotInClassSet(LabelStoreError):
-    pass
-
-
-class ItemLeasedToOther(LabelStoreError):
-    pass
-
-
-class LeaseLost(LabelStoreError):
-    pass
-
-
-class ItemClosed(LabelStoreError):
-    pass
-
-
-class BudgetExhausted(LabelStoreError):
-    pass
-
-
-class AnnotatorExists(LabelStoreError):
-    pass
-
-
-_metadata = sa.MetaData()
-queue_items = sa.Table(
-    "queue_items",
-    _metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("wave", sa.String),
-    sa.Column("image_id", sa.String),
-    sa.Column("priority", sa.Float),
-    sa.Column("reason", sa.Text),
-    sa.Column("state", sa.String),
-    sa.Column("lease_owner", sa.String),
-    sa.Column("lease_expires_at", sa.DateTime),
-    sa.Column("kind", sa.String),
-    sa.Column("class_set", sa.Text),
-    sa.Column("excluded_annotator", sa.String),
-    sa.Column("prediction", sa.String),
-    sa.Column("created_at", sa.DateTime),
+from mri_assets.resources.label_store.accounts import (
+    ROLES,
+    AccountsMixin,
+    LoginOutcome,
+    LoginPolicy,
+    SessionInfo,
+    new_session_token,
+    token_hash,
 )
-labels = sa.Table(
-    "labels",
-    _metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("item_id", sa.Integer),
-    sa.Column("image_id", sa.String),
-    sa.Column("wave", sa.String),
-    sa.Column("label", sa.String),
-    sa.Column("annotator", sa.String),
-    sa.Column("created_at", sa.DateTime),
-    sa.Column("seconds_spent", sa.Float),
-    sa.Column("kind", sa.String),
+from mri_assets.resources.label_store.reports import ReportsMixin
+from mri_assets.resources.label_store.schema import (
+    AnnotatorExists,
+    BudgetExhausted,
+    CannotUndo,
+    InvalidUsername,
+    ItemClosed,
+    ItemLeasedToOther,
+    LabelNotInClassSet,
+    LabelStoreError,
+    LastAdmin,
+    LeaseLost,
+    UnknownAnnotator,
+    UnknownItem,
+    WeakPassword,
+    annotators,
+    audit_log,
+    budget_periods,
+    labels,
+    login_throttle,
+    queue_items,
+    sessions,
+    utc_now,
 )
-annotators = sa.Table(
+
+__all__ = [
+    "ROLES",
+    "SNAPSHOT_SCHEMA",
+    "AnnotatorExists",
+    "BudgetExhausted",
+    "CannotUndo",
+    "InvalidUsername",
+    "ItemClosed",
+    "ItemLeasedToOther",
+    "LabelNotInClassSet",
+    "LabelStore",
+    "LabelStoreError",
+    "LastAdmin",
+    "LeaseLost",
+    "LoginOutcome",
+    "LoginPolicy",
+    "SessionInfo",
+    "UnknownAnnotator",
+    "UnknownItem",
+    "WeakPassword",
     "annotators",
-    _metadata,
-    sa.Column("username", sa.String, primary_key=True),
-    sa.Column("password_hash", sa.Text),
-    sa.Column("role", sa.String),
-    sa.Column("created_at", sa.DateTime),
-)
-audit_log = sa.Table(
     "audit_log",
-    _metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("who", sa.String),
-    sa.Column("what", sa.String),
-    sa.Column("at", sa.DateTime),
-    sa.Column("payload", sa.Text),
-)
-budget_periods = sa.Table(
-    "budget_periods",
-    _metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("starts_on", sa.Date),
-    sa.Column("ends_on", sa.Date),
-    sa.Column("cases_cap", sa.Integer),
-    sa.Column("cap_cents", sa.Integer),
-    sa.Column("cases_used", sa.Integer),
-    sa.Column("spent_cents", sa.Integer),
-)
+    "login_throttle",
+    "migration_heads",
+    "new_session_token",
+    "sessions",
+    "token_hash",
+    "utc_now",
+]
+
+MIGRATIONS_DIR = Path(__file__).parents[1] / "migrations"
+ENQUEUE_KINDS = ("expert", "holdout")
+MAX_ITEM_ID = 2**31 - 1  # queue item ids are 32-bit integers on PostgreSQL
+MAX_HELD = 64
+_OPEN_STATES = ("queued", "leased")
+MISSING_PIXELS = "missing_pixels"
 
 SNAPSHOT_SCHEMA = {
     "label_id": pl.Int64,
@@ -171,6 +139,12 @@ def _hot_statements(dialect: str) -> dict[str, sa.TextClause]:
         )
         .bindparams(sa.bindparam("held", expanding=True))
         .columns(**item_types),
+        "own_lease_qa": sa.text(
+            f"SELECT {_ITEM_COLUMNS} FROM queue_items WHERE state = 'leased' AND kind = 'qa' "
+            f"AND lease_owner = :annotator AND id NOT IN :held ORDER BY id LIMIT 1{lock}"
+        )
+        .bindparams(sa.bindparam("held", expanding=True))
+        .columns(**item_types),
         "next_queued": sa.text(
             f"SELECT {_ITEM_COLUMNS} FROM queue_items WHERE state = 'queued' "
             "AND (excluded_annotator IS NULL OR excluded_annotator != :annotator) "
@@ -188,10 +162,8 @@ def _hot_statements(dialect: str) -> dict[str, sa.TextClause]:
         "item": sa.text(f"SELECT {_ITEM_COLUMNS} FROM queue_items WHERE id = :id{lock}").columns(
             **item_types
         ),
-        "close_item": sa.text(
-            "UPDATE queue_items SET state = :state, lease_owner = NULL, lease_expires_at = NULL "
-            "WHERE id = :id"
-        ),
+        # A closed item keeps its lease owner and end: its labeler may undo until then.
+        "close_item": sa.text("UPDATE queue_items SET state = :state WHERE id = :id"),
         "period": sa.text(
             "SELECT id, starts_on, cases_used, spent_cents FROM budget_periods "
             f"WHERE starts_on = :starts_on{lock}"
@@ -204,15 +176,31 @@ def _hot_statements(dialect: str) -> dict[str, sa.TextClause]:
             "UPDATE budget_periods SET cases_used = cases_used + 1, "
             "spent_cents = spent_cents + :cents WHERE id = :id"
         ),
+        "session": sa.text(
+            "SELECT s.id, s.username, s.csrf, s.created_at, s.last_seen_at, s.expires_at, "
+            "s.ended_at, s.end_reason, a.role, a.disabled_at, a.deleted_at FROM sessions s "
+            "LEFT JOIN annotators a ON a.username = s.username WHERE s.token_hash = :token_hash"
+        ).columns(
+            created_at=sa.DateTime(),
+            last_seen_at=sa.DateTime(),
+            expires_at=sa.DateTime(),
+            ended_at=sa.DateTime(),
+            disabled_at=sa.DateTime(),
+            deleted_at=sa.DateTime(),
+        ),
+        "touch_session": sa.text(
+            "UPDATE sessions SET last_seen_at = :now WHERE id = :id AND ended_at IS NULL"
+        ).bindparams(sa.bindparam("now", type_=sa.DateTime())),
+        "renew": sa.text(
+            "UPDATE queue_items SET lease_expires_at = :expires WHERE state = 'leased' "
+            "AND lease_owner = :annotator AND id IN :ids"
+        ).bindparams(
+            sa.bindparam("ids", expanding=True), sa.bindparam("expires", type_=sa.DateTime())
+        ),
         "audit": sa.text(
             "INSERT INTO audit_log (who, what, at, payload) VALUES (:who, :what, :at, :payload)"
         ).bindparams(sa.bindparam("at", type_=sa.DateTime())),
     }
-
-
-def utc_now() -> datetime:
-    """Naive UTC, the form every timestamp has in the store."""
-    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def default_url() -> str:
@@ -248,6 +236,29 @@ def _build_engine(url: str) -> sa.Engine:
         connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
     return engine
+
+
+def _checked_item_id(item_id: object) -> int:
+    """`item_id` as an int, or UnknownItem when it cannot be a queue item id at all."""
+    if isinstance(item_id, bool):
+        raise UnknownItem(f"no queue item with id {item_id!r}")
+    try:
+        value = int(item_id)
+    except (TypeError, ValueError, OverflowError):
+        raise UnknownItem(f"no queue item with id {item_id!r}") from None
+    if value != item_id or not 1 <= value <= MAX_ITEM_ID:
+        raise UnknownItem(f"no queue item with id {item_id!r} (ids are 1..{MAX_ITEM_ID})")
+    return value
+
+
+def _checked_held(held: Sequence[int]) -> list[int]:
+    ids = list(held)
+    if len(ids) > MAX_HELD:
+        raise LabelStoreError(f"held lists at most {MAX_HELD} item ids, got {len(ids)}")
+    try:
+        return [_checked_item_id(i) for i in ids]
+    except UnknownItem as error:
+        raise LabelStoreError(f"held: {error}") from None
 
 
 def _picked_for_qa(image_id: str, fraction: float, seed: int) -> bool:
@@ -309,7 +320,7 @@ def _validate_queue_items(items: Sequence[dict]) -> list[dict]:
     return rows
 
 
-class LabelStore(ConfigurableResource):
+class LabelStore(AccountsMixin, ReportsMixin, ConfigurableResource):
     """Durable queue + labels for the labeling loop. See the module docstring."""
 
     url: str = ""
@@ -327,6 +338,7 @@ class LabelStore(ConfigurableResource):
     _period_ready: object = PrivateAttr(default=None)
     _released_at: datetime | None = PrivateAttr(default=None)
     _writer_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _throttle_pruned_at: datetime | None = PrivateAttr(default=None)
 
     @property
     def budget(self) -> LabelBudget:
@@ -531,10 +543,13 @@ class LabelStore(ConfigurableResource):
     ) -> dict | None:
         """Lease the next item to `annotator`, or None when nothing is left for them.
 
-        Expired leases return to the queue first (checked at most once a second per process). An annotator's own unexpired lease that is
-        not in `held` (the items their page already shows) is handed back before a new item,
-        so a reloaded page or restarted server resumes where the clinician was.
+        Expired leases return to the queue first (checked at most once a second per process).
+        An annotator's own unexpired lease that is not in `held` (the items their page already shows) is handed back before a new item,
+        so a reloaded page or restarted server resumes where the clinician was. Once the
+        period's budget is spent only QA re-reads (paid already) are handed out. `held` is at
+        most 64 item ids.
         """
+        held_ids = _checked_held(held)
         now = now or utc_now()
         self._ensure_period(now)
         expires = now + timedelta(seconds=lease_seconds)
@@ -542,9 +557,9 @@ class LabelStore(ConfigurableResource):
             if self._released_at is None or abs((now - self._released_at).total_seconds()) >= 1:
                 self._release_expired(conn, now)
                 self._released_at = now
-            row = self._own_lease(conn, annotator, held)
+            qa_only = self._affordable(self._period_row(conn, now, lock=False)) == 0
+            row = self._own_lease(conn, annotator, held_ids, qa_only)
             if row is None:
-                qa_only = self._affordable(self._period_row(conn, now, lock=False)) == 0
                 row = self._next_queued(conn, annotator, qa_only)
             if row is None:
                 return None
@@ -556,9 +571,11 @@ class LabelStore(ConfigurableResource):
     def _release_expired(self, conn: sa.Connection, now: datetime) -> None:
         self._sql(conn, "release_expired", now=now)
 
-    def _own_lease(self, conn: sa.Connection, annotator: str, held: Sequence[int]):
-        held_ids = [int(i) for i in held] or [-1]
-        return self._sql(conn, "own_lease", annotator=annotator, held=held_ids).first()
+    def _own_lease(
+        self, conn: sa.Connection, annotator: str, held: Sequence[int], qa_only: bool = False
+    ):
+        name = "own_lease_qa" if qa_only else "own_lease"
+        return self._sql(conn, name, annotator=annotator, held=list(held) or [-1]).first()
 
     def _next_queued(self, conn: sa.Connection, annotator: str, qa_only: bool):
         name = "next_queued_qa" if qa_only else "next_queued"
@@ -566,7 +583,7 @@ class LabelStore(ConfigurableResource):
 
     def _leased_item(self, conn: sa.Connection, item_id: int, annotator: str, now: datetime):
         """The item row, locked, if `annotator` holds an unexpired lease on it; else raise."""
-        row = self._sql(conn, "item", id=item_id).first()
+        row = self._sql(conn, "item", id=_checked_item_id(item_id)).first()
         if row is None:
             raise UnknownItem(f"no queue item with id {item_id}; fetch items with /api/next")
         if row.state in ("done", "skipped"):
@@ -608,7 +625,7 @@ class LabelStore(ConfigurableResource):
         now = now or utc_now()
         self._ensure_period(now)
         with self._write() as conn:
-            row = self._leased_item(conn, int(item_id), annotator, now)
+            row = self._leased_item(conn, item_id, annotator, now)
             classes = json.loads(row.class_set)
             if label not in classes:
                 raise LabelNotInClassSet(
@@ -647,10 +664,12 @@ class LabelStore(ConfigurableResource):
     def _spend_one_case(self, conn: sa.Connection, now: datetime) -> None:
         period = self._period_row(conn, now, lock=True)
         if self._affordable(period) < 1:
+            resumes_on = period_end(period.starts_on, self.period_months)
             raise BudgetExhausted(
                 f"the labeling budget for the period starting {period.starts_on} is spent "
-                f"({period.cases_used} cases, €{period.spent_cents / 100:.2f}); wait for the "
-                "next period or raise cases_per_period"
+                f"({period.cases_used} cases, €{period.spent_cents / 100:.2f}); labeling "
+                f"resumes on {resumes_on.isoformat()} (or raise cases_per_period)",
+                resumes_on=resumes_on,
             )
         self._sql(conn, "spend", cents=self.budget.cents_per_case, id=period.id)
 
@@ -678,7 +697,7 @@ class LabelStore(ConfigurableResource):
         """The clinician cannot or will not label this image: it leaves the queue, unpaid."""
         now = now or utc_now()
         with self._write() as conn:
-            row = self._leased_item(conn, int(item_id), annotator, now)
+            row = self._leased_item(conn, item_id, annotator, now)
             self._close_item(conn, row.id, "skipped")
             self._audit(conn, annotator, "skip", {"item_id": row.id, "image_id": row.image_id}, now)
 
@@ -689,7 +708,7 @@ class LabelStore(ConfigurableResource):
         """
         now = now or utc_now()
         with self._write() as conn:
-            row = self._leased_item(conn, int(item_id), annotator, now)
+            row = self._leased_item(conn, item_id, annotator, now)
             if row.kind == "qa" or row.excluded_annotator is not None:
                 self._close_item(conn, row.id, "skipped")
                 outcome = "skipped"
@@ -713,12 +732,208 @@ class LabelStore(ConfigurableResource):
                 now,
             )
 
-    def item(self, item_id: int) -> dict | None:
+    def release(self, item_id: int, annotator: str, now: datetime | None = None) -> None:
+        """Give a leased item back to the queue at once (e.g. the budget ran out under it)."""
+        now = now or utc_now()
+        with self._write() as conn:
+            row = self._leased_item(conn, item_id, annotator, now)
+            conn.execute(
+                queue_items.update()
+                .where(queue_items.c.id == row.id)
+                .values(state="queued", lease_owner=None, lease_expires_at=None)
+            )
+
+    def renew_leases(
+        self,
+        annotator: str,
+        item_ids: Sequence[int],
+        lease_seconds: float = 300,
+        now: datetime | None = None,
+    ) -> dict[int, datetime]:
+        """Extend `annotator`'s leases on `item_ids` to now + `lease_seconds`; return the ids
+        renewed with their new end (a lease already handed to someone else is not)."""
+        ids = _checked_held(item_ids)
+        if not ids:
+            return {}
+        now = now or utc_now()
+        expires = now + timedelta(seconds=lease_seconds)
+        with self._write() as conn:
+            self._sql(conn, "renew", expires=expires, annotator=annotator, ids=ids)
+            renewed = conn.execute(
+                sa.select(queue_items.c.id).where(
+                    queue_items.c.id.in_(ids),
+                    queue_items.c.state == "leased",
+                    queue_items.c.lease_owner == annotator,
+                )
+            ).scalars()
+            return {item_id: expires for item_id in renewed}
+
+    def undo(self, item_id: int, annotator: str, now: datetime | None = None) -> dict:
+        """Take back `annotator`'s label or skip of `item_id` while its lease lasts: the label
+        is removed (and its case refunded, its QA re-read withdrawn), the item is leased to
+        `annotator` again until the same end; return the item. Only the annotator's latest
+        label can be undone, and not once its QA re-read has been handed out."""
+        now = now or utc_now()
+        with self._write() as conn:
+            row = self._sql(conn, "item", id=_checked_item_id(item_id)).first()
+            if row is None:
+                raise UnknownItem(f"no queue item with id {item_id}")
+            lease_live = row.lease_expires_at is not None and row.lease_expires_at > now
+            if row.state not in ("done", "skipped") or row.lease_owner != annotator:
+                raise CannotUndo(f"item {item_id} has no label or skip of yours to undo")
+            if not lease_live:
+                raise CannotUndo(f"the lease on item {item_id} has ended: it can no longer be undone")
+            flag = conn.execute(
+                sa.select(queue_items.c.flag).where(queue_items.c.id == row.id)
+            ).scalar()
+            if flag is not None:
+                raise CannotUndo(f"item {item_id} is flagged ({flag}) for the admin")
+            payload = {"item_id": row.id, "image_id": row.image_id, "undone": row.state}
+            if row.state == "done":
+                payload.update(self._withdraw_label(conn, row, annotator))
+            conn.execute(
+                queue_items.update().where(queue_items.c.id == row.id).values(state="leased")
+            )
+            self._audit(conn, annotator, "undo", payload, now)
+        item = _item_dict(row)
+        item.update(lease_owner=annotator, lease_expires_at=row.lease_expires_at)
+        return item
+
+    def _withdraw_label(self, conn: sa.Connection, row, annotator: str) -> dict:
+        label = conn.execute(
+            sa.select(labels.c.id, labels.c.label, labels.c.kind, labels.c.created_at).where(
+                labels.c.item_id == row.id
+            )
+        ).first()
+        if label is None:
+            raise CannotUndo(f"item {row.id} has no label to undo")
+        latest = conn.execute(
+            sa.select(sa.func.max(labels.c.id)).where(labels.c.annotator == annotator)
+        ).scalar()
+        if latest != label.id:
+            raise CannotUndo("only your latest label can be undone")
+        qa = conn.execute(
+            sa.select(queue_items.c.id, queue_items.c.state).where(
+                queue_items.c.kind == "qa", queue_items.c.reason == f"qa re-read of item {row.id}"
+            )
+        ).first()
+        if qa is not None and qa.state != "queued":
+            raise CannotUndo(f"item {row.id} is already being re-read for QA")
+        if qa is not None:
+            conn.execute(queue_items.delete().where(queue_items.c.id == qa.id))
+        conn.execute(labels.delete().where(labels.c.id == label.id))
+        if label.kind == "expert":
+            period = self._period_row(conn, label.created_at, lock=True)
+            conn.execute(
+                budget_periods.update()
+                .where(budget_periods.c.id == period.id)
+                .values(
+                    cases_used=budget_periods.c.cases_used - 1,
+                    spent_cents=budget_periods.c.spent_cents - self.budget.cents_per_case,
+                )
+            )
+        return {"label": label.label, "label_id": label.id, "kind": label.kind}
+
+    def flag_missing_pixels(self, item_id: int, by: str, now: datetime | None = None) -> None:
+        """The item's pixels cannot be read: it leaves the queue for everyone, flagged for
+        the admin (who can put it back with `requeue_flagged` once the pixels are there)."""
+        now = now or utc_now()
+        with self._write() as conn:
+            row = self._sql(conn, "item", id=_checked_item_id(item_id)).first()
+            if row is None:
+                raise UnknownItem(f"no queue item with id {item_id}")
+            values = {"flag": MISSING_PIXELS, "flagged_at": now, "flagged_by": by[:128]}
+            if row.state in _OPEN_STATES:
+                values.update(state="skipped", lease_owner=None, lease_expires_at=None)
+            conn.execute(queue_items.update().where(queue_items.c.id == row.id).values(**values))
+            self._audit(
+                conn, by, "flag_missing_pixels",
+                {"item_id": row.id, "wave": row.wave, "image_id": row.image_id}, now,
+            )
+
+    def flagged_items(self, limit: int = 500) -> list[dict]:
         with self._read() as conn:
-            row = conn.execute(
-                sa.select(queue_items).where(queue_items.c.id == int(item_id))
-            ).first()
-        return None if row is None else {**_item_dict(row), "state": row.state}
+            rows = conn.execute(
+                sa.select(queue_items)
+                .where(queue_items.c.flag.is_not(None))
+                .order_by(queue_items.c.flagged_at.desc())
+                .limit(limit)
+            ).all()
+        return [
+            {**_item_dict(row), "state": row.state, "flag": row.flag,
+             "flagged_at": row.flagged_at, "flagged_by": row.flagged_by}
+            for row in rows
+        ]
+
+    def requeue_flagged(
+        self, item_ids: Sequence[int] | None, by: str, now: datetime | None = None
+    ) -> int:
+        """Put flagged, skipped items (all of them with `item_ids=None`) back in the queue."""
+        now = now or utc_now()
+        query = queue_items.update().where(
+            queue_items.c.flag.is_not(None), queue_items.c.state == "skipped"
+        )
+        if item_ids is not None:
+            query = query.where(queue_items.c.id.in_(_checked_held(item_ids)))
+        with self._write() as conn:
+            count = conn.execute(
+                query.values(
+                    state="queued", flag=None, flagged_at=None, flagged_by=None,
+                    lease_owner=None, lease_expires_at=None,
+                )
+            ).rowcount
+            self._audit(conn, by, "requeue_flagged", {"items": count}, now)
+        return count
+
+    def queue_status(self, now: datetime | None = None) -> dict:
+        """Why there may be nothing to lease: `status` is `budget_spent` when the period's
+        budget pays for no more cases, else `open`; `resumes_on` is the next period's start."""
+        now = now or utc_now()
+        self._ensure_period(now)
+        with self._read() as conn:
+            period = self._period_row(conn, now, lock=False)
+        left = self._affordable(period)
+        return {
+            "status": "budget_spent" if left == 0 else "open",
+            "budget_left_cases": left,
+            "resumes_on": period_end(period.starts_on, self.period_months).isoformat(),
+        }
+
+    def progress(self, annotator: str, since: datetime, now: datetime | None = None) -> dict:
+        """The annotator's labels since `since` and today, the open queue, the budget."""
+        now = now or utc_now()
+        today = datetime(now.year, now.month, now.day)
+        with self._read() as conn:
+            session_count = conn.execute(
+                sa.select(sa.func.count()).where(
+                    labels.c.annotator == annotator, labels.c.created_at >= since
+                )
+            ).scalar_one()
+            today_count = conn.execute(
+                sa.select(sa.func.count()).where(
+                    labels.c.annotator == annotator, labels.c.created_at >= today
+                )
+            ).scalar_one()
+            open_items = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(queue_items)
+                .where(queue_items.c.state.in_(_OPEN_STATES))
+            ).scalar_one()
+        return {
+            "labeled_this_session": int(session_count),
+            "labeled_today": int(today_count),
+            "queue_open": int(open_items),
+            **self.queue_status(now),
+        }
+
+    def item(self, item_id: int) -> dict | None:
+        try:
+            checked = _checked_item_id(item_id)
+        except UnknownItem:
+            return None
+        with self._read() as conn:
+            row = conn.execute(sa.select(queue_items).where(queue_items.c.id == checked)).first()
+        return None if row is None else {**_item_dict(row), "state": row.state, "flag": row.flag}
 
     # -- reading --------------------------------------------------------------------------
 
@@ -796,49 +1011,3 @@ class LabelStore(ConfigurableResource):
             "qa_pairs": len(pairs),
             "labels_last_hour": last_hour,
         }
-
-    # -- annotators -----------------------------------------------------------------------
-
-    def add_annotator(self, username: str, password: str, role: str = "clinician") -> None:
-        if not isinstance(username, str) or not username.strip() or len(username) > 128:
-            raise LabelStoreError("username must be 1..128 characters")
-        if any(not ch.isprintable() for ch in username):
-            raise LabelStoreError(f"username {username!r} holds control characters")
-        if role not in ROLES:
-            raise LabelStoreError(f"role must be one of {ROLES}, got {role!r}")
-        if not isinstance(password, str) or len(password) < 8:
-            raise LabelStoreError("password must be at least 8 characters")
-        now = utc_now()
-        try:
-            with self._write() as conn:
-                conn.execute(
-                    annotators.insert().values(
-                        username=username,
-                        password_hash=PasswordHasher(
-                            time_cost=self.argon2_time_cost, memory_cost=self.argon2_memory_kib
-                        ).hash(password),
-                        role=role,
-                        created_at=now,
-                    )
-                )
-                self._audit(
-                    conn, "system", "add_annotator", {"username": username, "role": role}, now
-                )
-        except sa.exc.IntegrityError as error:
-            raise AnnotatorExists(f"annotator {username!r} already exists") from error
-
-    def verify_password(self, username: str, password: str) -> bool:
-        with self._read() as conn:
-            stored = conn.execute(
-                sa.select(annotators.c.password_hash).where(annotators.c.username == username)
-            ).scalar()
-        try:
-            return _PASSWORD_HASHER.verify(stored or _DUMMY_HASH, password) and stored is not None
-        except (VerificationError, InvalidHashError):
-            return False
-
-    def annotator_role(self, username: str) -> str | None:
-        with self._read() as conn:
-            return conn.execute(
-                sa.select(annotators.c.role).where(annotators.c.username == username)
-            ).scalar()

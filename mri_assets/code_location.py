@@ -1,0 +1,90 @@
+"""What a code location is made of below `definitions`: the asset modules and the resources of a
+deployment. The smoke job and the local runner build their own `Definitions` from these parts,
+so none of them needs `definitions` (which imports them)."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from mri_assets.assets import clustering, costs, embeddings, ingest, labeling, retraining
+from mri_assets.deployment import Deployment
+from mri_assets.resources.compute import ComputeResource
+from mri_assets.resources.cost_settings import CostSettings
+from mri_assets.resources.deployed import object_store_for, secret_config
+from mri_assets.resources.dvc_tracking import DvcTracking
+from mri_assets.resources.label_store import LabelStore
+from mri_assets.resources.metrics import MetricsResource
+from mri_assets.resources.mlflow_tracking import MlflowTracking
+from mri_assets.resources.settings import (
+    ClusteringSettings,
+    IngestSettings,
+    LabelingSettings,
+    PseudoLabelSettings,
+    RetrainSettings,
+    TrainingSettings,
+)
+
+ASSET_MODULES = [ingest, embeddings, clustering, labeling, retraining, costs]
+
+
+def wave_assets() -> list:
+    return list(dg.load_assets_from_modules(ASSET_MODULES))
+
+
+def _io_manager(deployment: Deployment):
+    if deployment.profile == "k8s":
+        from dagster_aws.s3 import S3PickleIOManager, S3Resource
+
+        return S3PickleIOManager(
+            s3_resource=S3Resource(endpoint_url=deployment.object_store.endpoint_url),
+            s3_bucket=deployment.bucket,
+            s3_prefix="dagster-io",
+        )
+    return dg.FilesystemIOManager(base_dir=str(deployment.home.dagster / "storage"))
+
+
+def _dvc(deployment: Deployment) -> DvcTracking:
+    if deployment.uses_s3:
+        return DvcTracking(repo_dir=str(deployment.home.dvc_repo), remote_url=deployment.dvc_remote,
+                           remote_endpoint_url=deployment.object_store.endpoint_url)
+    return DvcTracking(repo_dir=str(deployment.home.dvc_repo), remote_url=deployment.dvc_remote)
+
+
+def _compute(deployment: Deployment) -> ComputeResource:
+    """CPU nodes embed at 128 px by default (resized on the device; part of the model id), GPU
+    nodes at the stored 256 px. `MRI_ASSETS_INPUT_SIZE=256` changes the local default."""
+    settings = deployment.compute
+    model = {"checkpoint_key": settings.backbone_checkpoint, "input_size": deployment.input_size}
+    if deployment.profile == "local":
+        return ComputeResource(**model)
+    return ComputeResource(device=settings.device, num_workers=settings.loader_workers,
+                           batch_size=settings.batch_size, **model)
+
+
+def _mlflow(deployment: Deployment) -> MlflowTracking:
+    if deployment.mlflow.tracking_uri is not None:
+        return MlflowTracking(tracking_uri=secret_config(deployment.mlflow.tracking_uri, ""),
+                              experiment_name=deployment.mlflow.experiment)
+    return MlflowTracking.local(deployment.home.root)
+
+
+def resources_for(deployment: Deployment) -> dict:
+    """Every resource of the deployment, by key; secrets stay `EnvVar`s where the env holds them."""
+    loop = deployment.loop
+    return {
+        "object_store": object_store_for(deployment),
+        "ingest": IngestSettings(salt=secret_config(deployment.salt, IngestSettings().salt)),
+        "io_manager": _io_manager(deployment),
+        "compute": _compute(deployment),
+        "dvc": _dvc(deployment),
+        "mlflow": _mlflow(deployment),
+        "label_store": LabelStore(url=secret_config(deployment.labels_url,
+                                                    deployment.labels_url_value)),
+        "clustering": ClusteringSettings(),
+        "labeling": LabelingSettings(batch_size=loop.label_batch),
+        "pseudo": PseudoLabelSettings(),
+        "training": TrainingSettings(max_finetune_images=loop.max_finetune_images),
+        "retrain": RetrainSettings(every_slices=loop.retrain_every),
+        "metrics": MetricsResource(pushgateway_url=deployment.pushgateway_url or ""),
+        "cost": CostSettings(),
+    }
