@@ -1,12 +1,15 @@
-"""The clinicians' triage web app: log in, label leased slices with the keyboard, admin totals.
+"""The clinicians' triage web app: log in, label leased slices with the keyboard, admin pages.
 
 `create_app(label_store, load_slice_png, settings)` builds the FastAPI app; `serve(deployment,
 host, port)` runs it with uvicorn over the deployment's label store and object store.
 
-Every route except /login and /static refuses anonymous requests: pages redirect to /login,
-API routes answer 401, /admin answers 403 to non-admins, and /metrics needs
-`Authorization: Bearer <metrics_token>` (env `MRI_ASSETS_METRICS_TOKEN`; with no token
-configured /metrics always answers 401).
+Every route except /login, /static and /metrics needs a live server-side session (`auth.py`):
+pages redirect to /login, API and image routes answer 401, the /admin pages answer 403 to
+non-admins, and /metrics needs `Authorization: Bearer <metrics_token>` (with no token configured
+/metrics always answers 401). Request guards (`security.py`): bodies over `max_body_bytes` get
+413 before any parsing, cross-site state-changing requests 403, and every answer carries the
+security headers. Every input that the routes take is bounded and validated, so a bad one gets a
+4xx answer. The app refuses to start with a weak or default secret unless `demo` is set.
 """
 
 from __future__ import annotations
@@ -15,44 +18,60 @@ import logging
 import os
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
+from typing import Annotated
 
 import jinja2
-from fastapi import Depends, FastAPI, Form, HTTPException, Request
+from fastapi import Depends, FastAPI, Form, HTTPException, Query, Request
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from pydantic import BaseModel
-from starlette.middleware.sessions import SessionMiddleware
+from pydantic import BaseModel, ConfigDict, Field
 
 from mri_assets.deployment import Deployment
+from mri_assets.deployment import Deployment
 from mri_assets.resources import label_store as store_errors
-from mri_assets.resources.label_store import LabelStore
+from mri_assets.resources.label_store import (
+    MAX_HELD,
+    MAX_ITEM_ID,
+    LabelStore,
+    LoginPolicy,
+    new_session_token,
+    token_hash,
+    utc_now,
+)
 from mri_assets.triage import auth
-from mri_assets.triage.slice_reader import SliceNotFound
+from mri_assets.triage.admin import add_admin_routes
+from mri_assets.triage.classes import DEFINITIONS
+from mri_assets.triage.security import BodyLimit, OriginCheck, SecurityHeaders, check_secret
 
 HERE = Path(__file__).parent
 log = logging.getLogger(__name__)
 
 _ERROR_STATUS = {
     store_errors.UnknownItem: 404,
+    store_errors.UnknownAnnotator: 404,
     store_errors.LabelNotInClassSet: 422,
+    store_errors.WeakPassword: 422,
+    store_errors.InvalidUsername: 422,
     store_errors.ItemLeasedToOther: 409,
     store_errors.LeaseLost: 409,
     store_errors.ItemClosed: 409,
     store_errors.BudgetExhausted: 409,
+    store_errors.CannotUndo: 409,
+    store_errors.AnnotatorExists: 409,
+    store_errors.LastAdmin: 409,
     store_errors.LabelStoreError: 400,
 }
-_SECURITY_HEADERS = {
-    "Content-Security-Policy": (
-        "default-src 'self'; img-src 'self' blob: data:; script-src 'self'; style-src 'self'; "
-        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
-    ),
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-store",
-}
+ItemId = Annotated[int, Field(ge=1, le=MAX_ITEM_ID, strict=True)]
+
+
+class WeakSecret(ValueError):
+    """The session secret is weak or a default: the app does not start with it."""
 
 
 @dataclass(frozen=True)
@@ -62,37 +81,56 @@ class TriageSettings:
     show_prediction: bool = False
     lease_seconds: int = 300
     session_max_age_s: int = 8 * 3600
+    session_idle_s: int = 30 * 60
+    session_touch_s: float = 60.0
     cookie_secure: bool = False
+    demo: bool = False
+    max_body_bytes: int = 64 * 1024
+    allowed_origins: tuple[str, ...] = ()
+    login_policy: LoginPolicy = field(default_factory=LoginPolicy)
 
     @classmethod
     def from_env(cls) -> TriageSettings:
-        secret = os.environ.get("MRI_ASSETS_TRIAGE_SECRET")
-        if not secret:
+        demo = os.environ.get("MRI_ASSETS_TRIAGE_DEMO") == "1"
+        secret = os.environ.get("MRI_ASSETS_TRIAGE_SECRET", "")
+        if not secret and demo:
             log.warning(
-                "MRI_ASSETS_TRIAGE_SECRET is not set: using a random session secret, so "
-                "clinicians must log in again after a restart (their labels and leases are kept)"
+                "demo mode and MRI_ASSETS_TRIAGE_SECRET is not set: using a random session "
+                "secret, so clinicians must log in again after a restart"
             )
             secret = secrets.token_urlsafe(32)
+        origins = os.environ.get("MRI_ASSETS_TRIAGE_ALLOWED_ORIGINS", "")
         return cls(
             secret_key=secret,
             metrics_token=os.environ.get("MRI_ASSETS_METRICS_TOKEN") or None,
             show_prediction=os.environ.get("MRI_ASSETS_TRIAGE_SHOW_PREDICTION") == "1",
             lease_seconds=int(os.environ.get("MRI_ASSETS_TRIAGE_LEASE_SECONDS", "300")),
+            session_idle_s=int(os.environ.get("MRI_ASSETS_TRIAGE_IDLE_SECONDS", "1800")),
             cookie_secure=os.environ.get("MRI_ASSETS_TRIAGE_COOKIE_SECURE") == "1",
+            demo=demo,
+            allowed_origins=tuple(o.strip() for o in origins.split(",") if o.strip()),
         )
 
 
-class ItemAction(BaseModel):
-    item_id: int
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ItemAction(_Body):
+    item_id: ItemId
 
 
 class ItemActionThenNext(ItemAction):
-    lease_next_held: list[int] | None = None
+    lease_next_held: list[ItemId] | None = Field(default=None, max_length=MAX_HELD)
 
 
 class LabelSubmission(ItemActionThenNext):
-    label: str
-    seconds_spent: float = 0.0
+    label: str = Field(min_length=1, max_length=128)
+    seconds_spent: float = Field(default=0.0, ge=0, le=86_400, allow_inf_nan=False)
+
+
+class LeaseRenewal(_Body):
+    item_ids: list[ItemId] = Field(max_length=MAX_HELD)
 
 
 def _templates() -> Jinja2Templates:
@@ -122,110 +160,206 @@ def _metrics_text(stats: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _item_payload(item: dict, show_prediction: bool) -> dict:
+def _item_payload(item: dict, show_prediction: bool, now: datetime) -> dict:
+    expires = item["lease_expires_at"]
     payload = {
         "id": item["id"],
         "wave": item["wave"],
         "kind": item["kind"],
         "class_set": item["class_set"],
         "image_url": f"/image/{item['id']}.png",
-        "lease_expires_at": item["lease_expires_at"].isoformat() + "Z",
+        "lease_expires_at": expires.isoformat() + "Z",
+        "lease_seconds_left": max(0.0, round((expires - now).total_seconds(), 1)),
     }
     if show_prediction:
         payload["prediction"] = item["prediction"]
     return payload
 
 
+def _parse_held(held: str) -> list[int]:
+    parts = [part for part in held.split(",") if part]
+    if len(parts) > MAX_HELD:
+        raise HTTPException(422, f"held lists at most {MAX_HELD} item ids")
+    ids = [int(part) for part in parts]  # the query pattern allows digits only
+    if any(not 1 <= i <= MAX_ITEM_ID for i in ids):
+        raise HTTPException(422, f"held item ids are 1..{MAX_ITEM_ID}")
+    return ids
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else ""
+
+
 def create_app(
     label_store: LabelStore,
     load_slice_png: Callable[[str, str], bytes],
     settings: TriageSettings,
+    clock: Callable[[], datetime] = utc_now,
 ) -> FastAPI:
-    """The triage app over `label_store`; `load_slice_png(wave, image_id)` gives PNG bytes."""
+    """The triage app over `label_store`; `load_slice_png(wave, image_id)` gives PNG bytes.
+
+    Raises WeakSecret when `settings.secret_key` is weak or a default and `settings.demo` is
+    off. `clock` gives naive-UTC now for sessions (tests move it to end sessions)."""
+    weakness = check_secret(settings.secret_key)
+    if weakness is not None and not settings.demo:
+        raise WeakSecret(
+            f"the triage session secret is too weak ({weakness}): set MRI_ASSETS_TRIAGE_SECRET "
+            "to at least 32 random characters, e.g. the output of `python -c \"import secrets; "
+            "print(secrets.token_urlsafe(32))\"` (or MRI_ASSETS_TRIAGE_DEMO=1 for a demo)"
+        )
+    if weakness is not None:
+        log.warning("demo mode: the triage session secret is weak (%s)", weakness)
+    secret = settings.secret_key
+
     app = FastAPI(title="mri_assets triage", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(
-        SessionMiddleware,
-        secret_key=settings.secret_key,
-        session_cookie="triage_session",
-        max_age=settings.session_max_age_s,
-        same_site="strict",
-        https_only=settings.cookie_secure,
-    )
+
+    def resolve(token: str, touch: bool):
+        return label_store.session_for(
+            token_hash(secret, token),
+            idle_s=settings.session_idle_s,
+            touch_after_s=settings.session_touch_s,
+            touch=touch,
+            now=clock(),
+        )
+
+    # add_middleware: the last one added runs first.
+    app.add_middleware(auth.SessionGate, resolve=resolve, cookie_secure=settings.cookie_secure)
+    app.add_middleware(OriginCheck, allowed_origins=settings.allowed_origins)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(SecurityHeaders, hsts=settings.cookie_secure)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     templates = _templates()
-
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next):
-        response = await call_next(request)
-        for name, value in _SECURITY_HEADERS.items():
-            response.headers.setdefault(name, value)
-        return response
-
-    @app.exception_handler(auth.LoginRequired)
-    async def to_login(_request: Request, _error: auth.LoginRequired):
-        return RedirectResponse("/login", status_code=303)
 
     @app.exception_handler(store_errors.LabelStoreError)
     async def refused(_request: Request, error: store_errors.LabelStoreError):
         status = next(code for cls, code in _ERROR_STATUS.items() if isinstance(error, cls))
-        return JSONResponse({"error": type(error).__name__, "detail": str(error)}, status)
+        body = {"error": type(error).__name__, "detail": str(error)}
+        if isinstance(error, store_errors.BudgetExhausted) and error.resumes_on is not None:
+            body["resumes_on"] = error.resumes_on.isoformat()
+        return JSONResponse(body, status)
 
-    def page(request: Request, name: str, **context) -> Response:
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, error: RequestValidationError):
+        problems = [
+            {"loc": [str(part) for part in e.get("loc", ())][:6], "msg": str(e.get("msg"))[:200]}
+            for e in error.errors()[:20]
+        ]
+        return JSONResponse({"error": "InvalidRequest", "detail": problems}, 422)
+
+    def page(request: Request, name: str, status_code: int = 200, **context) -> Response:
+        session = request.scope.get("triage_session")
+        new_login_token = None
+        if session is not None:
+            csrf = session.csrf
+        else:
+            csrf, fresh = auth.login_csrf(request)
+            new_login_token = csrf if fresh else None
         context.update(
-            user=request.session.get("user"),
-            role=request.session.get("role"),
-            csrf_token=auth.csrf_token(request),
+            user=session.username if session else None,
+            role=session.role if session else None,
+            csrf_token=csrf,
         )
-        return templates.TemplateResponse(request, name, context)
+        response = templates.TemplateResponse(request, name, context, status_code=status_code)
+        if new_login_token:
+            response.set_cookie(
+                auth.LOGIN_COOKIE, new_login_token, max_age=3600, httponly=True,
+                samesite="strict", secure=settings.cookie_secure, path="/login",
+            )
+        return response
+
+    # -- login and logout -------------------------------------------------------------------
 
     @app.get("/login")
-    def login_page(request: Request, error: str | None = None):
-        return page(request, "login.html", error=error)
+    def login_page(
+        request: Request, notice: Annotated[str | None, Query(max_length=32)] = None
+    ):
+        message = auth.NOTICES.get(notice or "")
+        return page(request, "login.html", notice=message, error=None)
 
     @app.post("/login")
     def login(
         request: Request,
-        username: str = Form(...),
-        password: str = Form(...),
-        csrf_token: str = Form(""),
+        username: Annotated[str, Form(max_length=256)],
+        password: Annotated[str, Form(max_length=1024)],
+        csrf_token: Annotated[str, Form(max_length=128)] = "",
     ):
-        auth.check_csrf(request, csrf_token)
-        if not label_store.verify_password(username, password):
-            label_store.record_audit(username, "login_failed", {})
-            response = page(request, "login.html", error="Unknown user or wrong password.")
-            response.status_code = 401
-            return response
-        auth.log_in(request, username, label_store.annotator_role(username))
-        label_store.record_audit(username, "login", {})
-        return RedirectResponse("/", status_code=303)
+        auth.check_login_csrf(request, csrf_token)
+        client = _client(request)
+        policy = settings.login_policy
+        locked_until = label_store.login_locked_until(label_store.throttle_keys(username, client))
+        if locked_until is None:
+            user = label_store.authenticate(username, password)
+            if user is not None:
+                label_store.record_login_success(user)
+                token = new_session_token()
+                label_store.create_session(
+                    user,
+                    token_hash(secret, token),
+                    settings.session_max_age_s,
+                    client=client,
+                    user_agent=request.headers.get("user-agent", ""),
+                    now=clock(),
+                )
+                response = RedirectResponse("/", status_code=303)
+                response.set_cookie(
+                    auth.SESSION_COOKIE, token, max_age=settings.session_max_age_s,
+                    httponly=True, samesite="strict", secure=settings.cookie_secure, path="/",
+                )
+                response.delete_cookie(auth.LOGIN_COOKIE, path="/login")
+                return response
+            locked_until = label_store.record_login_failure(username, client, policy).locked_until
+        if locked_until is None:
+            return page(request, "login.html", 401, notice=None,
+                        error="Unknown user or wrong password.")
+        wait_s = max(1, int((locked_until - utc_now()).total_seconds() + 0.999))
+        error = (
+            "Unknown user or wrong password. Too many failed logins for this account or from "
+            f"this computer: try again after {locked_until:%H:%M:%S} UTC (in {wait_s} s)."
+        )
+        response = page(request, "login.html", 429, notice=None, error=error, locked=True)
+        response.headers["Retry-After"] = str(wait_s)
+        return response
 
     @app.get("/logout")
     def logout_page(request: Request, user: str = Depends(auth.page_user)):
         return page(request, "logout.html")
 
     @app.post("/logout")
-    def logout(request: Request, csrf_token: str = Form(""), user: str = Depends(auth.page_user)):
+    def logout(
+        request: Request,
+        csrf_token: Annotated[str, Form(max_length=128)] = "",
+        user: str = Depends(auth.page_user),
+    ):
         auth.check_csrf(request, csrf_token)
-        auth.log_out(request)
-        label_store.record_audit(user, "logout", {})
-        return RedirectResponse("/login", status_code=303)
+        label_store.end_session(auth.session_of(request).id, "logged_out", by=user, now=clock())
+        response = RedirectResponse("/login?notice=logged_out", status_code=303)
+        response.delete_cookie(auth.SESSION_COOKIE, path="/")
+        return response
+
+    # -- labeling ---------------------------------------------------------------------------
 
     @app.get("/")
     def labeling_page(request: Request, user: str = Depends(auth.page_user)):
-        return page(request, "label.html", show_prediction=settings.show_prediction)
+        return page(
+            request,
+            "label.html",
+            show_prediction=settings.show_prediction,
+            lease_seconds=settings.lease_seconds,
+            definitions=DEFINITIONS,
+        )
 
-    @app.get("/admin")
-    def admin_page(request: Request, user: str = Depends(auth.page_admin)):
-        return page(request, "admin.html", stats=label_store.stats())
+    def next_answer(user: str, held: list[int]) -> dict:
+        item = label_store.lease_next(user, settings.lease_seconds, held=held)
+        if item is None:
+            return {"item": None, **label_store.queue_status()}
+        return {"item": _item_payload(item, settings.show_prediction, utc_now())}
 
     @app.get("/api/next")
-    def next_item(held: str = "", user: str = Depends(auth.api_user)):
-        try:
-            held_ids = [int(part) for part in held.split(",") if part]
-        except ValueError as error:
-            raise HTTPException(422, "held must be comma-separated item ids") from error
-        item = label_store.lease_next(user, settings.lease_seconds, held=held_ids)
-        return {"item": None if item is None else _item_payload(item, settings.show_prediction)}
+    def next_item(
+        held: Annotated[str, Query(max_length=1024, pattern=r"^[0-9,]*$")] = "",
+        user: str = Depends(auth.api_user),
+    ):
+        return next_answer(user, _parse_held(held))
 
     def checked(request: Request) -> None:
         auth.check_csrf(request, request.headers.get(auth.CSRF_HEADER))
@@ -233,14 +367,24 @@ def create_app(
     def answer_then_next(user: str, body: ItemActionThenNext, **answer) -> dict:
         """With `lease_next_held` the answer also carries the next item (one round trip)."""
         if body.lease_next_held is not None:
-            item = label_store.lease_next(user, settings.lease_seconds, held=body.lease_next_held)
-            answer["next"] = None if item is None else _item_payload(item, settings.show_prediction)
+            upcoming = next_answer(user, body.lease_next_held)
+            answer["next"] = upcoming.pop("item")
+            answer.update(upcoming)
         return {"ok": True, **answer}
 
     @app.post("/api/label")
     def post_label(request: Request, body: LabelSubmission, user: str = Depends(auth.api_user)):
         checked(request)
-        label_id = label_store.submit_label(body.item_id, user, body.label, body.seconds_spent)
+        try:
+            label_id = label_store.submit_label(
+                body.item_id, user, body.label, body.seconds_spent
+            )
+        except store_errors.BudgetExhausted:
+            try:
+                label_store.release(body.item_id, user)
+            except store_errors.LabelStoreError:
+                pass
+            raise
         return answer_then_next(user, body, label_id=label_id)
 
     @app.post("/api/skip")
@@ -255,19 +399,59 @@ def create_app(
         label_store.mark_unsure(body.item_id, user)
         return answer_then_next(user, body)
 
+    @app.post("/api/undo")
+    def post_undo(request: Request, body: ItemAction, user: str = Depends(auth.api_user)):
+        checked(request)
+        item = label_store.undo(body.item_id, user)
+        return {"ok": True, "item": _item_payload(item, settings.show_prediction, utc_now())}
+
+    @app.post("/api/renew")
+    def post_renew(request: Request, body: LeaseRenewal, user: str = Depends(auth.api_user)):
+        checked(request)
+        renewed = label_store.renew_leases(user, body.item_ids, settings.lease_seconds)
+        return {
+            "renewed": {str(i): at.isoformat() + "Z" for i, at in renewed.items()},
+            "lost": [i for i in body.item_ids if i not in renewed],
+            "lease_seconds": settings.lease_seconds,
+        }
+
+    @app.get("/api/progress")
+    def progress(request: Request, user: str = Depends(auth.api_user)):
+        session = auth.session_of(request)
+        return label_store.progress(user, since=session.created_at)
+
     @app.get("/image/{item_id}.png")
-    def item_image(request: Request, item_id: int, user: str = Depends(auth.api_user)):
+    def item_image(
+        request: Request,
+        item_id: Annotated[int, PathParam(ge=1, le=MAX_ITEM_ID)],
+        user: str = Depends(auth.api_user),
+    ):
         item = label_store.item(item_id)
         may_see = item is not None and (
-            item["lease_owner"] == user or request.session.get("role") == "admin"
+            item["lease_owner"] == user or auth.session_of(request).role == "admin"
         )
         if not may_see:
             raise HTTPException(404, f"no item {item_id} leased to you")
+        if item["flag"] is not None:
+            return _missing_pixels(item_id, "it is flagged as having no readable pixels")
         try:
             png = load_slice_png(item["wave"], item["image_id"])
-        except SliceNotFound as error:
-            raise HTTPException(404, str(error)) from error
+        except (LookupError, OSError, ValueError) as error:
+            log.warning("item %s (%s/%s): no pixels: %s", item_id, item["wave"],
+                        item["image_id"], error)
+            label_store.flag_missing_pixels(item_id, by=user)
+            return _missing_pixels(item_id, "its pixels cannot be read")
         return Response(png, media_type="image/png")
+
+    def _missing_pixels(item_id: int, why: str) -> JSONResponse:
+        return JSONResponse(
+            {
+                "error": "MissingPixels",
+                "detail": f"case {item_id} cannot be shown: {why}. It is flagged for the admin "
+                "and skipped for everyone.",
+            },
+            404,
+        )
 
     @app.get("/metrics")
     def metrics(request: Request):
@@ -281,6 +465,7 @@ def create_app(
             _metrics_text(label_store.stats()), media_type="text/plain; version=0.0.4"
         )
 
+    add_admin_routes(app, label_store, settings, page, clock)
     return app
 
 

@@ -26,9 +26,9 @@ from mri_assets.triage.app import TriageSettings, create_app
 from mri_assets.triage.slice_reader import SliceReader
 
 CLASSES = ["axial_inferior", "axial_superior", "coronal", "sagittal"]
-PASSWORD = "password-123"
+PASSWORD = "Tulip-Harbor-7-Quartz"
 METRICS_TOKEN = "metrics-token-for-tests"
-SECRET = "session-secret-for-tests"
+SECRET = "triage-tests-Xq7Lm2Vb9Rt4Kp8Nw3Zc6Hd1Jf5Gs0Ya"
 FAST_HASH = {"argon2_time_cost": 1, "argon2_memory_kib": 8192}
 
 

@@ -10,6 +10,7 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from mri_assets.resources.label_store import InvalidUsername
 from mri_assets.triage.app import create_app
 from mri_assets.triage.slice_reader import SliceNotFound
 from mri_assets_tests.triage.conftest import (
@@ -169,17 +170,20 @@ def test_skip_and_unsure_move_on_to_other_items(app):
     assert alice.get("/api/next").json()["item"]["id"] not in (first["id"], second["id"])
 
 
-def test_planted_script_in_an_annotator_name_is_escaped(app, label_store):
+def test_planted_script_is_refused_as_a_name_and_escaped_as_a_class(app, label_store):
     planted = "<script>alert('x')</script>"
-    label_store.add_annotator(planted, PASSWORD, "clinician")
-    attacker, csrf = logged_in(app, planted)
-    assert planted not in attacker.get("/").text
-    item = attacker.get("/api/next").json()["item"]
-    post_json(attacker, "/api/label", csrf, {"item_id": item["id"], "label": "coronal"})
+    with pytest.raises(InvalidUsername):
+        label_store.add_annotator(planted, PASSWORD, "clinician")
+    label_store.enqueue("evil", [{"image_id": "x-planted", "priority": 1e9}], [planted, "ok"])
+    alice, csrf = logged_in(app, "alice")
+    item = alice.get("/api/next").json()["item"]
+    assert item["class_set"] == [planted, "ok"]
+    assert post_json(alice, "/api/label", csrf, {"item_id": item["id"], "label": planted}).status_code == 200
     admin, _ = logged_in(app, "root")
-    page = admin.get("/admin").text
-    assert "<script>alert" not in page
-    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in page
+    for path in ("/admin", "/admin/audit", "/admin/users"):
+        page = admin.get(path).text
+        assert "<script>alert" not in page, path
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in admin.get("/admin").text
 
 
 def test_image_route_cannot_read_outside_the_store(app, label_store):
