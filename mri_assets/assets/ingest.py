@@ -1,22 +1,35 @@
 """Ingestion: the wave's manifest (checksums, splits, quarantine) and its 256 px slice shards."""
 
 
+import os
+import shutil
 import time
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
 import polars as pl
 
 from mri_assets.assets.monitoring import manifest_gauges, push_figures
 from mri_assets.core.ingest import (
+    REDECODE_COLUMNS,
     SLICE_SIZE,
     DecodeSettings,
+    RebuildError,
     SourceObject,
     StagedSlices,
     decode_wave,
+    redecode_slices,
 )
-from mri_assets.core.manifest import READY_MARKER, finish_manifest, raw_prefix, reconcile
+from mri_assets.core.manifest import (
+    earlier_ok_slices,
+    finish_manifest,
+    raw_prefix,
+    reconcile,
+)
 from mri_assets.core.slice_shards import (
+    HEADER_BYTES,
+    corrupt_rows,
     manifest_key,
     manifest_shard_rows,
     shard_index,
@@ -26,29 +39,63 @@ from mri_assets.core.slice_shards import (
     staging_prefix,
 )
 from mri_assets.core.wave_layout import WaveLayout, wave_shard_count, write_wave_layout
-from mri_assets.partitions import N_SHARDS, wave_and_shard, wave_partitions, wave_shard_partitions
+from mri_assets.partitions import (
+    N_SHARDS,
+    WAVES,
+    wave_and_shard,
+    wave_partitions,
+    wave_shard_partitions,
+)
+from mri_assets.resources.landing import LandingError, is_raw_file, landed_objects
 from mri_assets.resources.metrics import MetricsResource
-from mri_assets.resources.object_store import LocalObjectStore, ObjectStore
+from mri_assets.resources.object_store import LocalObjectStore, ObjectStore, ObjectStoreError
 from mri_assets.resources.settings import IngestSettings
 
 RECONCILE_CHECK = "counts_reconcile"
+# Waves that are neither checked against other waves for duplicates nor a reference for them:
+# the reproducibility smoke wave (assets/smoke.py) must give the same manifest in any home.
+ISOLATED_WAVES = frozenset({"smoke"})
 
 
 def list_raw_sources(store: ObjectStore, wave: str) -> list[SourceObject]:
-    """The wave's raw objects, each pinned to the version read (where the store versions)."""
-    infos = [
-        info
-        for info in store.list(raw_prefix(wave))
-        if Path(info.key).name != READY_MARKER
-    ]
-    if isinstance(store, LocalObjectStore):
-        return [SourceObject(info.key, None, path=str(store.local_path(info.key)), size=info.size)
-                for info in infos]
+    """The objects of the wave's complete landing, each with the sha256 the landing recorded and
+    pinned to the version read (where the store versions). Raises `LandingError` (saying what to
+    run) when the wave has no complete landing."""
+    landed = landed_objects(store, wave)
     sources = []
-    for info in infos:
-        data, version = store.get_versioned(info.key)
-        sources.append(SourceObject(info.key, version, data=data))
+    local = isinstance(store, LocalObjectStore)
+    for key, size, sha in landed.iter_rows():
+        try:
+            if local:
+                sources.append(SourceObject(key, None, path=str(store.local_path(key)), size=size,
+                                            expected_sha256=sha))
+                continue
+            data, version = store.get_versioned(key)
+            sources.append(SourceObject(key, version, data=data, size=size, expected_sha256=sha))
+        except ObjectStoreError as error:
+            if store.exists(key):
+                raise
+            sources.append(SourceObject(key, None, size=size, expected_sha256=sha, error=(
+                f"listed by the landing but missing from the store ({error}); land the wave "
+                f"again (`mri-assets ingest-wave {wave} --source PATH_OR_URI`)")))
     return sources
+
+
+def unlanded_objects(store: ObjectStore, wave: str, sources: list[SourceObject]) -> list[str]:
+    """Raw objects under the wave's prefix that its landing does not list (left out of the wave)."""
+    listed = {source.key for source in sources}
+    prefix = raw_prefix(wave)
+    return [info.key for info in store.list(prefix)
+            if info.key not in listed and is_raw_file(info.key[len(prefix):])]
+
+
+def earlier_waves(instance: dg.DagsterInstance, wave: str) -> list[str]:
+    """The waves registered before `wave` (the order they were added in), isolated ones left out."""
+    if wave in ISOLATED_WAVES:
+        return []
+    order = list(instance.get_dynamic_partitions(WAVES))
+    before = order[: order.index(wave)] if wave in order else [w for w in order if w != wave]
+    return [w for w in before if w not in ISOLATED_WAVES]
 
 
 def _write_parquet(store: ObjectStore, key: str, frame: pl.DataFrame, scratch: Path) -> None:
@@ -96,14 +143,31 @@ def manifest(context: dg.AssetExecutionContext, object_store: ObjectStore, inges
     Every object is decoded once here (a broken or duplicate slice can only be found by decoding);
     the 256 px pixels are staged per shard for the `slices` asset. A new wave gets as many shards
     as the shard partitions have (MRI_ASSETS_SHARDS) and records that count in its layout.
+
+    Only a complete landing is read (its `_READY` marker and listing); each object's bytes must
+    still have the sha256 the landing recorded, else it is quarantined as changed since landing.
+    A slice already `ok` in an earlier wave is a `duplicate` of that wave's slice.
     """
     wave = context.partition_key
     n_shards = N_SHARDS
     started = time.perf_counter()
-    sources = list_raw_sources(object_store, wave)
-    context.log.info(f"wave {wave}: {len(sources)} raw objects listed under {raw_prefix(wave)}")
-    settings = ingest.manifest_settings(n_shards)
-    decode = DecodeSettings(wave=wave, n_shards=n_shards, window=ingest.window())
+    try:
+        settings = ingest.manifest_settings(n_shards)
+        decode = DecodeSettings(wave=wave, n_shards=n_shards, window=ingest.window(),
+                                modalities=ingest.modalities())
+        workers = ingest.workers()
+        sources = list_raw_sources(object_store, wave)
+    except (LandingError, ValueError) as error:
+        raise dg.Failure(description=str(error), allow_retries=False) from None
+    context.log.info(f"wave {wave}: {len(sources)} landed objects under {raw_prefix(wave)}")
+    unlisted = unlanded_objects(object_store, wave, sources)
+    if unlisted:
+        context.log.warning(f"wave {wave}: {len(unlisted)} objects under {raw_prefix(wave)} are "
+                            f"not in its landing and are left out (first: {unlisted[:3]}); land "
+                            "the wave again to include them")
+    before = earlier_waves(context.instance, wave)
+    earlier_manifests = [(w, str(object_store.local_path(manifest_key(w))))
+                         for w in before if object_store.exists(manifest_key(w))]
     done = {"objects": 0}
 
     def log_progress(n: int) -> None:
@@ -113,8 +177,9 @@ def manifest(context: dg.AssetExecutionContext, object_store: ObjectStore, inges
 
     with object_store.scratch_dir() as scratch_dir:
         scratch = Path(scratch_dir)
-        rows, staged = decode_wave(sources, decode, scratch / "spill", ingest.workers(), log_progress)
-        frame = finish_manifest(rows, settings).with_columns(
+        rows, staged = decode_wave(sources, decode, scratch / "spill", workers, log_progress)
+        earlier = earlier_ok_slices(earlier_manifests, rows["pixel_sha256"])
+        frame = finish_manifest(rows, settings, earlier).with_columns(
             pl.lit(wave).alias("wave"),
             pl.col("source_key").map_elements(object_store.uri, return_dtype=pl.String)
             .alias("source_uri"),
@@ -140,6 +205,11 @@ def manifest(context: dg.AssetExecutionContext, object_store: ObjectStore, inges
             "duplicate": counts.get("duplicate", 0),
             "quarantined": counts.get("quarantined", 0),
             "staged_slices": staged_count,
+            "duplicates_of_earlier_waves": frame.filter(
+                (pl.col("status") == "duplicate")
+                & pl.col("duplicate_of").is_in(earlier["image_id"].implode())).height,
+            "earlier_waves_checked": dg.MetadataValue.json([w for w, _ in earlier_manifests]),
+            "unlanded_objects_left_out": len(unlisted),
             "shards": n_shards,
             "splits": dg.MetadataValue.json(_summary_table(frame.filter(pl.col("status") == "ok"), "split")),
             "formats": dg.MetadataValue.json(_summary_table(frame, "format")),
@@ -172,12 +242,16 @@ def manifest(context: dg.AssetExecutionContext, object_store: ObjectStore, inges
     kinds={"numpy"},
     automation_condition=dg.AutomationCondition.eager(),
 )
-def slices(context: dg.AssetExecutionContext, object_store: ObjectStore) -> dg.Output[dict]:
+def slices(context: dg.AssetExecutionContext, object_store: ObjectStore,
+           ingest: IngestSettings) -> dg.Output[dict]:
     """The shard's `ok` slices, 256 px uint8, lossless, in a memmap-able `.npy` with an index.
 
     The `.npy` is the one the `manifest` step's workers wrote: this step checks the manifest's
-    `slice_row`s against it, writes the shard index (image_id order, each with its row) and links
-    the file into place (a hard link locally, a server-side copy on S3).
+    `slice_row`s against it, verifies the crc32 of every indexed row, writes the shard index
+    (image_id order, each with its row) and links the file into place (a hard link locally, a
+    server-side copy on S3). Rows whose bytes no longer match their crc32 (a flipped byte in the
+    staged or published file, which are one file locally) are decoded again from the raw objects
+    into a new file that replaces both; re-materializing a corrupt shard therefore repairs it.
     """
     wave, shard = wave_and_shard(context)
     n_shards = wave_shard_count(object_store, wave)
@@ -191,6 +265,14 @@ def slices(context: dg.AssetExecutionContext, object_store: ObjectStore) -> dg.O
     n_rows = staged_rows(n_bytes, SLICE_SIZE)
     index = shard_index(wanted, n_rows)
     npy_key, index_key = slice_keys(wave, shard)
+    bad = corrupt_rows(_row_reader(object_store, staged_key), index, SLICE_SIZE)
+    if bad.height:
+        context.log.warning(
+            f"wave {wave} shard {shard:02d}: {bad.height} slices in {object_store.uri(staged_key)} "
+            f"(published as {npy_key}) no longer match their crc32 (first: "
+            f"{bad['image_id'].head(5).to_list()} at rows {bad['row'].head(5).to_list()}); "
+            "decoding them again from the raw objects")
+        _rebuild_rows(object_store, wave, staged_key, bad, index, ingest)
     object_store.copy(staged_key, npy_key)
     with object_store.scratch_dir() as scratch_dir:
         _write_parquet(object_store, index_key, index, Path(scratch_dir))
@@ -203,7 +285,60 @@ def slices(context: dg.AssetExecutionContext, object_store: ObjectStore) -> dg.O
             "count": index.height,
             "bytes": n_bytes,
             "unindexed_rows": n_rows - index.height,
+            "rebuilt_rows": bad.height,
+            "rebuilt_image_ids": dg.MetadataValue.json(bad["image_id"].head(20).to_list()),
             "images_per_s": round(index.height / max(seconds, 1e-9), 1),
             "store_path": object_store.uri(npy_key),
         },
     )
+
+
+def _row_reader(store: ObjectStore, key: str):
+    """`read(first, count)`: the bytes of `count` slices of a staged `.npy` from row `first`."""
+    slice_bytes = SLICE_SIZE * SLICE_SIZE
+
+    def read(first: int, count: int) -> bytes:
+        return store.read_range(key, HEADER_BYTES + first * slice_bytes, count * slice_bytes)
+
+    return read
+
+
+def _rebuild_rows(store: ObjectStore, wave: str, staged_key: str, bad: pl.DataFrame,
+                  index: pl.DataFrame, ingest: IngestSettings) -> None:
+    """Write a new staged `.npy` (a new file, never the damaged one in place) with the `bad` rows
+    decoded again from their raw objects, check every indexed row of it, and publish it."""
+    rows = (pl.scan_parquet(store.local_path(manifest_key(wave)))
+            .filter(pl.col("image_id").is_in(bad["image_id"].implode()))
+            .select(REDECODE_COLUMNS).collect())
+    decode = DecodeSettings(wave=wave, window=ingest.window(), modalities=ingest.modalities())
+    slice_bytes = SLICE_SIZE * SLICE_SIZE
+    advice = (f"re-materialize the wave's manifest and its shards (`mri-assets run {wave} "
+              "--select manifest+`) to decode the whole wave again")
+    with store.scratch_dir() as scratch_dir:
+        path = Path(scratch_dir) / Path(staged_key).name
+        shutil.copyfile(store.local_path(staged_key), path)
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            def write(row: int, pixels: np.ndarray) -> None:
+                os.pwrite(fd, np.ascontiguousarray(pixels).tobytes(), HEADER_BYTES + row * slice_bytes)
+
+            redecode_slices(rows, decode, lambda key, version: store.get_bytes(key, version), write)
+        except RebuildError as error:
+            raise dg.Failure(description=f"wave {wave}: {bad.height} corrupt slices in "
+                             f"{store.uri(staged_key)} cannot be rebuilt: {error}; {advice}",
+                             allow_retries=False) from None
+        finally:
+            os.close(fd)
+
+        def read_local(first: int, count: int) -> bytes:
+            with open(path, "rb") as handle:
+                return os.pread(handle.fileno(), count * slice_bytes,
+                                HEADER_BYTES + first * slice_bytes)
+
+        still = corrupt_rows(read_local, index, SLICE_SIZE)
+        if still.height:
+            raise dg.Failure(description=f"wave {wave}: after rebuilding, {still.height} slices "
+                             f"of {store.uri(staged_key)} still fail their crc32 (first: "
+                             f"{still['image_id'].head(3).to_list()}); {advice}",
+                             allow_retries=False)
+        store.publish_file(staged_key, path)

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from mri_assets.core.imaging import UnreadableImage, process_object
+from mri_assets.core.deid import read_withheld
+from mri_assets.core.imaging import DEFAULT_MODALITIES, UnreadableImage, process_object
 from mri_assets.core.manifest import image_id_for, patient_identifier, shard_for
 from mri_assets.core.slice_shards import (
     HEADER_BYTES,
@@ -44,6 +45,8 @@ class SourceObject:
     path: str | None = None
     data: bytes | None = None
     size: int | None = None  # bytes, where the listing gave it
+    expected_sha256: str | None = None  # what the landing recorded; None: not checked
+    error: str | None = None  # why the object cannot be read (it is quarantined with this)
 
     def nbytes(self) -> int:
         """The object's length: from the listing, the bytes in hand, or the file (0 if unknown)."""
@@ -57,6 +60,8 @@ class SourceObject:
             return 0  # unreadable: decode_source quarantines it with the reason
 
     def read(self) -> bytes:
+        if self.error is not None:
+            raise OSError(self.error)
         if self.data is not None:
             return self.data
         if self.path is None:
@@ -70,6 +75,7 @@ class DecodeSettings:
     n_shards: int = 16
     size: int = SLICE_SIZE
     window: tuple[float, float] = (0.5, 99.5)
+    modalities: tuple[str, ...] = DEFAULT_MODALITIES
 
 
 @dataclass
@@ -93,6 +99,14 @@ def _quarantine_row(source: SourceObject, sha: str, settings: DecodeSettings, re
     }
 
 
+def changed_since_landing(key: str, wave: str, sha: str, size: int, landed_sha: str,
+                          landed_size: int | None) -> str:
+    landed = f"{landed_sha[:16]}…" + (f" ({landed_size} bytes)" if landed_size is not None else "")
+    return (f"changed since landing: {key} now has sha256 {sha[:16]}… ({size} bytes), the landing "
+            f"recorded {landed}; land the wave again (`mri-assets ingest-wave {wave} --source "
+            "PATH_OR_URI`) or restore the object, then re-materialize the manifest")
+
+
 def decode_source(source: SourceObject, settings: DecodeSettings) -> tuple[list[dict], list[np.ndarray]]:
     """Rows for every slice of one object, and the 256 px pixels of its readable (`ok`) slices."""
     empty: list[np.ndarray] = []
@@ -101,8 +115,16 @@ def decode_source(source: SourceObject, settings: DecodeSettings) -> tuple[list[
     except OSError as error:
         return [_quarantine_row(source, "", settings, f"cannot read object: {error}")], empty
     sha = hashlib.sha256(data).hexdigest()
+    if source.expected_sha256 is not None and sha != source.expected_sha256:
+        # the landed id stays: a changed object never gets a new image_id
+        return [_quarantine_row(source, source.expected_sha256, settings, changed_since_landing(
+            source.key, settings.wave, sha, len(data), source.expected_sha256, source.size))], empty
+    withheld = read_withheld(data)
+    if withheld is not None:
+        return [_quarantine_row(source, withheld["sha256"], settings, withheld["reason"])], empty
     try:
-        decoded = process_object(data, source.key, size=settings.size, window=settings.window)
+        decoded = process_object(data, source.key, size=settings.size, window=settings.window,
+                                 modalities=settings.modalities)
     except UnreadableImage as error:
         return [_quarantine_row(source, sha, settings, str(error))], empty
     except Exception as error:  # noqa: BLE001 - a decoder library failing on a broken file is still a broken file
@@ -285,6 +307,57 @@ def decode_wave(
             raise RuntimeError(f"shard {shard}: {n_rows} slices in its staging file but "
                                f"{staged.count(shard)} reported by the workers")
     return rows_frame(rows), staged
+
+
+class RebuildError(RuntimeError):
+    """Slices that cannot be decoded again to the pixels their crc32 recorded."""
+
+
+REDECODE_COLUMNS = ("image_id", "slice_row", "source_key", "source_version", "sha256",
+                    "slice_index", "payload_crc32")
+
+
+def redecode_slices(
+    rows: pl.DataFrame,
+    settings: DecodeSettings,
+    read: Callable[[str, str | None], bytes],
+    write: Callable[[int, np.ndarray], None],
+) -> int:
+    """Decode the slices of `rows` (manifest rows with `REDECODE_COLUMNS`) again from their raw
+    objects and `write(slice_row, pixels)` each one; return how many were written.
+
+    Each object is read at the version the manifest pinned (`read(key, version)`) and must still
+    have the manifest's sha256; each slice must come back with the crc32 the decoding worker
+    recorded. Anything else raises `RebuildError` naming the object or slice. One object is
+    decoded at a time, so memory stays bounded by the largest object.
+    """
+    written = 0
+    groups = rows.select(REDECODE_COLUMNS).group_by(
+        ["source_key", "source_version", "sha256"], maintain_order=True)
+    for (key, version, sha), group in groups:
+        try:
+            data = read(key, version)
+        except (OSError, RuntimeError, ValueError) as error:
+            raise RebuildError(f"cannot read raw object {key}: {error}") from error
+        found = hashlib.sha256(data).hexdigest()
+        if found != sha:
+            raise RebuildError(f"raw object {key} changed since the manifest was built (sha256 "
+                               f"{found[:16]}…, manifest {sha[:16]}…)")
+        try:
+            decoded = process_object(data, key, size=settings.size, window=settings.window,
+                                     modalities=settings.modalities)
+        except UnreadableImage as error:
+            raise RebuildError(f"raw object {key} no longer decodes: {error}") from error
+        by_index = {item.slice_index: item.pixels for item in decoded.slices}
+        for image_id, row, slice_index, crc in group.select(
+                "image_id", "slice_row", "slice_index", "payload_crc32").iter_rows():
+            pixels = by_index.get(slice_index)
+            if pixels is None or payload_crc32(pixels) != crc:
+                raise RebuildError(f"slice {image_id} of {key} decodes to other pixels than the "
+                                   "manifest recorded (decoder or window settings changed?)")
+            write(int(row), pixels)
+            written += 1
+    return written
 
 
 ROW_SCHEMA: dict[str, pl.DataType] = {

@@ -17,6 +17,7 @@ import polars as pl
 SPLITS = ("train", "val", "holdout")
 STATUSES = ("ok", "duplicate", "quarantined")
 WAVE_KEY_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+WAVE_KEY_MAX_LENGTH = 64
 READY_MARKER = "_READY"
 
 MANIFEST_SCHEMA: dict[str, pl.DataType] = {
@@ -66,14 +67,20 @@ class ManifestSettings:
         fractions = self.split_fractions
         if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-9:
             raise ManifestError(
-                f"split fractions {fractions} must be three non-negative numbers "
-                "(train, val, holdout) that sum to 1"
+                f"split fractions {fractions} (ingest.train_fraction, val_fraction, "
+                "holdout_fraction) must be three non-negative numbers that sum to 1"
             )
         if self.n_shards < 1:
-            raise ManifestError(f"n_shards must be at least 1, got {self.n_shards}")
+            raise ManifestError(
+                f"n_shards must be at least 1 (MRI_ASSETS_SHARDS), got {self.n_shards}")
 
 
 def validate_wave_key(wave: str) -> str:
+    if wave and len(wave) > WAVE_KEY_MAX_LENGTH:
+        raise WaveKeyError(
+            f"invalid wave key {wave[:20]!r}… of {len(wave)} characters: at most "
+            f"{WAVE_KEY_MAX_LENGTH}, lower-case letters, digits, '.', '_' or '-' (e.g. 'full-1')"
+        )
     if not WAVE_KEY_PATTERN.match(wave or ""):
         raise WaveKeyError(
             f"invalid wave key {wave!r}: use lower-case letters, digits, '.', '_' or '-', "
@@ -164,12 +171,63 @@ def split_for_patient(
     return SPLITS[2]
 
 
-def finish_manifest(rows: pl.DataFrame, settings: ManifestSettings) -> pl.DataFrame:
+EARLIER_SCHEMA = {"pixel_sha256": pl.String, "image_id": pl.String, "wave": pl.String}
+
+
+def earlier_ok_slices(manifests: list[tuple[str, str]], pixel_hashes: pl.Series) -> pl.DataFrame:
+    """Slices `ok` in earlier waves whose pixels are among `pixel_hashes`: `pixel_sha256`,
+    `image_id`, `wave`, one row per pixel hash (the earliest wave's, then the smallest id).
+
+    `manifests` = (wave, manifest Parquet path), earliest wave first. The earlier manifests are
+    the index: each is scanned (4 columns, filtered as it streams), so memory grows with the
+    current wave's hashes and the matches, never with the slices ingested before.
+    """
+    wanted = pixel_hashes.drop_nulls().unique()
+    if not manifests or wanted.len() == 0:
+        return pl.DataFrame(schema=EARLIER_SCHEMA)
+    scans = [
+        pl.scan_parquet(path)
+        .filter((pl.col("status") == "ok") & pl.col("pixel_sha256").is_in(wanted.implode()))
+        .select("pixel_sha256", "image_id", pl.lit(wave).alias("wave"),
+                pl.lit(order, dtype=pl.Int32).alias("_order"))
+        for order, (wave, path) in enumerate(manifests)
+    ]
+    found = pl.concat(scans).collect(engine="streaming")
+    return (
+        found.sort("_order", "image_id")
+        .unique("pixel_sha256", keep="first", maintain_order=True)
+        .select([pl.col(name).cast(dtype) for name, dtype in EARLIER_SCHEMA.items()])
+    )
+
+
+def _mark_earlier_duplicates(frame: pl.DataFrame, earlier: pl.DataFrame) -> pl.DataFrame:
+    """Readable slices whose pixels were already `ok` in an earlier wave become its duplicates."""
+    if earlier.height == 0:
+        return frame
+    lookup = earlier.select("pixel_sha256", pl.col("image_id").alias("_earlier_id"),
+                            pl.col("wave").alias("_earlier_wave"))
+    frame = frame.join(lookup, on="pixel_sha256", how="left", maintain_order="left")
+    hit = pl.col("status").is_in(["ok", "duplicate"]) & pl.col("_earlier_id").is_not_null()
+    return frame.with_columns(
+        pl.when(hit).then(pl.lit("duplicate")).otherwise(pl.col("status")).alias("status"),
+        pl.when(hit).then(pl.col("_earlier_id")).otherwise(pl.col("duplicate_of"))
+        .alias("duplicate_of"),
+        pl.when(hit)
+        .then(pl.format("same pixels as {} of wave {}", pl.col("_earlier_id"),
+                        pl.col("_earlier_wave")))
+        .otherwise(pl.col("reason")).alias("reason"),
+    ).drop("_earlier_id", "_earlier_wave")
+
+
+def finish_manifest(rows: pl.DataFrame, settings: ManifestSettings,
+                    earlier: pl.DataFrame | None = None) -> pl.DataFrame:
     """Add image ids, shards, patient keys, splits and duplicate marks to per-slice rows.
 
     `rows` carries `source_key`, `source_sha256` as `sha256`, `slice_index`, `patient_identifier`,
     `pixel_sha256` (null for quarantined rows), `status` (`ok` or `quarantined`) and `reason`.
     The raw patient identifier is dropped here: it never reaches the stored manifest.
+    `earlier` (from `earlier_ok_slices`): slices already `ok` in earlier waves; a slice of this
+    wave with the same pixels is their `duplicate`, whichever copy of this wave it is.
     """
     frame = rows.with_columns(
         pl.format(
@@ -212,7 +270,12 @@ def finish_manifest(rows: pl.DataFrame, settings: ManifestSettings) -> pl.DataFr
     frame = pl.concat(
         [frame.filter(~pl.col("_duplicate")).drop("_duplicate"), duplicates],
         how="diagonal_relaxed",
-    ).sort(["source_key", "slice_index"])
+    )
+    if "duplicate_of" not in frame.columns:
+        frame = frame.with_columns(pl.lit(None, dtype=pl.String).alias("duplicate_of"))
+    if earlier is not None:
+        frame = _mark_earlier_duplicates(frame, earlier)
+    frame = frame.sort(["source_key", "slice_index"])
     for name, dtype in MANIFEST_SCHEMA.items():
         if name not in frame.columns:
             frame = frame.with_columns(pl.lit(None, dtype=dtype).alias(name))

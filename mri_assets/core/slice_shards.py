@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +132,36 @@ def shard_index(wanted: pl.DataFrame, n_rows: int) -> pl.DataFrame:
         "slice_index",
         "source_uri",
     )
+
+
+def corrupt_rows(
+    read_rows: Callable[[int, int], bytes], index: pl.DataFrame, size: int, block_rows: int = 256
+) -> pl.DataFrame:
+    """The index rows whose bytes in the shard no longer match their crc32 (`image_id`, `row`,
+    `payload_crc32`, `found_crc32`). `read_rows(first, count)` returns the bytes of `count`
+    consecutive rows of the `.npy` from row `first`; the file is read once, in order, a block of
+    `block_rows` rows at a time (16 MiB at 256 px), whatever the shard's size."""
+    slice_bytes = size * size
+    ordered = index.select("image_id", "row", "payload_crc32").sort("row")
+    rows = ordered["row"].to_numpy()
+    expected = ordered["payload_crc32"].to_numpy()
+    bad: list[tuple[int, int]] = []
+    position = 0
+    while position < len(rows):
+        first = int(rows[position])
+        end = int(np.searchsorted(rows, first + block_rows, side="left"))
+        last = int(rows[end - 1])
+        block = read_rows(first, last - first + 1)
+        for at in range(position, end):
+            offset = (int(rows[at]) - first) * slice_bytes
+            found = payload_crc32(block[offset : offset + slice_bytes])
+            if found != int(expected[at]):
+                bad.append((at, found))
+        position = end
+    if not bad:
+        return ordered.head(0).with_columns(pl.lit(None, dtype=pl.Int64).alias("found_crc32"))
+    return ordered[[at for at, _ in bad]].with_columns(
+        pl.Series("found_crc32", [found for _, found in bad], dtype=pl.Int64))
 
 
 def read_npy(path: Path) -> np.ndarray:

@@ -1,18 +1,42 @@
-"""Landing a wave: sync a folder or S3 prefix of raw files into `raw/WAVE/` and mark it ready."""
+"""Landing a wave: sync a folder or S3 prefix of raw files into `raw/WAVE/` and mark it complete.
+
+A landing is complete only once its `_READY` marker exists, and the marker is written last. It
+names the listing of what was landed (`_LANDED.parquet` beside it: each object's key, size and
+sha256) and that listing's own sha256, so the `manifest` step can run a wave only when every
+object is in place and can check each object's bytes against the landing. A landing first removes
+an old marker, so a wave being landed again is never taken for complete; an interrupted landing is
+resumed by running it again (objects already landed with the same checksum are not copied again).
+
+DICOM is de-identified on the way in. An object that cannot be de-identified (a DICOM header that
+cannot be read or cleaned, or content that is no known image format and so cannot be checked for
+patient data) is never stored: a withheld record with its sha256 and the reason stands in its place.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+import polars as pl
 import pydicom
 
-from mri_assets.core.deid import deidentify_dicom, is_dicom
+from mri_assets.core.deid import deidentify_dicom, read_withheld, withheld_record
+from mri_assets.core.imaging import UnreadableImage, detect_format, format_from_extension
 from mri_assets.core.manifest import READY_MARKER, patient_key_for, raw_prefix
-from mri_assets.resources.object_store import ObjectStore
+from mri_assets.resources.object_store import LocalObjectStore, ObjectStore
+
+LANDED_LISTING = "_LANDED.parquet"
+MARKER_FORMAT = "mri_assets.landing/2"
+LISTING_SCHEMA = {"key": pl.String, "size": pl.Int64, "sha256": pl.String}
+
+
+class LandingError(ValueError):
+    """A landing that cannot be done or a wave whose landing is not complete."""
 
 
 @dataclass(frozen=True)
@@ -23,37 +47,82 @@ class LandingReport:
     skipped_same_checksum: int
     deidentified: int
     bytes_copied: int
+    withheld: int = 0
 
     def describe(self) -> str:
+        withheld = (f", {self.withheld} withheld (could not be de-identified: only their hash "
+                    "and reason are stored)" if self.withheld else "")
         return (
             f"wave {self.wave}: {self.listed} files listed, {self.copied} copied "
             f"({self.bytes_copied / 1e6:.1f} MB, {self.deidentified} DICOM de-identified), "
-            f"{self.skipped_same_checksum} already there with the same checksum"
+            f"{self.skipped_same_checksum} already there with the same checksum{withheld}"
         )
 
 
-def _landing_bytes(data: bytes, salt: str) -> tuple[bytes, bool]:
-    """DICOM headers are de-identified before they enter the store; other files pass as they are."""
-    if not is_dicom(data):
+def _withheld(data: bytes, why: str) -> tuple[bytes, bool]:
+    """A withheld record in place of `data`. `why` must not quote the content: the record is
+    stored, and the content is what may identify a patient."""
+    reason = (f"{why}; withheld at landing: only its sha256 was stored, never its bytes; fix or "
+              "export it again at the source, then re-run ingest-wave")
+    return withheld_record(data, reason), False
+
+
+def _unrecognised(name: str) -> str:
+    claimed = format_from_extension(name)
+    said = f" although its name says {claimed.upper()}" if claimed else ""
+    return (f"not an image: the content matches no PNG, JPEG, DICOM, NIfTI or MGH signature{said}, "
+            "and unrecognised content may hold patient data")
+
+
+def landing_bytes(data: bytes, salt: str, name: str = "") -> tuple[bytes, bool]:
+    """The bytes to store for one raw object, and whether DICOM was de-identified.
+
+    DICOM (with or without preamble) is de-identified; PNG, JPEG, NIfTI and MGH pass as they are;
+    an empty object stays empty. Anything that cannot be de-identified becomes a withheld record.
+    """
+    if not data or read_withheld(data) is not None:
         return data, False
+    fmt = detect_format(data)
+    if fmt is None:
+        return _withheld(data, _unrecognised(name))
+    if fmt != "dicom":
+        return data, False
+    has_preamble = len(data) >= 132 and data[128:132] == b"DICM"
     try:
-        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=["PatientID"])
-    except Exception:  # noqa: BLE001 - an unreadable header is quarantined by the manifest; land as is
-        return data, False
-    patient_id = str(header.get("PatientID", ""))
+        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True,
+                                 specific_tags=["PatientID"], force=not has_preamble)
+        patient_id = str(header.get("PatientID", ""))
+    except Exception as error:  # noqa: BLE001 - whatever pydicom raises, the header is unreadable
+        return _withheld(data, f"unreadable DICOM header ({type(error).__name__}), so it cannot "
+                               "be de-identified")
     try:
         return deidentify_dicom(data, pseudonym=patient_key_for(f"dicom:{patient_id}", salt)), True
-    except Exception:  # noqa: BLE001 - too broken to rewrite: lands as is, the manifest quarantines it
-        return data, False
+    except Exception as error:  # noqa: BLE001 - a header too broken to rewrite is not de-identified
+        cause = error.__cause__ or error
+        if isinstance(error, UnreadableImage) and error.reason.startswith("de-identification left"):
+            return _withheld(data, error.reason)  # names no value
+        return _withheld(data, f"DICOM header cannot be de-identified ({type(cause).__name__})")
 
 
-NOT_RAW_NAMES = ("labels.csv", READY_MARKER)
+NOT_RAW_NAMES = ("labels.csv", READY_MARKER, LANDED_LISTING)
 
 
 def is_raw_file(relative: str) -> bool:
     """Ground-truth tables, markers and hidden files sit beside the scans but are not scans."""
     name = relative.split("/")[-1]
     return bool(name) and name not in NOT_RAW_NAMES and not name.startswith(".")
+
+
+def _describe_source(source: ObjectStore, prefix: str) -> str:
+    base = getattr(source, "root", None) or f"s3://{getattr(source, 'bucket', '?')}/" + (
+        getattr(source, "prefix", "") or "")
+    return f"{base.rstrip('/')}/{prefix.strip('/')}".rstrip("/")
+
+
+def landing_keys(wave: str) -> tuple[str, str]:
+    """(marker key, listing key) of a wave's landing."""
+    prefix = raw_prefix(wave)
+    return prefix + READY_MARKER, prefix + LANDED_LISTING
 
 
 def land_wave(
@@ -64,28 +133,89 @@ def land_wave(
     salt: str,
     on_file: Callable[[], None] | None = None,
 ) -> LandingReport:
-    """Copy every raw file below `source_prefix` into `raw/WAVE/`, skip identical ones, mark ready."""
+    """Copy every raw file below `source_prefix` into `raw/WAVE/`, skip identical ones, mark ready.
+
+    Raises `LandingError` when the source holds no raw object (a missing folder, a wrong prefix).
+    """
     prefix = raw_prefix(wave)
-    existing = {info.key for info in target.list(prefix)}
-    listed = copied = skipped = deidentified = copied_bytes = 0
     base = source_prefix.strip("/")
-    for info in source.list(base):
+    where = _describe_source(source, base)
+    if isinstance(source, LocalObjectStore) and not (Path(source.root) / base).is_dir():
+        raise LandingError(f"--source {where} is not a folder: nothing to land for wave {wave}; "
+                           "give the folder or s3://bucket/prefix that holds the wave's files")
+    infos = [info for info in source.list(base)
+             if is_raw_file(info.key[len(base):].lstrip("/") if base else info.key)]
+    if not infos:
+        raise LandingError(f"--source {where} holds no raw files: nothing to land for wave {wave}; "
+                           "check the path or prefix (labels.csv, _READY and hidden files "
+                           "do not count)")
+    marker_key, listing_key = landing_keys(wave)
+    target.delete(marker_key)  # from now until the new marker, the wave is not complete
+    existing = {info.key: info.size for info in target.list(prefix)}
+    listing: list[tuple[str, int, str]] = []
+    copied = skipped = deidentified = copied_bytes = withheld = 0
+    for info in infos:
         relative = info.key[len(base):].lstrip("/") if base else info.key
-        if not is_raw_file(relative):
-            continue
-        listed += 1
-        data, changed = _landing_bytes(source.get_bytes(info.key), salt)
+        data, changed = landing_bytes(source.get_bytes(info.key), salt, relative)
         key = prefix + relative
-        if key in existing and hashlib.sha256(target.get_bytes(key)).digest() == hashlib.sha256(data).digest():
+        digest = hashlib.sha256(data).hexdigest()
+        if existing.get(key) == len(data) and target.sha256(key) == digest:
             skipped += 1
         else:
             target.put_bytes(key, data)
             copied += 1
             copied_bytes += len(data)
             deidentified += int(changed)
+        withheld += int(read_withheld(data) is not None)
+        listing.append((key, len(data), digest))
         if on_file is not None:
             on_file()
-    report = LandingReport(wave, listed, copied, skipped, deidentified, copied_bytes)
-    marker = {"wave": wave, "files": listed, "copied": copied, "skipped": skipped}
-    target.put_bytes(prefix + READY_MARKER, json.dumps(marker, sort_keys=True).encode())
-    return report
+    frame = pl.DataFrame(listing, schema=LISTING_SCHEMA, orient="row").sort("key")
+    buffer = io.BytesIO()
+    frame.write_parquet(buffer, compression="zstd")
+    target.put_bytes(listing_key, buffer.getvalue())
+    marker = {
+        "format": MARKER_FORMAT,
+        "wave": wave,
+        "objects": frame.height,
+        "bytes": int(frame["size"].sum()),
+        "listing": listing_key,
+        "listing_sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
+        "copied": copied,
+        "skipped": skipped,
+        "withheld": withheld,
+        "landed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    target.put_bytes(marker_key, json.dumps(marker, sort_keys=True).encode())  # last
+    return LandingReport(wave, len(listing), copied, skipped, deidentified, copied_bytes, withheld)
+
+
+def landed_objects(store: ObjectStore, wave: str) -> pl.DataFrame:
+    """The objects of the wave's complete landing (`key`, `size`, `sha256`), from its marker.
+
+    Raises `LandingError`, saying what to run, when the marker is missing, is from an older
+    version without checksums, or does not match its listing.
+    """
+    marker_key, listing_key = landing_keys(wave)
+    rerun = (f"run `mri-assets ingest-wave {wave} --source PATH_OR_URI` with the wave's source "
+             "(it resumes: objects already landed with the same checksum are not copied again)")
+    if not store.exists(marker_key):
+        raise LandingError(f"wave {wave} has no complete landing ({store.uri(marker_key)} is "
+                           f"missing: the landing never ran or was interrupted); {rerun}")
+    try:
+        marker = json.loads(store.get_bytes(marker_key))
+    except ValueError as error:
+        raise LandingError(f"wave {wave}: landing marker {store.uri(marker_key)} is not JSON "
+                           f"({error}); {rerun}") from error
+    if not isinstance(marker, dict) or marker.get("format") != MARKER_FORMAT:
+        raise LandingError(f"wave {wave}: landing marker {store.uri(marker_key)} is from an older "
+                           f"version and lists no checksums; {rerun}")
+    listing_bytes = store.get_bytes(marker.get("listing") or listing_key)
+    if hashlib.sha256(listing_bytes).hexdigest() != marker.get("listing_sha256"):
+        raise LandingError(f"wave {wave}: the landing listing {store.uri(listing_key)} does not "
+                           f"match its marker (written by another landing?); {rerun}")
+    frame = pl.read_parquet(io.BytesIO(listing_bytes))
+    if frame.height != marker.get("objects"):
+        raise LandingError(f"wave {wave}: the landing listing holds {frame.height} objects, its "
+                           f"marker says {marker.get('objects')}; {rerun}")
+    return frame.select([pl.col(name).cast(dtype) for name, dtype in LISTING_SCHEMA.items()])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -97,6 +98,10 @@ class ObjectStore(ConfigurableResource):
         """The object's length in bytes."""
         return len(self.get_bytes(key))
 
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        """`length` bytes of the object's current version from byte `start` (fewer at its end)."""
+        return self.get_bytes(key)[start : start + length]
+
     def is_versioned(self) -> bool:
         return False
 
@@ -104,8 +109,19 @@ class ObjectStore(ConfigurableResource):
         return hashlib.sha256(self.get_bytes(key)).hexdigest()
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Objects get the mode any new file of this process gets (0o666 less the umask), not the 0o600
+# of the temporary file they are written to first.
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
 class LocalObjectStore(ObjectStore):
-    """A folder on a local or shared file system."""
+    """A folder on a local or shared file system. Objects get the process's normal file mode."""
 
     root: str
 
@@ -119,6 +135,7 @@ class LocalObjectStore(ObjectStore):
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
+                os.fchmod(handle.fileno(), _FILE_MODE)
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -132,6 +149,7 @@ class LocalObjectStore(ObjectStore):
         os.close(fd)
         try:
             shutil.copyfile(path, tmp)
+            os.chmod(tmp, _FILE_MODE)
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -169,6 +187,10 @@ class LocalObjectStore(ObjectStore):
 
     def size(self, key: str) -> int:
         return self.local_path(key).stat().st_size
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        with open(self.local_path(key), "rb") as handle:
+            return os.pread(handle.fileno(), length, start)
 
     def scratch_dir(self) -> tempfile.TemporaryDirectory:
         base = Path(self.root).resolve() / SCRATCH_FOLDER
@@ -221,6 +243,51 @@ class LocalObjectStore(ObjectStore):
 
 
 MULTIPART_PART_BYTES = 64 * 1024 * 1024
+# Sized so that an endpoint that stops answering fails a call within a minute (3 attempts of at
+# most 5 s to connect + 15 s to answer, plus the backoff), well inside two minutes for a step.
+S3_MAX_ATTEMPTS = 3
+S3_CONNECT_TIMEOUT_S = 5.0
+S3_READ_TIMEOUT_S = 15.0
+LOG = logging.getLogger("mri_assets.object_store")
+
+
+class _RetryReporter:
+    """Says on the console (a WARNING log line) each time a call to S3 failed and botocore is
+    about to try again, naming the endpoint, the operation, the attempt and the error."""
+
+    def __init__(self, endpoint: str, max_attempts: int) -> None:
+        self.endpoint = endpoint
+        self.max_attempts = max_attempts
+
+    def __call__(self, attempts: int = 0, response=None, caught_exception=None, operation=None,
+                 **_) -> None:
+        if attempts >= self.max_attempts:
+            return
+        if caught_exception is not None:
+            error = f"{type(caught_exception).__name__}: {caught_exception}"
+        else:
+            parsed = response[1] if response else {}
+            status = parsed.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if status < 500 and status != 429:
+                return
+            error = f"HTTP {status}"
+        LOG.warning("S3 %s at %s failed (attempt %d of %d: %s); retrying",
+                    getattr(operation, "name", "request"), self.endpoint, attempts,
+                    self.max_attempts, error)
+
+
+def _check_s3_settings(store: S3ObjectStore) -> None:
+    """One-line errors for S3 settings that cannot work, naming the setting and what it takes."""
+    endpoint = store.endpoint_url
+    if endpoint is not None and urlparse(endpoint).scheme not in ("http", "https"):
+        raise ObjectStoreError(
+            f"S3 endpoint_url {endpoint!r} (MRI_ASSETS_S3_ENDPOINT_URL / AWS_ENDPOINT_URL) is "
+            "not an http(s) URL: use e.g. http://127.0.0.1:9000 or https://s3.example.org")
+    if not 1 <= store.max_attempts <= 10:
+        raise ObjectStoreError(f"S3 max_attempts {store.max_attempts} must be 1 to 10")
+    for name in ("connect_timeout_s", "read_timeout_s"):
+        if not 0 < getattr(store, name) <= 600:
+            raise ObjectStoreError(f"S3 {name} {getattr(store, name)} must be in (0, 600] seconds")
 SINGLE_COPY_MAX_BYTES = 5 * 1024**3
 _S3_AUTH_ERRORS = {
     "InvalidAccessKeyId",
@@ -287,7 +354,9 @@ class S3ObjectStore(ObjectStore):
     region_name: str = "us-east-1"
     cache_dir: str | None = None
     multipart_threshold_bytes: int = MULTIPART_PART_BYTES
-    max_attempts: int = 3
+    max_attempts: int = S3_MAX_ATTEMPTS
+    connect_timeout_s: float = S3_CONNECT_TIMEOUT_S
+    read_timeout_s: float = S3_READ_TIMEOUT_S
 
     _client: object = PrivateAttr(default=None)
     _client_pid: int = PrivateAttr(default=-1)
@@ -298,16 +367,19 @@ class S3ObjectStore(ObjectStore):
             from botocore.config import Config
 
             s3_options = {"addressing_style": "path"} if self.endpoint_url else {}
+            _check_s3_settings(self)
             config = Config(
                 region_name=self.region_name,
-                retries={"max_attempts": self.max_attempts, "mode": "standard"},
-                connect_timeout=5,
-                read_timeout=60,
+                retries={"total_max_attempts": self.max_attempts, "mode": "standard"},
+                connect_timeout=self.connect_timeout_s,
+                read_timeout=self.read_timeout_s,
                 s3=s3_options,
                 request_checksum_calculation="when_required",
                 response_checksum_validation="when_required",
             )
             self._client = _s3_client(self.endpoint_url, config)
+            self._client.meta.events.register(
+                "needs-retry.s3", _RetryReporter(self._endpoint, self.max_attempts))
             self._client_pid = os.getpid()
         return self._client
 
@@ -512,6 +584,14 @@ class S3ObjectStore(ObjectStore):
 
     def size(self, key: str) -> int:
         return int(self._head(key)["ContentLength"])
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        arguments = {"Bucket": self.bucket, "Key": self._full_key(key),
+                     "Range": f"bytes={start}-{start + length - 1}"}
+        with self._translated_errors("read", key):
+            return self._s3().get_object(**arguments)["Body"].read()
 
     def copy(self, source_key: str, key: str) -> str | None:
         """A server-side copy of the source's current version: no byte passes through here."""

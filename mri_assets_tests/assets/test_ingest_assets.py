@@ -11,7 +11,7 @@ from PIL import Image
 from mri_assets.core.sample_data import PLANTED_PATIENT_NAME
 from mri_assets.core.slice_shards import manifest_key, read_npy, slice_keys
 from mri_assets.partitions import wave_shard_key
-from mri_assets.resources.landing import land_wave
+from mri_assets.resources.landing import is_raw_file, land_wave
 from mri_assets.resources.object_store import LocalObjectStore, S3ObjectStore
 from mri_assets.resources.settings import DEV_SALT
 from mri_assets.triage.slice_reader import SliceReader
@@ -38,7 +38,7 @@ def test_manifest_reconciles_quarantines_bad_files_and_packs_slices(mri_home, tm
     check = _check_result(result, "counts_reconcile")
     assert check.passed, check.metadata
     manifest = defs.load_asset_value("manifest", partition_key="pilot", instance=instance)
-    listed = [i.key for i in store.list("raw/pilot/") if not i.key.endswith("_READY")]
+    listed = [i.key for i in store.list("raw/pilot/") if is_raw_file(i.key)]
     assert set(manifest["source_key"]) == set(listed)
     quarantined = manifest.filter(pl.col("status") == "quarantined")
     assert quarantined.height >= 3 and quarantined["reason"].null_count() == 0
