@@ -23,8 +23,17 @@ from mri_assets.core.home import DEFAULT_HOME, MriHome
 
 PROFILES = ("local", "celery", "k8s")
 DEVICES = ("auto", "cpu", "cuda")
-FLAGS = {"1": True, "true": True, "yes": True, "on": True,
-         "0": False, "false": False, "no": False, "off": False, "": False}
+FLAGS = {
+    "1": True,
+    "true": True,
+    "yes": True,
+    "on": True,
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+    "": False,
+}
 MAX_SHARDS = 1024
 DEFAULT_CELERY_BROKER = "redis://127.0.0.1:6379/0"
 DEFAULT_SIMULATED_PASSWORD = "simulated-clinician-password"
@@ -60,6 +69,7 @@ def check_profile(profile: str) -> str:
 
 
 # -- parsers: (variable, text) -> value; each raises a one-line DeploymentError -------------------
+
 
 def _text(_name: str, text: str) -> str:
     return text
@@ -103,77 +113,113 @@ def _profile(name: str, text: str) -> str:
     return check_profile(text)
 
 
-def setting(*env: str, default: Any = None, parse: Callable[[str, str], Any] = _text,
-            secret: bool = False) -> Any:
-    """A dataclass field read from the first set variable of `env`."""
-    return field(default=default,
-                 metadata={"env": env, "parse": parse, "secret": secret})
+def env(*names: str, parse: Callable[[str, str], Any] = _text, secret: bool = False) -> dict:
+    """A field's metadata: it is read from the first set variable of `names`."""
+    return {"env": names, "parse": parse, "secret": secret}
 
 
 # -- the settings, grouped by what they configure -------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ObjectStoreSettings:
     """S3-compatible store when `bucket` is set (or on `k8s`); else the folder `HOME/store`."""
 
-    bucket: str | None = setting("MRI_ASSETS_S3_BUCKET", parse=_optional)
-    prefix: str = setting("MRI_ASSETS_S3_PREFIX", default="")
-    endpoint_url: str | None = setting("MRI_ASSETS_S3_ENDPOINT_URL", parse=_optional)
-    source_endpoint_url: str | None = setting(
-        "MRI_ASSETS_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", parse=_optional)
-    region: str = setting("AWS_REGION", "AWS_DEFAULT_REGION", default="us-east-1")
+    bucket: str | None = field(default=None, metadata=env("MRI_ASSETS_S3_BUCKET", parse=_optional))
+    prefix: str = field(default="", metadata=env("MRI_ASSETS_S3_PREFIX"))
+    endpoint_url: str | None = field(
+        default=None, metadata=env("MRI_ASSETS_S3_ENDPOINT_URL", parse=_optional)
+    )
+    source_endpoint_url: str | None = field(
+        default=None,
+        metadata=env(
+            "MRI_ASSETS_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", parse=_optional
+        ),
+    )
+    region: str = field(default="us-east-1", metadata=env("AWS_REGION", "AWS_DEFAULT_REGION"))
 
 
 @dataclass(frozen=True)
 class MlflowSettings:
-    tracking_uri: Secret | None = setting("MLFLOW_TRACKING_URI", secret=True)
-    experiment: str = setting("MRI_ASSETS_EXPERIMENT", default="mri_assets")
+    tracking_uri: Secret | None = field(
+        default=None, metadata=env("MLFLOW_TRACKING_URI", secret=True)
+    )
+    experiment: str = field(default="mri_assets", metadata=env("MRI_ASSETS_EXPERIMENT"))
 
 
 @dataclass(frozen=True)
 class ComputeSettings:
     """Device and loader settings for the celery/k8s profiles (`local` keeps the defaults)."""
 
-    device: str = setting("MRI_ASSETS_DEVICE", default="auto", parse=_choice(*DEVICES))
-    batch_size: int = setting("MRI_ASSETS_BATCH_SIZE", default=64, parse=_whole(1, 65536))
-    loader_workers: int = setting("MRI_ASSETS_LOADER_WORKERS", default=0, parse=_whole(0, 256))
-    input_size: int | None = setting("MRI_ASSETS_INPUT_SIZE", parse=_whole(32, 1024))
-    backbone_checkpoint: str | None = setting("MRI_ASSETS_BACKBONE_CHECKPOINT", parse=_optional)
+    device: str = field(default="auto", metadata=env("MRI_ASSETS_DEVICE", parse=_choice(*DEVICES)))
+    batch_size: int = field(
+        default=64, metadata=env("MRI_ASSETS_BATCH_SIZE", parse=_whole(1, 65536))
+    )
+    loader_workers: int = field(
+        default=0, metadata=env("MRI_ASSETS_LOADER_WORKERS", parse=_whole(0, 256))
+    )
+    input_size: int | None = field(
+        default=None, metadata=env("MRI_ASSETS_INPUT_SIZE", parse=_whole(32, 1024))
+    )
+    backbone_checkpoint: str | None = field(
+        default=None, metadata=env("MRI_ASSETS_BACKBONE_CHECKPOINT", parse=_optional)
+    )
 
 
 @dataclass(frozen=True)
 class LoopSettings:
     """How much the labeling/retraining loop asks for at a time."""
 
-    label_batch: int = setting("MRI_ASSETS_LABEL_BATCH", default=200, parse=_whole(1))
-    max_finetune_images: int = setting("MRI_ASSETS_MAX_FINETUNE_IMAGES", default=0, parse=_whole(0))
-    retrain_every: int = setting("MRI_ASSETS_RETRAIN_EVERY", default=500_000, parse=_whole(1))
+    label_batch: int = field(default=200, metadata=env("MRI_ASSETS_LABEL_BATCH", parse=_whole(1)))
+    max_finetune_images: int = field(
+        default=0, metadata=env("MRI_ASSETS_MAX_FINETUNE_IMAGES", parse=_whole(0))
+    )
+    retrain_every: int = field(
+        default=500_000, metadata=env("MRI_ASSETS_RETRAIN_EVERY", parse=_whole(1))
+    )
 
 
 @dataclass(frozen=True)
 class CelerySettings:
-    broker: str = setting("MRI_ASSETS_CELERY_BROKER", default=DEFAULT_CELERY_BROKER)
-    backend: str | None = setting("MRI_ASSETS_CELERY_BACKEND", parse=_optional)
+    broker: str = field(default=DEFAULT_CELERY_BROKER, metadata=env("MRI_ASSETS_CELERY_BROKER"))
+    backend: str | None = field(
+        default=None, metadata=env("MRI_ASSETS_CELERY_BACKEND", parse=_optional)
+    )
 
 
 @dataclass(frozen=True)
 class K8sSettings:
-    namespace: str = setting("MRI_ASSETS_K8S_NAMESPACE", default="dagster")
-    max_concurrent: int = setting("MRI_ASSETS_K8S_MAX_CONCURRENT", default=16, parse=_whole(1))
-    step_cpu: str = setting("MRI_ASSETS_K8S_STEP_CPU", default="1")
-    step_memory: str = setting("MRI_ASSETS_K8S_STEP_MEMORY", default="4Gi")
-    image_pull_policy: str | None = setting(
-        "MRI_ASSETS_K8S_IMAGE_PULL_POLICY", parse=_choice("Always", "IfNotPresent", "Never"))
+    namespace: str = field(default="dagster", metadata=env("MRI_ASSETS_K8S_NAMESPACE"))
+    max_concurrent: int = field(
+        default=16, metadata=env("MRI_ASSETS_K8S_MAX_CONCURRENT", parse=_whole(1))
+    )
+    step_cpu: str = field(default="1", metadata=env("MRI_ASSETS_K8S_STEP_CPU"))
+    step_memory: str = field(default="4Gi", metadata=env("MRI_ASSETS_K8S_STEP_MEMORY"))
+    image_pull_policy: str | None = field(
+        default=None,
+        metadata=env(
+            "MRI_ASSETS_K8S_IMAGE_PULL_POLICY", parse=_choice("Always", "IfNotPresent", "Never")
+        ),
+    )
 
 
 @dataclass(frozen=True)
 class TriageServiceSettings:
-    secret: Secret | None = setting("MRI_ASSETS_TRIAGE_SECRET", secret=True)
-    metrics_token: Secret | None = setting("MRI_ASSETS_METRICS_TOKEN", secret=True)
-    show_prediction: bool = setting("MRI_ASSETS_TRIAGE_SHOW_PREDICTION", default=False, parse=_flag)
-    lease_seconds: int = setting("MRI_ASSETS_TRIAGE_LEASE_SECONDS", default=300,
-                                 parse=_whole(10, 86_400))
-    cookie_secure: bool = setting("MRI_ASSETS_TRIAGE_COOKIE_SECURE", default=False, parse=_flag)
+    secret: Secret | None = field(
+        default=None, metadata=env("MRI_ASSETS_TRIAGE_SECRET", secret=True)
+    )
+    metrics_token: Secret | None = field(
+        default=None, metadata=env("MRI_ASSETS_METRICS_TOKEN", secret=True)
+    )
+    show_prediction: bool = field(
+        default=False, metadata=env("MRI_ASSETS_TRIAGE_SHOW_PREDICTION", parse=_flag)
+    )
+    lease_seconds: int = field(
+        default=300, metadata=env("MRI_ASSETS_TRIAGE_LEASE_SECONDS", parse=_whole(10, 86_400))
+    )
+    cookie_secure: bool = field(
+        default=False, metadata=env("MRI_ASSETS_TRIAGE_COOKIE_SECURE", parse=_flag)
+    )
 
 
 def _home(_name: str, text: str) -> MriHome:
@@ -184,11 +230,13 @@ def _home(_name: str, text: str) -> MriHome:
 class Deployment:
     """Everything a process of this deployment needs to know about where things are."""
 
-    home: MriHome = setting("MRI_ASSETS_HOME", default=None, parse=_home)
-    profile: str = setting("MRI_ASSETS_PROFILE", default="local", parse=_profile)
-    salt: Secret | None = setting("MRI_ASSETS_SALT", secret=True)
-    shards: int = setting("MRI_ASSETS_SHARDS", default=16, parse=_whole(1, MAX_SHARDS))
-    labels_url: Secret | None = setting("MRI_ASSETS_LABELS_URL", secret=True)
+    home: MriHome = field(default=None, metadata=env("MRI_ASSETS_HOME", parse=_home))
+    profile: str = field(default="local", metadata=env("MRI_ASSETS_PROFILE", parse=_profile))
+    salt: Secret | None = field(default=None, metadata=env("MRI_ASSETS_SALT", secret=True))
+    shards: int = field(default=16, metadata=env("MRI_ASSETS_SHARDS", parse=_whole(1, MAX_SHARDS)))
+    labels_url: Secret | None = field(
+        default=None, metadata=env("MRI_ASSETS_LABELS_URL", secret=True)
+    )
     object_store: ObjectStoreSettings = field(default_factory=ObjectStoreSettings)
     mlflow: MlflowSettings = field(default_factory=MlflowSettings)
     compute: ComputeSettings = field(default_factory=ComputeSettings)
@@ -196,8 +244,12 @@ class Deployment:
     celery: CelerySettings = field(default_factory=CelerySettings)
     k8s: K8sSettings = field(default_factory=K8sSettings)
     triage: TriageServiceSettings = field(default_factory=TriageServiceSettings)
-    pushgateway_url: str | None = setting("PUSHGATEWAY_URL", parse=_optional)
-    simulated_password: Secret | None = setting("MRI_ASSETS_SIMULATED_PASSWORD", secret=True)
+    pushgateway_url: str | None = field(
+        default=None, metadata=env("PUSHGATEWAY_URL", parse=_optional)
+    )
+    simulated_password: Secret | None = field(
+        default=None, metadata=env("MRI_ASSETS_SIMULATED_PASSWORD", secret=True)
+    )
     set_variables: frozenset[str] = field(default=frozenset(), compare=False)
 
     def __post_init__(self) -> None:
@@ -256,7 +308,9 @@ class Deployment:
 
     @property
     def simulated_password_value(self) -> str:
-        return self.simulated_password.value if self.simulated_password else DEFAULT_SIMULATED_PASSWORD
+        return (
+            self.simulated_password.value if self.simulated_password else DEFAULT_SIMULATED_PASSWORD
+        )
 
     def with_defaults(self, **loop: int) -> Deployment:
         """`loop` settings replaced where their variable is not set (the demo's smaller figures)."""

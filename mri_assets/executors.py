@@ -9,9 +9,20 @@ import dagster as dg
 from mri_assets.assets.gpu import GPU_POOL, GPU_QUEUE, gpu_run_tags, gpu_step_tags
 from mri_assets.deployment import PROFILES, Deployment, ProfileError, check_profile
 
-__all__ = ["GPU_POOL", "GPU_QUEUE", "DEFAULT_QUEUE", "PROFILES", "ProfileError", "check_profile",
-           "celery_executor_config", "k8s_executor_config", "executor_for", "gpu_step_tags",
-           "gpu_run_tags", "K8S_PASSED_ENV"]
+__all__ = [
+    "DEFAULT_QUEUE",
+    "GPU_POOL",
+    "GPU_QUEUE",
+    "K8S_PASSED_ENV",
+    "PROFILES",
+    "ProfileError",
+    "celery_executor_config",
+    "check_profile",
+    "executor_for",
+    "gpu_run_tags",
+    "gpu_step_tags",
+    "k8s_executor_config",
+]
 
 DEFAULT_QUEUE = "dagster"
 # The settings a step pod needs to build the same Deployment as its run pod.

@@ -6,12 +6,12 @@ from pathlib import Path
 import dagster as dg
 
 from mri_assets.assets.costs import gpu_budget
+from mri_assets.assets.gpu import GPU_POOL, gpu_step_tags
 from mri_assets.assets.ingest import slices
 from mri_assets.assets.monitoring import push_figures, throughput_gauges
 from mri_assets.core.embed import embed_shard, write_embeddings
 from mri_assets.core.slice_shards import shard_name, slice_keys
 from mri_assets.core.train import backbone_checkpoint
-from mri_assets.assets.gpu import GPU_POOL, gpu_step_tags
 from mri_assets.partitions import wave_and_shard, wave_shard_partitions
 from mri_assets.resources.compute import ComputeResource
 from mri_assets.resources.dvc_tracking import DvcTracking

@@ -10,6 +10,7 @@ import polars as pl
 
 from mri_assets.assets.clustering import pca_key, wave_embeddings
 from mri_assets.assets.embeddings import stored_backbone
+from mri_assets.assets.gpu import GPU_POOL, gpu_step_tags
 from mri_assets.assets.labeling import split_of
 from mri_assets.core.clustering import PcaModel
 from mri_assets.core.expert_labels import expert_label_per_image
@@ -31,7 +32,6 @@ from mri_assets.core.train import (
     save_checkpoint,
     train_two_stage,
 )
-from mri_assets.assets.gpu import GPU_POOL, gpu_step_tags
 from mri_assets.core.wave_layout import wave_shard_count
 from mri_assets.partitions import wave_partitions
 from mri_assets.resources.compute import ComputeResource
