@@ -230,3 +230,14 @@ def test_slices_already_ok_in_an_earlier_wave_are_duplicates_of_its_ids(mri_home
     materialize(defs, instance, ["manifest"], "pilot")
     assert _manifest(defs, instance, "pilot").select("image_id", "status").equals(
         pilot.select("image_id", "status"))
+
+
+def test_a_bad_ingest_setting_fails_the_manifest_in_one_line(mri_home, tmp_path, instance):
+    from mri_assets.resources.settings import IngestSettings
+
+    defs = local_defs(mri_home)
+    land_sample_wave(defs.resources["object_store"], tmp_path, "w1", n_slices=10)
+    result = materialize(defs, instance, ["manifest"], "w1", raise_on_error=False,
+                         resources={"ingest": IngestSettings(allowed_modalities=["M R"])})
+    message = _failure(result)
+    assert "ingest.allowed_modalities" in message and len(message.strip().splitlines()) == 1
