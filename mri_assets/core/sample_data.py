@@ -10,6 +10,15 @@ Ground truth (`labels.csv`) comes from slice geometry: axial slices below the mi
 head's axial extent are `axial_inferior`, above it `axial_superior` (a band of slices around the
 middle is not exported), coronal and sagittal by orientation. Near-empty edge slices are skipped.
 The same seed gives byte-identical files: PNG/JPEG/DICOM carry no timestamps and gzip mtime is 0.
+
+The stored integers are the same on every CPU: the volumes are computed in float64 with
+operations whose results IEEE 754 fixes to the last bit (add, multiply, divide, square root,
+comparisons, sorting) in a fixed order. The library calls whose last bit depends on the CPU's
+vector unit or on the BLAS (numpy's SIMD `exp`/`power`/`sin`, `tensordot`) are replaced by
+`exact_exp`, `exact_log` and explicit contractions; scipy's `ndimage` interpolation is plain C
+with one code path. Before the final scaling each value is rounded to a grid of 2**-16
+(`to_grid`), and the writers scale those integers with integer arithmetic, so only a change of
+more than ~1e-5 in a value could move a stored integer.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ ORIENTATIONS = ("axial", "coronal", "sagittal")
 FORMATS = ("nifti", "dicom", "png16", "jpeg")
 WAVE_STYLES = ("t1", "epi", "mixed")
 
+GRID_BITS = 16
 AXIAL_BORDER_HALF_WIDTH = 2
 FOREGROUND_FRACTION = 0.15
 MIN_SLICE_AREA_FRACTION = 0.3
@@ -93,17 +103,74 @@ def _canonical(path: Path) -> np.ndarray:
     import nibabel as nib
 
     img = nib.as_closest_canonical(nib.load(str(path)))
-    return np.asarray(img.dataobj, dtype=np.float32)
+    return np.asarray(img.dataobj, dtype=np.float64)
 
 
 def _block_mean_2x(vol: np.ndarray) -> np.ndarray:
+    """Mean of each 2x2x2 block, summed in a fixed order (no SIMD-width-dependent reduction)."""
     x, y, z = (s - s % 2 for s in vol.shape)
-    return vol[:x, :y, :z].reshape(x // 2, 2, y // 2, 2, z // 2, 2).mean(axis=(1, 3, 5))
+    vol = vol[:x, :y, :z]
+    total = np.zeros((x // 2, y // 2, z // 2), dtype=np.float64)
+    for i in (0, 1):
+        for j in (0, 1):
+            for k in (0, 1):
+                total += vol[i::2, j::2, k::2]
+    return total * 0.125
 
 
 def _unit_scaled(vol: np.ndarray) -> np.ndarray:
     top = float(np.percentile(vol, 99.5)) or 1.0
-    return np.clip(vol / top, 0.0, 1.2).astype(np.float32)
+    return np.clip(vol / top, 0.0, 1.2)
+
+
+_LN2 = 0.6931471805599453
+
+
+def exact_exp(x: np.ndarray) -> np.ndarray:
+    """exp(x) from IEEE-exact operations only, so every CPU gives the same last bit.
+
+    x = k ln2 + r with |r| <= ln2/2; exp(r) by its Taylor series (18 terms, Horner); times 2**k
+    with `ldexp` (exact). Accurate to a few ulp, which is all a sample generator needs.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    k = np.rint(x / _LN2)
+    r = x - k * _LN2
+    series = np.ones_like(r)
+    for n in range(18, 0, -1):
+        series = 1.0 + series * r / n
+    return np.ldexp(series, k.astype(np.int64))
+
+
+def exact_log(x: np.ndarray) -> np.ndarray:
+    """ln(x) for x > 0 from IEEE-exact operations: x = m 2**e (`frexp`, exact), ln m = 2 atanh(s)
+    with s = (m - 1) / (m + 1), |s| <= 1/3, by its series (20 terms)."""
+    mantissa, exponent = np.frexp(np.asarray(x, dtype=np.float64))
+    s = (mantissa - 1.0) / (mantissa + 1.0)
+    s2 = s * s
+    series = np.zeros_like(s)
+    for n in range(39, 0, -2):
+        series = 1.0 / n + s2 * series
+    return 2.0 * s * series + exponent * _LN2
+
+
+def exact_power(x: np.ndarray, gamma: float) -> np.ndarray:
+    """x ** gamma for x >= 0 (0 stays 0) through `exact_exp` and `exact_log`."""
+    positive = x > 0
+    out = np.zeros_like(x, dtype=np.float64)
+    out[positive] = exact_exp(gamma * exact_log(x[positive]))
+    return out
+
+
+def to_grid(values: np.ndarray) -> np.ndarray:
+    """int64 multiples of 2**-GRID_BITS nearest to `values` (the platform-independent stored form)."""
+    return np.rint(np.asarray(values, dtype=np.float64) * (1 << GRID_BITS)).astype(np.int64)
+
+
+def grid_to_int(grid: np.ndarray, scale: int, top: int, dtype: str) -> np.ndarray:
+    """round(grid * 2**-GRID_BITS * scale), clipped to [0, top], in integer arithmetic."""
+    half = 1 << (GRID_BITS - 1)
+    scaled = (np.maximum(grid, 0) * scale + half) >> GRID_BITS
+    return np.minimum(scaled, top).astype(dtype)
 
 
 def load_source_volumes(paths: dict[str, Path]) -> dict[str, list[SourceVolume]]:
@@ -147,8 +214,8 @@ def _choose_source(
 
 
 def _rotation(angles_rad: np.ndarray) -> np.ndarray:
-    cx, cy, cz = np.cos(angles_rad)
-    sx, sy, sz = np.sin(angles_rad)
+    cx, cy, cz = (math.cos(float(a)) for a in angles_rad)
+    sx, sy, sz = (math.sin(float(a)) for a in angles_rad)
     rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
     ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
     rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
@@ -166,12 +233,24 @@ def _interpolation_matrix(n_out: int, n_knots: int) -> np.ndarray:
 def smooth_bias_field(
     shape: tuple[int, int, int], rng: np.random.Generator, knots: int = 4, sd: float = 0.15
 ) -> np.ndarray:
-    """exp of a random knots^3 grid interpolated trilinearly to `shape` (separable, no zoom)."""
+    """exp of a random knots^3 grid interpolated trilinearly to `shape` (separable, no zoom).
+
+    The three contractions are explicit sums over the knots in a fixed order (a BLAS call would
+    sum in an order that depends on the CPU)."""
     grid = rng.normal(0.0, sd, size=(knots, knots, knots))
-    field = np.tensordot(_interpolation_matrix(shape[0], knots), grid, axes=(1, 0))
-    field = np.tensordot(field, _interpolation_matrix(shape[1], knots), axes=(1, 1))
-    field = np.tensordot(field, _interpolation_matrix(shape[2], knots), axes=(1, 1))
-    return np.exp(field).astype(np.float32)
+    wx, wy, wz = (_interpolation_matrix(n, knots) for n in shape)
+    along_x = sum_terms(wx[:, a, None, None] * grid[a][None, :, :] for a in range(knots))
+    along_y = sum_terms(wy[None, :, b, None] * along_x[:, b, None, :] for b in range(knots))
+    field = sum_terms(wz[None, None, :, c] * along_y[:, :, c, None] for c in range(knots))
+    return exact_exp(field)
+
+
+def sum_terms(terms) -> np.ndarray:
+    """Elementwise sum of arrays in the order given."""
+    total = None
+    for term in terms:
+        total = term.copy() if total is None else total + term
+    return total
 
 
 def augment_volume(unit: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -188,11 +267,11 @@ def augment_volume(unit: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarr
     )
     np.clip(moved, 0.0, None, out=moved)
     foreground = moved > FOREGROUND_FRACTION
-    moved **= np.float32(rng.uniform(0.8, 1.25))
+    moved = exact_power(moved, float(rng.uniform(0.8, 1.25)))
     moved *= smooth_bias_field(unit.shape, rng)
-    sigma = np.float32(rng.uniform(0.01, 0.04))
-    real = moved + sigma * rng.standard_normal(moved.shape, dtype=np.float32)
-    imaginary = sigma * rng.standard_normal(moved.shape, dtype=np.float32)
+    sigma = float(rng.uniform(0.01, 0.04))
+    real = moved + sigma * rng.standard_normal(moved.shape)
+    imaginary = sigma * rng.standard_normal(moved.shape)
     return np.sqrt(real * real + imaginary * imaginary), foreground
 
 
@@ -257,9 +336,7 @@ def _uid(*parts: object) -> str:
 def _write_nifti(path: Path, stored: np.ndarray, voxel_mm: float) -> None:
     import nibabel as nib
 
-    data = np.ascontiguousarray(
-        np.moveaxis(np.rint(stored * 3000).clip(0, 32767).astype(np.int16), 0, -1)
-    )
+    data = np.ascontiguousarray(np.moveaxis(grid_to_int(stored, 3000, 32767, "<i2"), 0, -1))
     img = nib.Nifti1Image(data, np.diag([voxel_mm, voxel_mm, voxel_mm, 1.0]))
     img.header.set_dim_info(slice=2)
     img.header.set_xyzt_units("mm")
@@ -268,7 +345,7 @@ def _write_nifti(path: Path, stored: np.ndarray, voxel_mm: float) -> None:
 
 def _write_png16(path: Path, display: np.ndarray) -> None:
     buffer = io.BytesIO()
-    Image.fromarray(np.rint(display * 40000).clip(0, 65535).astype(np.uint16)).save(
+    Image.fromarray(grid_to_int(display, 40000, 65535, "uint16")).save(
         buffer, format="PNG"
     )
     path.write_bytes(buffer.getvalue())
@@ -276,7 +353,7 @@ def _write_png16(path: Path, display: np.ndarray) -> None:
 
 def _write_jpeg(path: Path, display: np.ndarray) -> None:
     buffer = io.BytesIO()
-    Image.fromarray(np.rint(display * 200).clip(0, 255).astype(np.uint8)).save(
+    Image.fromarray(grid_to_int(display, 200, 255, "uint8")).save(
         buffer, format="JPEG", quality=92
     )
     path.write_bytes(buffer.getvalue())
@@ -327,7 +404,7 @@ def _write_dicom_series(
     ds.SliceThickness = 2.0
     paths = []
     for index, display in enumerate(displays):
-        pixels = np.ascontiguousarray(np.rint(display * 3000).clip(0, 32767).astype("<i2"))
+        pixels = np.ascontiguousarray(grid_to_int(display, 3000, 32767, "<i2"))
         sop_uid = _uid("sop", *series_uid_parts, index)
         ds.SOPInstanceUID = sop_uid
         ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
@@ -441,7 +518,7 @@ def build_sample_data(
             fmt = FORMATS[(group_counter + format_offset) % len(FORMATS)]
             group_counter += 1
             patient_dir.mkdir(parents=True, exist_ok=True)
-            stored = _display_slices(volume, orientation, positions)
+            stored = _display_slices(to_grid(volume), orientation, positions)
             slice_files, written = _export_group(
                 patient_dir, group_number, fmt, stored, template_bytes, phi, (seed, patient_number)
             )

@@ -3,10 +3,13 @@ import polars as pl
 import pytest
 
 from mri_assets.core.fingerprint import (
+    METRIC_ATOL_ACROSS_DEVICES,
     compare_fingerprints,
+    content_keys_by_image_id,
     embedding_fingerprint,
     fingerprint_from_json,
     fingerprint_to_json,
+    keyed_embeddings,
     manifest_fingerprint,
     smoke_fingerprint,
 )
@@ -15,9 +18,12 @@ from mri_assets.core.fingerprint import (
 def small_manifest(n: int = 20) -> pl.DataFrame:
     return pl.DataFrame(
         {
-            "image_id": [f"{i:024x}" for i in range(n)],
+            "image_id": [f"{i:024x}-{i % 3:05d}" for i in range(n)],
             "source_uri": [f"/tmp/run-a/raw/smoke/p{i % 4}/s{i}.dcm" for i in range(n)],
+            "source_key": [f"raw/smoke/p{i % 4}/s{i}.dcm" for i in range(n)],
             "sha256": [f"{i * 7919:064x}" for i in range(n)],
+            "pixel_sha256": [f"{i * 104729:064x}" for i in range(n)],
+            "payload_crc32": [i * 31 for i in range(n - 1)] + [None],
             "slice_index": [i % 3 for i in range(n)],
             "patient_key": [f"p{i % 4:019d}" for i in range(n)],
             "split": [("train", "val", "holdout")[i % 3] for i in range(n)],
@@ -25,6 +31,10 @@ def small_manifest(n: int = 20) -> pl.DataFrame:
             "reason": [None] * n,
         }
     )
+
+
+def key_of(manifest: pl.DataFrame, image_id: str) -> str:
+    return content_keys_by_image_id(manifest)[image_id]
 
 
 def small_embeddings(ids: list[str], dim: int = 16, seed: int = 0) -> np.ndarray:
@@ -45,6 +55,40 @@ def test_manifest_fingerprint_ignores_row_order_and_source_paths():
     )
 
     assert manifest_fingerprint(manifest) == manifest_fingerprint(moved)
+
+
+def test_content_keys_are_the_path_inside_the_wave_and_the_slice_index():
+    manifest = small_manifest()
+
+    assert key_of(manifest, manifest["image_id"][5]) == "p1/s5.dcm#2"
+
+
+def test_manifest_fingerprint_ignores_source_bytes_ids_and_wave_name():
+    """Another zlib or compression level changes the source bytes, hence sha256 and image_id,
+    without changing one decoded pixel: the fingerprint is the same."""
+    manifest = small_manifest()
+    recompressed = manifest.with_columns(
+        pl.col("sha256").str.replace("^0", "f"),
+        (pl.lit("e") + pl.col("image_id").str.slice(1)).alias("image_id"),
+        pl.col("source_key").str.replace("raw/smoke/", "raw/smoke-copy/"),
+    )
+
+    assert manifest_fingerprint(manifest) == manifest_fingerprint(recompressed)
+
+
+def test_changed_stored_slice_pixels_are_a_mismatch_naming_the_object_and_slice():
+    manifest = small_manifest()
+    ids = manifest["image_id"].to_list()
+    vectors = small_embeddings(ids)
+    reference = fingerprint_of(manifest, ids, vectors)
+    rewindowed = manifest.with_columns(
+        pl.when(pl.col("image_id") == ids[6]).then(pl.lit(1)).otherwise("payload_crc32")
+        .alias("payload_crc32")
+    )
+
+    mismatches = compare_fingerprints(reference, fingerprint_of(rewindowed, ids, vectors))
+
+    assert [(m.kind, m.items) for m in mismatches] == [("manifest", ("p2/s6.dcm#0",))]
 
 
 def test_manifest_fingerprint_changes_when_a_split_changes():
@@ -90,7 +134,7 @@ def test_identical_runs_have_no_mismatch_after_a_json_round_trip():
     assert compare_fingerprints(reference, fingerprint_of(manifest, ids, vectors.copy())) == []
 
 
-def test_one_embedding_byte_changed_is_a_mismatch_naming_that_image_id():
+def test_one_embedding_byte_changed_is_a_mismatch_naming_that_slice():
     manifest = small_manifest()
     ids = manifest["image_id"].to_list()
     vectors = small_embeddings(ids)
@@ -100,11 +144,11 @@ def test_one_embedding_byte_changed_is_a_mismatch_naming_that_image_id():
 
     mismatches = compare_fingerprints(reference, fingerprint_of(manifest, ids, tampered))
 
-    assert [(m.kind, m.items) for m in mismatches] == [("embeddings", (ids[7],))]
+    assert [(m.kind, m.items) for m in mismatches] == [("embeddings", (key_of(manifest, ids[7]),))]
     assert "same device type 'cpu'" in mismatches[0].message
 
 
-def test_changed_manifest_row_is_a_mismatch_naming_that_image_id():
+def test_changed_manifest_row_is_a_mismatch_naming_that_slice():
     manifest = small_manifest()
     ids = manifest["image_id"].to_list()
     vectors = small_embeddings(ids)
@@ -118,7 +162,7 @@ def test_changed_manifest_row_is_a_mismatch_naming_that_image_id():
 
     mismatches = compare_fingerprints(reference, fingerprint_of(changed, ids, vectors))
 
-    assert [(m.kind, m.items) for m in mismatches] == [("manifest", (ids[2],))]
+    assert [(m.kind, m.items) for m in mismatches] == [("manifest", (key_of(manifest, ids[2]),))]
 
 
 def test_metric_drift_beyond_tolerance_is_a_mismatch_and_within_is_not():
@@ -135,6 +179,24 @@ def test_metric_drift_beyond_tolerance_is_a_mismatch_and_within_is_not():
     assert [(m.kind, m.items) for m in mismatches] == [("metrics", ("ari_k2",))]
 
 
+def test_across_device_types_metrics_have_the_measured_tolerance_and_no_more():
+    manifest = small_manifest()
+    ids = manifest["image_id"].to_list()
+    vectors = small_embeddings(ids)
+    keyed = keyed_embeddings(manifest, (ids, vectors))
+    reference = fingerprint_of(manifest, ids, vectors, device="cpu-avx512-bf16")
+    bound = METRIC_ATOL_ACROSS_DEVICES
+
+    within = fingerprint_of(manifest, ids, vectors, device="cpu-avx2-fp32",
+                            metrics={"ari_k2": 0.5 + 0.9 * bound, "nmi_k2": 0.4 - 0.9 * bound})
+    beyond = fingerprint_of(manifest, ids, vectors, device="cpu-avx2-fp32",
+                            metrics={"ari_k2": 0.5 + 1.5 * bound, "nmi_k2": 0.4})
+
+    assert compare_fingerprints(reference, within, keyed, keyed) == []
+    mismatches = compare_fingerprints(reference, beyond, keyed, keyed)
+    assert [(m.kind, m.items) for m in mismatches] == [("metrics", ("ari_k2",))]
+
+
 def test_across_device_types_small_float_noise_passes_cosine_check():
     manifest = small_manifest()
     ids = manifest["image_id"].to_list()
@@ -145,7 +207,8 @@ def test_across_device_types_small_float_noise_passes_cosine_check():
     current = fingerprint_of(manifest, ids, gpu_vectors, device="cuda")
 
     assert reference["embeddings"]["hash"] != current["embeddings"]["hash"]
-    assert compare_fingerprints(reference, current, (ids, vectors), (ids, gpu_vectors)) == []
+    assert compare_fingerprints(reference, current, keyed_embeddings(manifest, (ids, vectors)),
+                                keyed_embeddings(manifest, (ids, gpu_vectors))) == []
 
 
 def test_across_device_types_a_different_vector_fails_cosine_check_naming_it():
@@ -157,9 +220,10 @@ def test_across_device_types_a_different_vector_fails_cosine_check_naming_it():
     reference = fingerprint_of(manifest, ids, vectors, device="cpu")
     current = fingerprint_of(manifest, ids, changed, device="cuda")
 
-    mismatches = compare_fingerprints(reference, current, (ids, vectors), (ids, changed))
+    mismatches = compare_fingerprints(reference, current, keyed_embeddings(manifest, (ids, vectors)),
+                                      keyed_embeddings(manifest, (ids, changed)))
 
-    assert [(m.kind, m.items) for m in mismatches] == [("embeddings", (ids[4],))]
+    assert [(m.kind, m.items) for m in mismatches] == [("embeddings", (key_of(manifest, ids[4]),))]
     assert "cosine similarity below 0.999" in mismatches[0].message
 
 
@@ -174,7 +238,7 @@ def test_across_device_types_without_arrays_asks_for_them():
         compare_fingerprints(reference, current)
 
 
-def test_missing_embedding_is_a_mismatch_naming_the_image_id():
+def test_missing_embedding_is_a_mismatch_naming_the_slice():
     manifest = small_manifest()
     ids = manifest["image_id"].to_list()
     vectors = small_embeddings(ids)
@@ -182,7 +246,7 @@ def test_missing_embedding_is_a_mismatch_naming_the_image_id():
 
     mismatches = compare_fingerprints(reference, fingerprint_of(manifest, ids[1:], vectors[1:]))
 
-    assert [(m.kind, m.items) for m in mismatches] == [("embeddings", (ids[0],))]
+    assert [(m.kind, m.items) for m in mismatches] == [("embeddings", (key_of(manifest, ids[0]),))]
     assert "one side only" in mismatches[0].message
 
 

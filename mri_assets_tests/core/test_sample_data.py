@@ -51,6 +51,29 @@ def test_same_seed_writes_byte_identical_files(t1_wave, t1_wave_again):
     assert first == second
 
 
+def test_last_bit_noise_before_quantisation_leaves_every_stored_integer_unchanged(
+    t1_wave, tmp_path, monkeypatch
+):
+    """Another CPU's vector unit or BLAS moves the last bits of the float pipeline; model that
+    as up to 4 ulp of noise (in the dtype the generator computes in) on every voxel before
+    quantisation: not one stored byte may change. A float32 generator, or one that rounds
+    without the coarse grid, fails this."""
+    from mri_assets.core import sample_data
+
+    exact = sample_data.augment_volume
+    noise_rng = np.random.default_rng(2026)
+
+    def with_last_bit_noise(unit, rng):
+        volume, foreground = exact(unit, rng)
+        ulps = noise_rng.integers(-4, 5, size=volume.shape).astype(volume.dtype)
+        return volume * (1 + ulps * np.finfo(volume.dtype).eps), foreground
+
+    monkeypatch.setattr(sample_data, "augment_volume", with_last_bit_noise)
+    noisy = build_sample_data(tmp_path, N_SLICES, SEED, wave_style="t1")
+
+    assert _file_digests(noisy.out_dir) == _file_digests(t1_wave.out_dir)
+
+
 def test_different_seed_writes_different_files(t1_wave, tmp_path):
     other = build_sample_data(tmp_path, N_SLICES // 2, SEED + 1, wave_style="t1", include_bad=False)
     ours = {hashlib.sha256(path.read_bytes()).hexdigest() for path in t1_wave.image_paths}
