@@ -36,6 +36,8 @@ DONE = {
     "requeued": "Flagged cases put back in the queue.",
 }
 PLOT_W, PLOT_H, PAD = 640, 220, 40
+Username = Annotated[str, Form(min_length=1, max_length=256)]
+Csrf = Annotated[str, Form(max_length=128)]
 
 
 def burn_down_svg(burn: dict) -> dict:
@@ -79,8 +81,6 @@ def add_admin_routes(
     router: FastAPI, store: LabelStore, settings, page: Callable, clock: Callable[[], datetime]
 ) -> None:
     """Register the admin pages on the app (directly, so that `app.routes` lists them)."""
-    Username = Annotated[str, Form(min_length=1, max_length=256)]
-    Csrf = Annotated[str, Form(max_length=128)]
 
     def overview(request: Request, status_code: int = 200, error: str | None = None):
         burn = store.burn_down()

@@ -286,7 +286,10 @@ def create_app(
         auth.check_login_csrf(request, csrf_token)
         client = _client(request)
         policy = settings.login_policy
-        locked_until = label_store.login_locked_until(label_store.throttle_keys(username, client))
+        now = clock()
+        locked_until = label_store.login_locked_until(
+            label_store.throttle_keys(username, client), now=now
+        )
         if locked_until is None:
             user = label_store.authenticate(username, password)
             if user is not None:
@@ -298,7 +301,7 @@ def create_app(
                     settings.session_max_age_s,
                     client=client,
                     user_agent=request.headers.get("user-agent", ""),
-                    now=clock(),
+                    now=now,
                 )
                 response = RedirectResponse("/", status_code=303)
                 response.set_cookie(
@@ -307,11 +310,13 @@ def create_app(
                 )
                 response.delete_cookie(auth.LOGIN_COOKIE, path="/login")
                 return response
-            locked_until = label_store.record_login_failure(username, client, policy).locked_until
+            locked_until = label_store.record_login_failure(
+                username, client, policy, now=now
+            ).locked_until
         if locked_until is None:
             return page(request, "login.html", 401, notice=None,
                         error="Unknown user or wrong password.")
-        wait_s = max(1, int((locked_until - utc_now()).total_seconds() + 0.999))
+        wait_s = max(1, int((locked_until - now).total_seconds() + 0.999))
         error = (
             "Unknown user or wrong password. Too many failed logins for this account or from "
             f"this computer: try again after {locked_until:%H:%M:%S} UTC (in {wait_s} s)."

@@ -108,10 +108,6 @@ class SecurityHeaders:
         await self.app(scope, receive, with_headers)
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class BodyLimit:
     def __init__(self, app: ASGIApp, max_bytes: int):
         self.app = app
@@ -138,28 +134,37 @@ class BodyLimit:
                 await self._refuse(send)
                 return
         received = 0
-        started = False
+        started = refused = False
 
         async def counted_receive() -> Message:
-            nonlocal received
+            nonlocal received, refused, started
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise _TooLarge()
+                    # Answer now; the app then sees a client that went away.
+                    refused = True
+                    if not started:
+                        started = True
+                        await self._refuse(send)
+                    return {"type": "http.disconnect"}
             return message
 
         async def watched_send(message: Message) -> None:
             nonlocal started
+            if refused:
+                return
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
 
         try:
             await self.app(scope, counted_receive, watched_send)
-        except _TooLarge:
-            if not started:
-                await self._refuse(send)
+        except Exception:
+            if not refused:
+                raise
 
 
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})

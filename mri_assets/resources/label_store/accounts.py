@@ -582,7 +582,7 @@ class AccountsMixin:
                 (account_key, failures, policy.account_lockout_failures, account_until),
                 (client_key, client_failures, policy.client_lockout_failures, client_until),
             ):
-                if count == lockout:
+                if count >= lockout:
                     self._audit(
                         conn, who, "login_locked",
                         {"key": key[:150], "failures": count, "until": until.isoformat()}, now,
