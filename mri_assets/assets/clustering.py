@@ -7,6 +7,7 @@ import dagster as dg
 import polars as pl
 
 from mri_assets.assets.embeddings import embeddings, embeddings_key
+from mri_assets.assets.locations import stored_at
 from mri_assets.assets.monitoring import cluster_gauges, push_figures
 from mri_assets.core.clustering import PcaModel, cluster_scores, cluster_wave, fit_streaming_pca
 from mri_assets.core.embed import read_embedding_ids, read_embeddings
@@ -89,7 +90,7 @@ def pca_model(
             "embedding_dim": pca.dim,
             "slices": len(ids),
             "model_id": model_id,
-            "store_path": object_store.uri(pca_key(wave)),
+            "store_path": stored_at(object_store, pca_key(wave)),
             "mlflow_run_id": run_id,
         },
     )

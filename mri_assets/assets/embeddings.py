@@ -8,6 +8,7 @@ import dagster as dg
 from mri_assets.assets.costs import gpu_budget
 from mri_assets.assets.gpu import GPU_POOL, gpu_step_tags
 from mri_assets.assets.ingest import slices
+from mri_assets.assets.locations import stored_at
 from mri_assets.assets.monitoring import push_figures, throughput_gauges
 from mri_assets.core.embed import embed_shard, write_embeddings
 from mri_assets.core.slice_shards import shard_name, slice_keys
@@ -79,7 +80,7 @@ def embeddings(
             "precision": precision,
             "model_id": model.model_id,
             "dim": model.dim,
-            "store_path": object_store.uri(key),
+            "store_path": stored_at(object_store, key),
             "dvc_path": record.dvc_path,
             "dvc_md5": record.md5,
             "dvc_remote": record.remote,

@@ -10,6 +10,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
+from mri_assets.assets.locations import stored_at
 from mri_assets.assets.monitoring import manifest_gauges, push_figures
 from mri_assets.core.ingest import (
     REDECODE_COLUMNS,
@@ -216,7 +217,7 @@ def manifest(context: dg.AssetExecutionContext, object_store: ObjectStore, inges
             "quarantine_reasons": dg.MetadataValue.md(_markdown_table(reasons)),
             "seconds": round(seconds, 2),
             "slices_per_s": round(frame.height / max(seconds, 1e-9), 1),
-            "store_path": object_store.uri(manifest_key(wave)),
+            "store_path": stored_at(object_store, manifest_key(wave)),
             "salt": "development salt: set MRI_ASSETS_SALT" if ingest.uses_dev_salt() else "secret",
             "dagster/row_count": frame.height,
         },
@@ -288,7 +289,7 @@ def slices(context: dg.AssetExecutionContext, object_store: ObjectStore,
             "rebuilt_rows": bad.height,
             "rebuilt_image_ids": dg.MetadataValue.json(bad["image_id"].head(20).to_list()),
             "images_per_s": round(index.height / max(seconds, 1e-9), 1),
-            "store_path": object_store.uri(npy_key),
+            "store_path": stored_at(object_store, npy_key),
         },
     )
 

@@ -12,6 +12,7 @@ from mri_assets.assets.clustering import pca_key, wave_embeddings
 from mri_assets.assets.embeddings import stored_backbone
 from mri_assets.assets.gpu import GPU_POOL, gpu_step_tags
 from mri_assets.assets.labeling import split_of
+from mri_assets.assets.locations import stored_at
 from mri_assets.core.clustering import PcaModel
 from mri_assets.core.expert_labels import expert_label_per_image
 from mri_assets.core.plots import confusion_png
@@ -285,7 +286,7 @@ def classifier(
             "holdout": len(eval_ids),
             "seconds": round(seconds, 1),
             "device": str(device),
-            "checkpoint": object_store.uri(checkpoint_key(wave)),
+            "checkpoint": stored_at(object_store, checkpoint_key(wave)),
             "mlflow_run_id": run_id,
             "registered_model": f"{REGISTERED_MODEL} v{version}",
             "confusion": dg.MetadataValue.md(

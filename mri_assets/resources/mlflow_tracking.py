@@ -7,10 +7,11 @@ MLflow's process-global "active run", so nothing can be left dangling in a worke
 from __future__ import annotations
 
 import json
+import sqlite3
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,12 @@ class MlflowTracking(ConfigurableResource):
         "None lets the tracking server decide",
     )
 
+    relocatable: bool = Field(
+        default=False,
+        description="the store and artifacts live together under one folder that may move "
+        "(MRI_ASSETS_HOME): stored artifact URIs are re-rooted at `artifact_location` on start",
+    )
+
     @classmethod
     def local(cls, home: Path, experiment_name: str = "mri_assets-local") -> MlflowTracking:
         root = Path(home).resolve() / "mlflow"
@@ -55,6 +62,7 @@ class MlflowTracking(ConfigurableResource):
             tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
             experiment_name=experiment_name,
             artifact_location=(root / "artifacts").as_uri(),
+            relocatable=True,
         )
 
     def client(self) -> MlflowClient:
@@ -68,6 +76,9 @@ class MlflowTracking(ConfigurableResource):
         client = client or self.client()
         experiment = client.get_experiment_by_name(self.experiment_name)
         if experiment is not None:
+            moved_from = experiment.artifact_location
+            if self.relocatable and self.artifact_location and moved_from != self.artifact_location:
+                rebase_artifact_uris(self.tracking_uri, moved_from, self.artifact_location)
             return experiment.experiment_id
         try:
             return client.create_experiment(
@@ -235,3 +246,43 @@ class MlflowTracking(ConfigurableResource):
 
 def _quoted(value: str) -> str:
     return value.replace("\\", "\\\\").replace("'", "\\'")
+
+
+# Every column in which MLflow's SQL store keeps an artifact URI (experiments, runs, logged
+# models, registered model versions); missing tables or columns are skipped.
+ARTIFACT_URI_COLUMNS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("logged_models", "artifact_location"),
+    ("model_versions", "source"),
+    ("model_versions", "storage_location"),
+)
+
+
+def rebase_artifact_uris(tracking_uri: str, old_root: str, new_root: str) -> int:
+    """Re-root the artifact URIs a local SQLite tracking store holds from `old_root` (where the
+    home was) to `new_root` (where it is now); returns the number of values changed.
+
+    MLflow stores absolute artifact URIs and has no relative form, so a copied MRI_ASSETS_HOME
+    would log every new artifact into the original. Only values equal to `old_root` or below it
+    change, in one transaction; a second call finds nothing left to change.
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        raise MlflowTrackingError(f"only a local SQLite store can be re-rooted, not {tracking_uri!r}")
+    old_root, new_root = old_root.rstrip("/"), new_root.rstrip("/")
+    changed = 0
+    with closing(sqlite3.connect(tracking_uri.removeprefix("sqlite:///"), timeout=60)) as db, db:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        for table, column in ARTIFACT_URI_COLUMNS:
+            if table not in tables:
+                continue
+            columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+            if column not in columns:
+                continue
+            cursor = db.execute(
+                f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
+                (new_root, len(old_root) + 1, old_root, len(old_root) + 1, old_root + "/"),
+            )
+            changed += cursor.rowcount
+    return changed
