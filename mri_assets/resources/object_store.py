@@ -243,11 +243,12 @@ class LocalObjectStore(ObjectStore):
 
 
 MULTIPART_PART_BYTES = 64 * 1024 * 1024
-# Sized so that an endpoint that stops answering fails a call within a minute (3 attempts of at
-# most 5 s to connect + 15 s to answer, plus the backoff), well inside two minutes for a step.
+# Sized so that an endpoint that stops answering fails a call in under 40 s (3 attempts of at
+# most 5 s to connect + 10 s to answer, plus the backoff): inside two minutes even for a step
+# that Dagster retries twice (the embeddings step).
 S3_MAX_ATTEMPTS = 3
 S3_CONNECT_TIMEOUT_S = 5.0
-S3_READ_TIMEOUT_S = 15.0
+S3_READ_TIMEOUT_S = 10.0
 LOG = logging.getLogger("mri_assets.object_store")
 
 
