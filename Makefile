@@ -2,29 +2,56 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# DVC runs as the `dvc` command from its own environment: its hydra-core/omegaconf pin the
+# ANTLR 4.9 runtime, which breaks the ANTLR 4.13 parser behind every Dagster `--select`.
+DVC_VENV := .venv-dvc
+LOCK := requirements/lock.txt
+DVC_LOCK := requirements/dvc.lock.txt
+TORCH := torch==2.14.1 torchvision==0.29.1
+# `make lock UPGRADE=1` moves every pin to the newest release the ranges allow.
+PIP_COMPILE = $(BIN)/pip-compile --quiet --allow-unsafe --generate-hashes --strip-extras \
+	--no-emit-index-url --no-emit-find-links $(if $(UPGRADE),--upgrade)
 export MRI_ASSETS_HOME ?= $(CURDIR)/.mri_assets
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_ENABLE_TELEMETRY := false
 SYSTEM_PACKAGES := chromium redis-server prometheus-pushgateway postgresql
 
-.PHONY: demo test dev system-deps install install-dev lint bench clean
+.PHONY: demo test dev system-deps install install-dev dvc-env lock lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 
-# torch and torchvision come first and pinned: the wheels on this machine's disk.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e .
+# Exactly the lock (runtime + dev extras, with hashes): pip and pip-tools, then torch and
+# torchvision first (pinned: the wheels on this machine's disk), then pip-sync installs every
+# other locked package and removes what the lock does not hold; then the project, no deps.
+$(VENV)/.installed: $(LOCK) pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -c $(LOCK) pip pip-tools
+	$(BIN)/pip install --quiet -c $(LOCK) $(TORCH)
+	$(BIN)/pip-sync --quiet $(LOCK)
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
-	$(BIN)/pip install --quiet -e '.[dev]'
+# The dev extras are in the lock already; this stamp adds the DVC environment the tests use.
+$(VENV)/.installed-dev: $(VENV)/.installed $(DVC_VENV)/.installed
 	touch $@
 
-install: $(VENV)/.installed
+# DVC's environment, rebuilt from scratch whenever its lock changes.
+$(DVC_VENV)/.installed: $(DVC_LOCK)
+	rm -rf $(DVC_VENV)
+	$(PYTHON) -m venv $(DVC_VENV)
+	$(DVC_VENV)/bin/pip install --quiet --require-hashes -r $(DVC_LOCK)
+	touch $@
+
+install: $(VENV)/.installed $(DVC_VENV)/.installed
 install-dev: $(VENV)/.installed-dev
+dvc-env: $(DVC_VENV)/.installed
+
+# Refresh both locks: requirements/lock.txt from pyproject.toml (runtime + dev extras) and
+# requirements/dvc.lock.txt from requirements/dvc.in. Existing pins stay unless UPGRADE=1.
+lock: | $(BIN)/python
+	test -x $(BIN)/pip-compile || $(BIN)/pip install --quiet pip-tools
+	$(PIP_COMPILE) --extra dev -o $(LOCK) pyproject.toml
+	$(PIP_COMPILE) -o $(DVC_LOCK) requirements/dvc.in
 
 # Debian's chromium, redis-server, prometheus-pushgateway and postgresql for the integration tests.
 system-deps:
@@ -45,10 +72,12 @@ demo: install
 test: install-dev system-deps
 	$(BIN)/python -m pytest
 
+# The instance reads only DAGSTER_HOME/dagster.yaml: the template is copied there when missing.
 dev: install
 	mkdir -p $(MRI_ASSETS_HOME)/dagster
-	cp -n dagster.yaml $(MRI_ASSETS_HOME)/dagster/dagster.yaml || true
-	DAGSTER_HOME=$(MRI_ASSETS_HOME)/dagster $(BIN)/dagster dev -w workspace.yaml
+	test -f $(MRI_ASSETS_HOME)/dagster/dagster.yaml || \
+	  cp deploy/local/dagster.yaml $(MRI_ASSETS_HOME)/dagster/dagster.yaml
+	DAGSTER_HOME=$(MRI_ASSETS_HOME)/dagster $(BIN)/dg dev -w workspace.yaml
 
 lint: install-dev
 	$(BIN)/ruff check mri_assets mri_assets_tests benchmarks

@@ -15,7 +15,7 @@ from mri_assets.core.wave_layout import wave_shard_count
 from mri_assets.partitions import WAVES, shard_partitions, wave_shard_key, wave_shard_partitions
 
 QUIET_CONSOLE = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-REPO_DAGSTER_YAML = Path(__file__).resolve().parent.parent / "dagster.yaml"
+REPO_DAGSTER_YAML = Path(__file__).resolve().parent.parent / "deploy" / "local" / "dagster.yaml"
 
 
 def dagster_instance(home: MriHome) -> dg.DagsterInstance:

@@ -43,7 +43,7 @@ def test_webserver_loads_the_code_location_with_assets_waves_and_sensor(tmp_path
     monkeypatch.setattr(services, "STARTUP_TIMEOUT_S", 180.0)
     home = tmp_path / "home"
     (home / "dagster").mkdir(parents=True)
-    shutil.copyfile(REPO / "dagster.yaml", home / "dagster" / "dagster.yaml")
+    shutil.copyfile(REPO / "deploy" / "local" / "dagster.yaml", home / "dagster" / "dagster.yaml")
     port = free_port()
     env = {"MRI_ASSETS_HOME": str(home), "DAGSTER_HOME": str(home / "dagster")}
     webserver = str(Path(sys.executable).parent / "dagster-webserver")
