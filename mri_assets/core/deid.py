@@ -15,6 +15,9 @@ What this does, per Table E.1-1 of the basic application level confidentiality p
 
 The result is deterministic: the same bytes and pseudonym give the same output bytes.
 
+NIfTI files carry free text too (`descrip`, `aux_file`, `intent_name`, `db_name`, and header
+extensions, where converters may store the whole DICOM header): `deidentify_nifti` blanks them.
+
 Legacy objects without preamble and file meta are read the same way (after `imaging` has seen a
 run of well-formed data elements) and written back in the encoding they came in. After cleaning,
 the output is searched for the original patient name, ID and birth date; where one is still found
@@ -229,6 +232,49 @@ def deidentify_dicom(data: bytes, pseudonym: str) -> bytes:
             "into elements the basic profile does not list): cannot de-identify"
         )
     return cleaned
+
+
+_NIFTI_TEXT_FIELDS = {348: ("db_name", "descrip", "aux_file", "intent_name"),
+                      540: ("descrip", "aux_file", "intent_name")}
+
+
+def deidentify_nifti(data: bytes) -> bytes:
+    """NIfTI bytes with the free-text header fields (`descrip`, `aux_file`, `intent_name`,
+    `db_name`) and every header extension (a converter may put the whole DICOM header there)
+    blanked in place: zero bytes of the same length, so the voxel data and its offset are
+    untouched. Bytes with nothing to blank come back unchanged (the same object), so do bytes
+    that are not a readable NIfTI header; a gzip-wrapped file is unwrapped and wrapped again."""
+    import gzip
+    import zlib
+
+    import nibabel as nib
+
+    wrapped = data.startswith(b"\x1f\x8b")
+    try:
+        raw = gzip.decompress(data) if wrapped else data
+    except (OSError, EOFError, zlib.error):
+        return data
+    size = next((n for n in (348, 540) for order in "<>"
+                 if len(raw) >= 4 and struct.unpack(order + "i", raw[:4])[0] == n), None)
+    if size is None or len(raw) < size:
+        return data
+    header_class = nib.Nifti1Header if size == 348 else nib.Nifti2Header
+    try:
+        header = header_class.from_fileobj(io.BytesIO(raw[:size] + b"\0" * 4), check=False)
+        vox_offset = int(header["vox_offset"])
+    except (ValueError, TypeError, struct.error, nib.spatialimages.HeaderDataError):
+        return data
+    cleaned = bytearray(raw)
+    for name in _NIFTI_TEXT_FIELDS[size]:
+        offset = header_class.template_dtype.fields[name][1]
+        length = header_class.template_dtype.fields[name][0].itemsize
+        cleaned[offset : offset + length] = bytes(length)
+    if len(raw) >= size + 4 and raw[size] != 0:  # extensions follow, up to the voxel data
+        end = min(len(raw), vox_offset if vox_offset > size else len(raw))
+        cleaned[size:end] = bytes(end - size)
+    if cleaned == raw:
+        return data
+    return gzip.compress(bytes(cleaned), compresslevel=6, mtime=0) if wrapped else bytes(cleaned)
 
 
 WITHHELD_MAGIC = b"MRI-ASSETS-WITHHELD/1\n"

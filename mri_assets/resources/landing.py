@@ -25,7 +25,12 @@ from pathlib import Path
 import polars as pl
 import pydicom
 
-from mri_assets.core.deid import deidentify_dicom, read_withheld, withheld_record
+from mri_assets.core.deid import (
+    deidentify_dicom,
+    deidentify_nifti,
+    read_withheld,
+    withheld_record,
+)
 from mri_assets.core.imaging import UnreadableImage, detect_format, format_from_extension
 from mri_assets.core.manifest import READY_MARKER, patient_key_for, raw_prefix
 from mri_assets.resources.object_store import LocalObjectStore, ObjectStore
@@ -77,7 +82,8 @@ def _unrecognised(name: str) -> str:
 def landing_bytes(data: bytes, salt: str, name: str = "") -> tuple[bytes, bool]:
     """The bytes to store for one raw object, and whether DICOM was de-identified.
 
-    DICOM (with or without preamble) is de-identified; PNG, JPEG, NIfTI and MGH pass as they are;
+    DICOM (with or without preamble) is de-identified, NIfTI free-text header fields and
+    extensions are blanked; PNG, JPEG and MGH pass as they are;
     an empty object stays empty. Anything that cannot be de-identified becomes a withheld record.
     """
     if not data or read_withheld(data) is not None:
@@ -85,6 +91,9 @@ def landing_bytes(data: bytes, salt: str, name: str = "") -> tuple[bytes, bool]:
     fmt = detect_format(data)
     if fmt is None:
         return _withheld(data, _unrecognised(name))
+    if fmt == "nifti":
+        cleaned = deidentify_nifti(data)
+        return cleaned, cleaned is not data
     if fmt != "dicom":
         return data, False
     has_preamble = len(data) >= 132 and data[128:132] == b"DICM"

@@ -167,3 +167,27 @@ def test_truncated_mgz_is_unreadable_with_what_to_do():
     mgh, _ = _mgh_and_nifti_of(np.asanyarray(source.dataobj)[..., 0], source.affine)
     with pytest.raises(UnreadableImage, match="re-export"):
         process_object(gzip.compress(mgh, mtime=0)[:2000], "cut.mgz")
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_nifti_free_text_and_extensions_are_blanked_and_the_voxels_kept(wrapped):
+    from mri_assets.core.deid import deidentify_nifti
+
+    volume = np.asanyarray(nib.load(NIBABEL_DATA / "anatomical.nii").dataobj)
+    img = nib.Nifti1Image(volume, np.eye(4))
+    img.header["descrip"] = LEGACY_PHI["PatientName"].encode()
+    img.header["aux_file"] = b"LEGACY-PLANTED"
+    img.header.extensions.append(nib.nifti1.Nifti1Extension(
+        "comment", f"converted from {LEGACY_PHI['PatientID']}, born {LEGACY_PHI['PatientBirthDate']}"
+        .encode()))
+    data = img.to_bytes()
+    data = gzip.compress(data, mtime=0) if wrapped else data
+    clean = deidentify_nifti(data)
+    plain = gzip.decompress(clean) if wrapped else clean
+    for value in (*LEGACY_PHI.values(), "LEGACY-PLANTED"):
+        assert value.encode() not in plain
+    name = "v.nii.gz" if wrapped else "v.nii"
+    before, after = process_object(data, name), process_object(clean, name)
+    assert [s.pixel_sha256 for s in after.slices] == [s.pixel_sha256 for s in before.slices]
+    plain_volume = nib.Nifti1Image(volume, np.eye(4)).to_bytes()
+    assert deidentify_nifti(plain_volume) is plain_volume  # nothing to blank: the same bytes

@@ -152,3 +152,17 @@ def test_objects_land_with_the_normal_file_mode(tmp_path):
     modes = {stat.S_IMODE(store.local_path(key).stat().st_mode)
              for key in landed_objects(store, "w1")["key"]}
     assert modes == {0o666 & ~umask}  # as any new file, not the 0o600 of a temporary file
+
+
+def test_nifti_free_text_is_blanked_on_the_way_in(tmp_path):
+    import nibabel as nib
+
+    source = tmp_path / "src"
+    source.mkdir()
+    img = nib.Nifti1Image(np.arange(40 * 40 * 3, dtype=np.int16).reshape(40, 40, 3), np.eye(4))
+    img.header["descrip"] = PLANTED_NAME.encode()
+    (source / "volume.nii").write_bytes(img.to_bytes())
+    store = LocalObjectStore(root=str(tmp_path / "store"))
+    report = land_wave(LocalObjectStore(root=str(source)), "", store, "w1", "salt")
+    assert report.deidentified == 1
+    assert PLANTED_NAME.encode() not in store.get_bytes("raw/w1/volume.nii")
