@@ -15,7 +15,6 @@ security headers. Every input that the routes take is bounded and validated, so 
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +31,6 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, ConfigDict, Field
 
-from mri_assets.deployment import Deployment
 from mri_assets.deployment import Deployment
 from mri_assets.resources import label_store as store_errors
 from mri_assets.resources.label_store import (
@@ -90,25 +88,25 @@ class TriageSettings:
     login_policy: LoginPolicy = field(default_factory=LoginPolicy)
 
     @classmethod
-    def from_env(cls) -> TriageSettings:
-        demo = os.environ.get("MRI_ASSETS_TRIAGE_DEMO") == "1"
-        secret = os.environ.get("MRI_ASSETS_TRIAGE_SECRET", "")
-        if not secret and demo:
+    def from_deployment(cls, deployment: Deployment) -> TriageSettings:
+        """The settings of the deployment's triage server (MRI_ASSETS_TRIAGE_*)."""
+        triage = deployment.triage
+        secret = triage.secret.value if triage.secret else ""
+        if not secret and triage.demo:
             log.warning(
                 "demo mode and MRI_ASSETS_TRIAGE_SECRET is not set: using a random session "
                 "secret, so clinicians must log in again after a restart"
             )
             secret = secrets.token_urlsafe(32)
-        origins = os.environ.get("MRI_ASSETS_TRIAGE_ALLOWED_ORIGINS", "")
         return cls(
             secret_key=secret,
-            metrics_token=os.environ.get("MRI_ASSETS_METRICS_TOKEN") or None,
-            show_prediction=os.environ.get("MRI_ASSETS_TRIAGE_SHOW_PREDICTION") == "1",
-            lease_seconds=int(os.environ.get("MRI_ASSETS_TRIAGE_LEASE_SECONDS", "300")),
-            session_idle_s=int(os.environ.get("MRI_ASSETS_TRIAGE_IDLE_SECONDS", "1800")),
-            cookie_secure=os.environ.get("MRI_ASSETS_TRIAGE_COOKIE_SECURE") == "1",
-            demo=demo,
-            allowed_origins=tuple(o.strip() for o in origins.split(",") if o.strip()),
+            metrics_token=triage.metrics_token.value if triage.metrics_token else None,
+            show_prediction=triage.show_prediction,
+            lease_seconds=triage.lease_seconds,
+            session_idle_s=triage.idle_seconds,
+            cookie_secure=triage.cookie_secure,
+            demo=triage.demo,
+            allowed_origins=triage.allowed_origins,
         )
 
 
@@ -490,7 +488,7 @@ def serve(
 ) -> None:
     import uvicorn
 
-    app = default_app(deployment, settings or TriageSettings.from_env())
+    app = default_app(deployment, settings or TriageSettings.from_deployment(deployment))
     uvicorn.run(app, host=host, port=port)
 
 

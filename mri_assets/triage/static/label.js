@@ -248,7 +248,7 @@
       button.addEventListener("click", function () { act("label", name); });
       buttonBox.appendChild(button);
     });
-    document.querySelectorAll("#class-definitions [data-class]").forEach(function (node) {
+    document.querySelectorAll("#class-definitions dt, #class-definitions dd").forEach(function (node) {
       node.hidden = item.class_set.indexOf(node.dataset.class) < 0;
     });
     if (showPrediction && item.prediction) {
@@ -403,6 +403,7 @@
       say("Undone");
     }
     doneCount.textContent = String(labeled);
+    if (Date.now() - progressAt > 5000) { refreshProgress(); }
     if (answer.next) {
       queueDecoded(answer.next);
     } else if ("next" in answer) {
@@ -464,7 +465,9 @@
     } catch (error) { /* network: the next renewal tries again */ }
   }
 
+  let progressAt = 0;
   async function refreshProgress() {
+    progressAt = Date.now();
     try {
       const response = await fetch("/api/progress", { credentials: "same-origin" });
       if (!response.ok) { return; }
