@@ -44,10 +44,11 @@ def _io_manager(deployment: Deployment):
 
 
 def _dvc(deployment: Deployment) -> DvcTracking:
+    where = {"repo_dir": str(deployment.home.dvc_repo), "remote_url": deployment.dvc_remote,
+             "dvc_executable": deployment.dvc_executable}
     if deployment.uses_s3:
-        return DvcTracking(repo_dir=str(deployment.home.dvc_repo), remote_url=deployment.dvc_remote,
-                           remote_endpoint_url=deployment.object_store.endpoint_url)
-    return DvcTracking(repo_dir=str(deployment.home.dvc_repo), remote_url=deployment.dvc_remote)
+        return DvcTracking(**where, remote_endpoint_url=deployment.object_store.endpoint_url)
+    return DvcTracking(**where)
 
 
 def _compute(deployment: Deployment) -> ComputeResource:

@@ -109,6 +109,10 @@ def _flag(name: str, text: str) -> bool:
     return FLAGS[text.strip().lower()]
 
 
+def _words(_name: str, text: str) -> tuple[str, ...]:
+    return tuple(word.strip() for word in text.split(",") if word.strip())
+
+
 def _profile(name: str, text: str) -> str:
     return check_profile(text)
 
@@ -220,6 +224,13 @@ class TriageServiceSettings:
     cookie_secure: bool = field(
         default=False, metadata=env("MRI_ASSETS_TRIAGE_COOKIE_SECURE", parse=_flag)
     )
+    idle_seconds: int = field(
+        default=1800, metadata=env("MRI_ASSETS_TRIAGE_IDLE_SECONDS", parse=_whole(60, 86_400))
+    )
+    demo: bool = field(default=False, metadata=env("MRI_ASSETS_TRIAGE_DEMO", parse=_flag))
+    allowed_origins: tuple[str, ...] = field(
+        default=(), metadata=env("MRI_ASSETS_TRIAGE_ALLOWED_ORIGINS", parse=_words)
+    )
 
 
 def _home(_name: str, text: str) -> MriHome:
@@ -246,6 +257,9 @@ class Deployment:
     triage: TriageServiceSettings = field(default_factory=TriageServiceSettings)
     pushgateway_url: str | None = field(
         default=None, metadata=env("PUSHGATEWAY_URL", parse=_optional)
+    )
+    dvc_executable: str | None = field(
+        default=None, metadata=env("MRI_ASSETS_DVC", parse=_optional)
     )
     simulated_password: Secret | None = field(
         default=None, metadata=env("MRI_ASSETS_SIMULATED_PASSWORD", secret=True)

@@ -1,8 +1,8 @@
-"""Where the local profile keeps its state: everything under MRI_ASSETS_HOME."""
+"""Where the local profile keeps its state: everything under MRI_ASSETS_HOME (the deployment
+reads the variable; `Deployment.home`)."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,10 +12,6 @@ DEFAULT_HOME = ".mri_assets"
 @dataclass(frozen=True)
 class MriHome:
     root: Path
-
-    @classmethod
-    def from_env(cls) -> MriHome:
-        return cls(Path(os.environ.get("MRI_ASSETS_HOME", DEFAULT_HOME)).resolve())
 
     @property
     def store(self) -> Path:

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import pytest
 from fastapi.testclient import TestClient
 
+from mri_assets.deployment import Deployment
 from mri_assets.resources.label_store import LoginPolicy, token_hash, utc_now
 from mri_assets.triage.app import TriageSettings, WeakSecret, create_app
 from mri_assets_tests.triage.conftest import (
@@ -183,17 +184,17 @@ def test_the_app_refuses_to_start_with_a_weak_or_default_secret(label_store, rea
     create_app(label_store, reader, TriageSettings(secret_key=secret, demo=True))
 
 
-def test_from_env_needs_a_secret_unless_in_demo(monkeypatch, label_store, reader):
+def test_the_deployment_settings_need_a_secret_unless_in_demo(monkeypatch, label_store, reader):
     monkeypatch.delenv("MRI_ASSETS_TRIAGE_SECRET", raising=False)
     monkeypatch.delenv("MRI_ASSETS_TRIAGE_DEMO", raising=False)
     with pytest.raises(WeakSecret):
-        create_app(label_store, reader, TriageSettings.from_env())
+        create_app(label_store, reader, TriageSettings.from_deployment(Deployment.from_env()))
     monkeypatch.setenv("MRI_ASSETS_TRIAGE_DEMO", "1")
-    demo = TriageSettings.from_env()
+    demo = TriageSettings.from_deployment(Deployment.from_env())
     assert demo.demo and len(demo.secret_key) >= 32
     monkeypatch.delenv("MRI_ASSETS_TRIAGE_DEMO")
     monkeypatch.setenv("MRI_ASSETS_TRIAGE_SECRET", SECRET)
-    create_app(label_store, reader, TriageSettings.from_env())
+    create_app(label_store, reader, TriageSettings.from_deployment(Deployment.from_env()))
 
 
 # -- login ------------------------------------------------------------------------------------

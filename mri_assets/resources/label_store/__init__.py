@@ -18,7 +18,7 @@ import math
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from datetime import date, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import polars as pl
@@ -30,7 +30,6 @@ from pydantic import PrivateAttr
 
 from mri_assets.core.agreement import cohen_kappa
 from mri_assets.core.budget import LabelBudget, cases_affordable, period_end, period_start
-from mri_assets.core.home import MriHome
 from mri_assets.resources.label_store.accounts import (
     ROLES,
     AccountsMixin,
@@ -204,9 +203,11 @@ def _hot_statements(dialect: str) -> dict[str, sa.TextClause]:
 
 
 def default_url() -> str:
-    home = MriHome.from_env()
-    home.root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{home.labels_db}"
+    """There is none: the deployment names the label store (`resources.deployed.label_store_for`,
+    SQLite under MRI_ASSETS_HOME unless MRI_ASSETS_LABELS_URL says otherwise)."""
+    raise LabelStoreError(
+        "LabelStore has no url: build it with resources.deployed.label_store_for(deployment)"
+    )
 
 
 def migration_heads() -> list[str]:
