@@ -38,7 +38,8 @@ sys.path.insert(0, str(REPO))
 from mri_assets.resources.label_store import LabelStore
 
 CLASSES = ["axial_inferior", "axial_superior", "coronal", "sagittal"]
-PASSWORD = "benchmark-password"
+PASSWORD = "Bench-Harbor-42-Quartz"
+SECRET = "triage-benchmark-7Hq2Lx9Vd4Rk8Nm3Wz6Pc1Jf5Gt0Yb"  # local, throw-away
 FAST_HASH = {"argon2_time_cost": 1, "argon2_memory_kib": 8192}
 
 
@@ -76,7 +77,7 @@ def serve(url: str, port: int, n_items: int) -> None:
     def no_slices(wave: str, image_id: str) -> bytes:
         raise LookupError(f"the benchmark serves no pixels ({wave}/{image_id})")
 
-    app = create_app(store, no_slices, TriageSettings(secret_key="benchmark-secret"))
+    app = create_app(store, no_slices, TriageSettings(secret_key=SECRET))
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 

@@ -194,7 +194,7 @@ def add_admin_routes(
     @router.get("/admin/sessions")
     def sessions_page(
         request: Request,
-        all: Annotated[bool, Query()] = False,  # noqa: A002 - the query parameter's name
+        all: Annotated[bool, Query()] = False,
         admin: str = Depends(auth.page_admin),
     ):
         return page(

@@ -51,7 +51,7 @@ def test_a_case_without_pixels_is_flagged_and_skipped_for_everyone(label_store, 
     missing = "0" * 24 + "-00001"
     label_store.enqueue("pilot", [{"image_id": missing, "priority": 1e9}], CLASSES)
     app = create_app(label_store, reader, app_settings())
-    alice, csrf = logged_in(app, "alice")
+    alice, _ = logged_in(app, "alice")
     item = alice.get("/api/next").json()["item"]
     image = alice.get(item["image_url"])
     assert image.status_code == 404 and image.json()["error"] == "MissingPixels"
@@ -69,7 +69,7 @@ def test_a_case_without_pixels_is_flagged_and_skipped_for_everyone(label_store, 
 def test_renewal_keeps_the_lease_and_reports_lost_ones(label_store, reader):
     app = create_app(label_store, reader, app_settings(lease_seconds=60))
     alice, csrf = logged_in(app, "alice")
-    bob, bob_csrf = logged_in(app, "bob")
+    bob, _ = logged_in(app, "bob")
     item = alice.get("/api/next").json()["item"]
     theirs = bob.get("/api/next").json()["item"]
     answer = post_json(alice, "/api/renew", csrf, {"item_ids": [item["id"], theirs["id"]]}).json()

@@ -20,8 +20,8 @@ from fastapi.testclient import TestClient
 
 if os.environ.get("CI") != "true":  # under CI a missing hypothesis fails the run
     pytest.importorskip("hypothesis", reason="needs hypothesis (the dev extras: make install-dev)")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mri_assets.resources.label_store import LoginPolicy, token_hash
 from mri_assets.triage.app import create_app

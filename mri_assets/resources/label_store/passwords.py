@@ -15,6 +15,7 @@ also once digits and symbols are taken off its ends or out altogether (`Summer20
 
 from __future__ import annotations
 
+import itertools
 import unicodedata
 
 MIN_PASSWORD_CHARS = 12
@@ -42,30 +43,7 @@ _LOOK_ALIKE = str.maketrans(
 # Commonly chosen passwords and the words most of them are built on; compared with the lowered
 # password, with digits and symbols stripped from its ends, and with its letters only.
 COMMON_PASSWORDS = frozenset(
-    """
-    password passw0rd passwort motdepasse contrasena wachtwoord salasana haslo parola
-    123456 1234567 12345678 123456789 1234567890 12345678910 123123 111111 000000 121212
-    654321 112233 123321 666666 696969 777777 888888 999999 987654321 11111111 1q2w3e4r
-    1qaz2wsx qazwsx qwerty qwertyuiop qwertz azerty asdfgh asdfghjkl zxcvbnm zxcvbn
-    abc123 abcdef abcdefgh iloveyou letmein welcome welcomeback changeme changeit default
-    secret secure security admin administrator root toor login master superuser guest user
-    test tester testing demo sample example trustno1 access hello hellothere goodbye
-    monkey dragon shadow sunshine princess football baseball basketball soccer hockey
-    starwars superman batman spiderman pokemon naruto minecraft mustang ferrari corvette
-    freedom whatever nothing something anything everything computer internet
-    michael jennifer jessica ashley daniel charlie jordan thomas robert matthew andrew
-    joshua william hunter george michelle amanda nicole anthony harley ranger buster
-    summer winter spring autumn fall january february march april may june july august
-    september october november december monday tuesday friday sunday weekend holiday
-    flower lovely loveme lover love cookie cheese coffee chocolate banana orange apple
-    pepper ginger tigger killer dallas yankees cowboys liverpool arsenal chelsea barcelona
-    hospital clinic clinical clinician doctor nurse radiology radiologist radiographer
-    medical medicine patient patients health healthcare mri scanner triage imaging neuro
-    brain cardio surgery theatre ward emergency labeling labelling label annotator
-    mriassets qwerty123 password1 password123 letmein123 welcome1 welcome123 admin123
-    abcd1234 aa123456 asdf1234 zaq12wsx q1w2e3r4 passpass mypassword newpassword
-    ourpassword yourpassword thepassword temp temporary temppass startup begin start
-    """.split()
+    ["password", "passw0rd", "passwort", "motdepasse", "contrasena", "wachtwoord", "salasana", "haslo", "parola", "123456", "1234567", "12345678", "123456789", "1234567890", "12345678910", "123123", "111111", "000000", "121212", "654321", "112233", "123321", "666666", "696969", "777777", "888888", "999999", "987654321", "11111111", "1q2w3e4r", "1qaz2wsx", "qazwsx", "qwerty", "qwertyuiop", "qwertz", "azerty", "asdfgh", "asdfghjkl", "zxcvbnm", "zxcvbn", "abc123", "abcdef", "abcdefgh", "iloveyou", "letmein", "welcome", "welcomeback", "changeme", "changeit", "default", "secret", "secure", "security", "admin", "administrator", "root", "toor", "login", "master", "superuser", "guest", "user", "test", "tester", "testing", "demo", "sample", "example", "trustno1", "access", "hello", "hellothere", "goodbye", "monkey", "dragon", "shadow", "sunshine", "princess", "football", "baseball", "basketball", "soccer", "hockey", "starwars", "superman", "batman", "spiderman", "pokemon", "naruto", "minecraft", "mustang", "ferrari", "corvette", "freedom", "whatever", "nothing", "something", "anything", "everything", "computer", "internet", "michael", "jennifer", "jessica", "ashley", "daniel", "charlie", "jordan", "thomas", "robert", "matthew", "andrew", "joshua", "william", "hunter", "george", "michelle", "amanda", "nicole", "anthony", "harley", "ranger", "buster", "summer", "winter", "spring", "autumn", "fall", "january", "february", "march", "april", "may", "june", "july", "august", "september", "october", "november", "december", "monday", "tuesday", "friday", "sunday", "weekend", "holiday", "flower", "lovely", "loveme", "lover", "love", "cookie", "cheese", "coffee", "chocolate", "banana", "orange", "apple", "pepper", "ginger", "tigger", "killer", "dallas", "yankees", "cowboys", "liverpool", "arsenal", "chelsea", "barcelona", "hospital", "clinic", "clinical", "clinician", "doctor", "nurse", "radiology", "radiologist", "radiographer", "medical", "medicine", "patient", "patients", "health", "healthcare", "mri", "scanner", "triage", "imaging", "neuro", "brain", "cardio", "surgery", "theatre", "ward", "emergency", "labeling", "labelling", "label", "annotator", "mriassets", "qwerty123", "password1", "password123", "letmein123", "welcome1", "welcome123", "admin123", "abcd1234", "aa123456", "asdf1234", "zaq12wsx", "q1w2e3r4", "passpass", "mypassword", "newpassword", "ourpassword", "yourpassword", "thepassword", "temp", "temporary", "temppass", "startup", "begin", "start"]
 )
 
 _KEY_ROWS = ("abcdefghijklmnopqrstuvwxyz", "1234567890", "qwertyuiop", "asdfghjkl", "zxcvbnm",
@@ -125,7 +103,7 @@ def checked_username(raw: object) -> str:
 def _is_run(text: str) -> bool:
     if len(text) < 4:
         return False
-    steps = {ord(b) - ord(a) for a, b in zip(text, text[1:], strict=False)}
+    steps = {ord(b) - ord(a) for a, b in itertools.pairwise(text)}
     if steps <= {1} or steps <= {-1} or steps == {0}:
         return True
     return any(text in row * 4 or text[::-1] in row * 4 for row in _KEY_ROWS)
