@@ -45,7 +45,9 @@ from mri_assets.resources.label_store import (
 from mri_assets.triage import auth
 from mri_assets.triage.admin import add_admin_routes
 from mri_assets.triage.classes import DEFINITIONS
+from mri_assets.triage.raw_slices import RawSlice, RawSliceReader
 from mri_assets.triage.security import BodyLimit, OriginCheck, SecurityHeaders, check_secret
+from mri_assets.triage.slice_reader import SliceReader
 
 HERE = Path(__file__).parent
 log = logging.getLogger(__name__)
@@ -158,7 +160,7 @@ def _metrics_text(stats: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _item_payload(item: dict, show_prediction: bool, now: datetime) -> dict:
+def _item_payload(item: dict, show_prediction: bool, now: datetime, raw: bool = False) -> dict:
     expires = item["lease_expires_at"]
     payload = {
         "id": item["id"],
@@ -166,6 +168,7 @@ def _item_payload(item: dict, show_prediction: bool, now: datetime) -> dict:
         "kind": item["kind"],
         "class_set": item["class_set"],
         "image_url": f"/image/{item['id']}.png",
+        "raw_url": f"/image/{item['id']}.raw" if raw else None,
         "lease_expires_at": expires.isoformat() + "Z",
         "lease_seconds_left": max(0.0, round((expires - now).total_seconds(), 1)),
     }
@@ -193,11 +196,17 @@ def create_app(
     load_slice_png: Callable[[str, str], bytes],
     settings: TriageSettings,
     clock: Callable[[], datetime] = utc_now,
+    load_raw_slice: Callable[[str, str], RawSlice] | None = None,
 ) -> FastAPI:
     """The triage app over `label_store`; `load_slice_png(wave, image_id)` gives PNG bytes.
 
-    Raises WeakSecret when `settings.secret_key` is weak or a default and `settings.demo` is
-    off. `clock` gives naive-UTC now for sessions (tests move it to end sessions)."""
+    `load_raw_slice(wave, image_id)` gives the slice at its original resolution and values
+    for the viewer (default: read from the raw objects of `load_slice_png`'s store when it is a
+    `SliceReader`); the 256 px PNG stays the fallback. Raises WeakSecret when
+    `settings.secret_key` is weak or a default and `settings.demo` is off. `clock` gives
+    naive-UTC now for sessions (tests move it to end sessions)."""
+    if load_raw_slice is None and isinstance(load_slice_png, SliceReader):
+        load_raw_slice = RawSliceReader(load_slice_png.store)
     weakness = check_secret(settings.secret_key)
     if weakness is not None and not settings.demo:
         raise WeakSecret(
@@ -210,6 +219,7 @@ def create_app(
     secret = settings.secret_key
 
     app = FastAPI(title="mri_assets triage", docs_url=None, redoc_url=None, openapi_url=None)
+    raw_enabled = load_raw_slice is not None
 
     def resolve(token: str, touch: bool):
         return label_store.session_for(
@@ -355,7 +365,7 @@ def create_app(
         item = label_store.lease_next(user, settings.lease_seconds, held=held)
         if item is None:
             return {"item": None, **label_store.queue_status()}
-        return {"item": _item_payload(item, settings.show_prediction, utc_now())}
+        return {"item": _item_payload(item, settings.show_prediction, utc_now(), raw_enabled)}
 
     @app.get("/api/next")
     def next_item(
@@ -406,7 +416,7 @@ def create_app(
     def post_undo(request: Request, body: ItemAction, user: str = Depends(auth.api_user)):
         checked(request)
         item = label_store.undo(body.item_id, user)
-        return {"ok": True, "item": _item_payload(item, settings.show_prediction, utc_now())}
+        return {"ok": True, "item": _item_payload(item, settings.show_prediction, utc_now(), raw_enabled)}
 
     @app.post("/api/renew")
     def post_renew(request: Request, body: LeaseRenewal, user: str = Depends(auth.api_user)):
@@ -445,6 +455,42 @@ def create_app(
             label_store.flag_missing_pixels(item_id, by=user)
             return _missing_pixels(item_id, "its pixels cannot be read")
         return Response(png, media_type="image/png")
+
+    @app.get("/api/example.png")
+    def class_example(
+        label: Annotated[str, Query(min_length=1, max_length=128)],
+        user: str = Depends(auth.api_user),
+    ):
+        """The slice of the latest expert label of class `label`: its example beside the
+        class definition (an image clinicians have labelled already, never a new case)."""
+        example = label_store.example_of(label)
+        if example is None:
+            raise HTTPException(404, f"no expert label {label!r} yet")
+        try:
+            png = load_slice_png(*example)
+        except (LookupError, OSError, ValueError) as error:
+            raise HTTPException(404, "the example's pixels cannot be read") from error
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=600"})
+
+    @app.get("/image/{item_id}.raw")
+    def item_raw_slice(
+        request: Request,
+        item_id: Annotated[int, PathParam(ge=1, le=MAX_ITEM_ID)],
+        user: str = Depends(auth.api_user),
+    ):
+        item = label_store.item(item_id)
+        may_see = item is not None and (
+            item["lease_owner"] == user or auth.session_of(request).role == "admin"
+        )
+        if not may_see:
+            raise HTTPException(404, f"no item {item_id} leased to you")
+        if load_raw_slice is None:
+            raise HTTPException(404, "this server reads no raw objects: use the PNG")
+        try:
+            body, headers = load_raw_slice(item["wave"], item["image_id"]).encode()
+        except (LookupError, OSError, ValueError) as error:
+            return JSONResponse({"error": "NoRawSlice", "detail": str(error)[:300]}, 404)
+        return Response(body, media_type="application/octet-stream", headers=headers)
 
     def _missing_pixels(item_id: int, why: str) -> JSONResponse:
         return JSONResponse(

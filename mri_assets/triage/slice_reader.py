@@ -46,6 +46,11 @@ class SliceReader:
         self._indexes: dict[tuple[str, int], dict[str, int]] = {}
         self._lock = threading.Lock()
 
+    @property
+    def store(self) -> ObjectStore:
+        """The object store read from (the viewer reads the raw objects from it too)."""
+        return self._store
+
     def _rows(self, wave: str, shard: int) -> dict[str, int]:
         if (wave, shard) not in self._indexes:
             try:

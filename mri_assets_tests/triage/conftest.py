@@ -172,3 +172,41 @@ def live_server(label_store: LabelStore, reader: SliceReader) -> Iterator[LiveSe
 
     with LiveServer(create_app(label_store, reader, settings()), free_port()) as server:
         yield server
+
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture
+def browser():
+    """Debian's chromium driven by Playwright (never a downloaded browser)."""
+    import shutil
+
+    from mri_assets_tests.services import require_binary
+
+    require_binary("chromium")  # fails under CI=true, skips elsewhere
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(
+            executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS
+        )
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 950})
+    opened = context.new_page()
+    opened.set_default_timeout(20_000)
+    yield opened
+    context.close()

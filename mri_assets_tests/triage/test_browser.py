@@ -8,7 +8,6 @@ retried), and the admin's user management.
 
 from __future__ import annotations
 
-import shutil
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +18,7 @@ from playwright.sync_api import expect
 
 from mri_assets.resources.label_store import LoginPolicy
 from mri_assets.triage.app import create_app
-from mri_assets_tests.services import free_port, require_binary
+from mri_assets_tests.services import free_port
 from mri_assets_tests.triage.conftest import (
     CLASSES,
     PASSWORD,
@@ -30,38 +29,7 @@ from mri_assets_tests.triage.conftest import (
 )
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def browser():
-    require_binary("chromium")  # fails under CI=true, skips elsewhere
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(
-            executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS
-        )
-        yield launched
-        launched.close()
-
-
-@pytest.fixture
-def page(browser):
-    context = browser.new_context(viewport={"width": 1400, "height": 950})
-    opened = context.new_page()
-    opened.set_default_timeout(20_000)
-    yield opened
-    context.close()
 
 
 @contextmanager

@@ -141,3 +141,14 @@ class ReportsMixin:
             "left_eur": left / 100,
             "points": points,
         }
+
+    def example_of(self, label: str) -> tuple[str, str] | None:
+        """(wave, image_id) of the latest expert label `label`, to show as its example."""
+        with self._read() as conn:
+            row = conn.execute(
+                sa.select(labels.c.wave, labels.c.image_id)
+                .where(labels.c.label == label, labels.c.kind == "expert")
+                .order_by(labels.c.id.desc())
+                .limit(1)
+            ).first()
+        return None if row is None else (row.wave, row.image_id)

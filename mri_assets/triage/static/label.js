@@ -85,9 +85,38 @@
              orientation: null };
   }
 
+  async function rawSource(item) {
+    // The slice at its original resolution and values; null when the server has none.
+    if (!item.raw_url) { return null; }
+    try {
+      const response = await fetch(item.raw_url, { credentials: "same-origin" });
+      if (!response.ok) { return null; }
+      const h = function (name) { return response.headers.get("X-Slice-" + name); };
+      const width = Number(h("Width")), height = Number(h("Height")), step = Number(h("Step") || "1");
+      const values = new Float32Array(await response.arrayBuffer());
+      if (!width || !height || values.length !== width * height) { return null; }
+      const orientation = {};
+      (h("Orientation") || "").split(",").forEach(function (pair) {
+        const parts = pair.split("=");
+        if (parts.length === 2) { orientation[parts[0]] = parts[1]; }
+      });
+      const format = h("Format") || "raw";
+      return { width: width, height: height, values: values, min: Number(h("Min")), max: Number(h("Max")),
+               kind: "raw", label: width + " × " + height + " px, original values (" + format +
+               (step > 1 ? ", every " + step + "th pixel" : "") + ")",
+               orientation: Object.keys(orientation).length ? orientation : null };
+    } catch (error) {
+      return null;
+    }
+  }
+
   async function decode(item) {
     decoding.add(item.id);
     try {
+      const raw = await rawSource(item);
+      if (raw) {
+        return { item: item, source: raw, leaseEnds: Date.now() + 1000 * item.lease_seconds_left };
+      }
       for (let attempt = 0; ; attempt++) {
         let response;
         try {
@@ -133,6 +162,7 @@
     view.window = Math.max(1, high - low);
     view.level = (high + low) / 2;
     view.zoom = 1; view.panX = 0; view.panY = 0;
+    if (s && s.kind === "raw") { preset("brain", true); }
   }
 
   function percentile(sorted, p) {
@@ -140,9 +170,10 @@
     return sorted[Math.min(sorted.length - 1, Math.floor(p * (sorted.length - 1)))];
   }
 
-  function preset(name) {
+  function preset(name, quiet) {
     const s = current && current.source;
     if (!s) { return; }
+    canvas.dataset.preset = name;
     if (name === "full") {
       view.window = Math.max(1, s.max - s.min); view.level = (s.max + s.min) / 2;
     } else {
@@ -156,7 +187,7 @@
       const low = percentile(s.sorted, lo), high = percentile(s.sorted, hi);
       view.window = Math.max(1, high - low); view.level = (high + low) / 2;
     }
-    draw();
+    if (!quiet) { draw(); }
   }
 
   function mappedCanvas() {
@@ -250,6 +281,14 @@
     });
     document.querySelectorAll("#class-definitions dt, #class-definitions dd").forEach(function (node) {
       node.hidden = item.class_set.indexOf(node.dataset.class) < 0;
+    });
+    document.querySelectorAll("#class-definitions img.example").forEach(function (img) {
+      const name = img.dataset.class;
+      if (item.class_set.indexOf(name) < 0 || img.dataset.tried) { return; }
+      img.dataset.tried = "1";
+      img.onload = function () { img.hidden = false; };
+      img.onerror = function () { img.hidden = true; };
+      img.src = "/api/example.png?label=" + encodeURIComponent(name);
     });
     if (showPrediction && item.prediction) {
       predictionLine.textContent = "Model: " + item.prediction;
