@@ -25,7 +25,8 @@
   const stateBox = $("state-box");
   const showPrediction = section.dataset.showPrediction === "1";
   const leaseSeconds = Number(section.dataset.leaseSeconds) || 300;
-  const OUTBOX_KEY = "triage-outbox";
+  const whoNode = document.getElementById("who");
+  const OUTBOX_KEY = "triage-outbox:" + (whoNode ? whoNode.textContent : "");
   const RENEW_EVERY_MS = Math.max(5, Math.min(60, leaseSeconds / 3)) * 1000;
 
   const view = { window: 256, level: 128, zoom: 1, panX: 0, panY: 0 };
