@@ -36,7 +36,7 @@ FLAGS = {
 }
 MAX_SHARDS = 1024
 DEFAULT_CELERY_BROKER = "redis://127.0.0.1:6379/0"
-DEFAULT_SIMULATED_PASSWORD = "simulated-clinician-password"
+DEFAULT_SIMULATED_PASSWORD = "Lantern-Quay-4417-demo"
 
 
 class DeploymentError(ValueError):
