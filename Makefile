@@ -6,8 +6,8 @@ BIN := $(VENV)/bin
 # ANTLR 4.9 runtime, which breaks the ANTLR 4.13 parser behind every Dagster `--select`.
 DVC_VENV := .venv-dvc
 LOCK := requirements/lock.txt
+BOOTSTRAP_LOCK := requirements/bootstrap.lock.txt
 DVC_LOCK := requirements/dvc.lock.txt
-TORCH := torch==2.14.1 torchvision==0.29.1
 # `make lock UPGRADE=1` moves every pin to the newest release the ranges allow.
 PIP_COMPILE = $(BIN)/pip-compile --quiet --allow-unsafe --generate-hashes --strip-extras \
 	--no-emit-index-url --no-emit-find-links $(if $(UPGRADE),--upgrade)
@@ -21,12 +21,12 @@ SYSTEM_PACKAGES := chromium redis-server prometheus-pushgateway postgresql
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Exactly the lock (runtime + dev extras, with hashes): pip and pip-tools, then torch and
-# torchvision first (pinned: the wheels on this machine's disk), then pip-sync installs every
-# other locked package and removes what the lock does not hold; then the project, no deps.
-$(VENV)/.installed: $(LOCK) pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -c $(LOCK) pip pip-tools
-	$(BIN)/pip install --quiet -c $(LOCK) $(TORCH)
+# Exactly the lock (runtime + dev extras, hash-checked). First pip, pip-tools and PyTorch
+# (torch==2.14.1 torchvision==0.29.1: the wheels on this machine's disk), pinned as in the lock;
+# then pip-sync installs every other locked package and removes what the lock does not hold;
+# then the project itself, without dependencies.
+$(VENV)/.installed: $(BOOTSTRAP_LOCK) $(LOCK) pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --require-hashes -r $(BOOTSTRAP_LOCK)
 	$(BIN)/pip-sync --quiet $(LOCK)
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
@@ -46,11 +46,13 @@ install: $(VENV)/.installed $(DVC_VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 dvc-env: $(DVC_VENV)/.installed
 
-# Refresh both locks: requirements/lock.txt from pyproject.toml (runtime + dev extras) and
-# requirements/dvc.lock.txt from requirements/dvc.in. Existing pins stay unless UPGRADE=1.
+# Refresh the locks: requirements/lock.txt from pyproject.toml (runtime + dev extras), the
+# bootstrap subset of it (requirements/bootstrap.in) and requirements/dvc.lock.txt from
+# requirements/dvc.in. Existing pins stay where the ranges allow them, unless UPGRADE=1.
 lock: | $(BIN)/python
 	test -x $(BIN)/pip-compile || $(BIN)/pip install --quiet pip-tools
 	$(PIP_COMPILE) --extra dev -o $(LOCK) pyproject.toml
+	$(PIP_COMPILE) -o $(BOOTSTRAP_LOCK) requirements/bootstrap.in
 	$(PIP_COMPILE) -o $(DVC_LOCK) requirements/dvc.in
 
 # Debian's chromium, redis-server, prometheus-pushgateway and postgresql for the integration tests.
