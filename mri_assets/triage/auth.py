@@ -164,7 +164,7 @@ class SessionGate:
                     "detail": NOTICES[notice] if notice else "log in first",
                     "login_url": "/login" + (f"?{urlencode({'notice': notice})}" if notice else ""),
                 },
-                [(b"www-authenticate", b"Cookie"), *clear],
+                [(b"www-authenticate", b"Cookie")],  # the page's next load clears it
             )
             return
         location = "/login" + (f"?{urlencode({'notice': notice})}" if notice else "")

@@ -55,8 +55,11 @@
     const busy = outbox.length > 0 || (!current && !stopped);
     section.dataset.busy = busy ? "1" : "0";
   }
+  let leaving = false;
   function toLogin(answer) {
     saveOutbox();
+    if (leaving) { return; }  // the first refusal says why; later ones may know less
+    leaving = true;
     window.location.assign((answer && answer.login_url) || "/login?notice=ended");
   }
   function sleep(ms) { return new Promise(function (resolve) { setTimeout(resolve, ms); }); }
