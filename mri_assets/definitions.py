@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dagster as dg
 
-from mri_assets.assets.smoke import smoke_reproduces
 from mri_assets.code_location import resources_for, wave_assets
 from mri_assets.core.home import MriHome
 from mri_assets.deployment import Deployment

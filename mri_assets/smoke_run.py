@@ -33,6 +33,7 @@ from mri_assets.deployment import Deployment
 from mri_assets.local_run import QUIET_CONSOLE, materialize_wave
 from mri_assets.partitions import WAVES
 from mri_assets.resources.compute import ComputeResource
+from mri_assets.resources.settings import DEV_SALT, IngestSettings
 
 # A check-only run cannot take `partition_key` (Dagster finds no asset to take the partitions
 # definition from), so the partition goes in as the run tag it would have set.
@@ -53,13 +54,26 @@ def smoke_compute(compute: ComputeResource) -> ComputeResource:
     return ComputeResource(**{**fields, **SMOKE_MODEL})
 
 
+def smoke_ingest(ingest: IngestSettings) -> IngestSettings:
+    """The profile's ingest settings with the development salt.
+
+    The smoke sample is synthetic, so its patient keys (and from them the splits) must not depend
+    on a deployment's secret salt; every other setting is the deployment's own, so a changed
+    window or split is a real change that the smoke reports.
+    """
+    fields = {name: getattr(ingest, name) for name in IngestSettings.model_fields}
+    return IngestSettings(**{**fields, "salt": DEV_SALT})
+
+
 def smoke_defs(defs: dg.Definitions) -> dg.Definitions:
-    """The deployment's definitions cut down to the smoke path (ingestion -> clusters)."""
+    """The deployment's definitions cut down to the smoke path (ingestion -> clusters), with
+    `smoke_reproduces`, which only this path registers."""
     wanted = {dg.AssetKey(name) for name in SMOKE_ASSETS}
     return dg.Definitions(
         assets=[a for a in defs.assets or [] if set(a.keys) <= wanted],
-        asset_checks=list(defs.asset_checks or []),
-        resources={**defs.resources, "compute": smoke_compute(defs.resources["compute"])},
+        asset_checks=[smoke_reproduces],
+        resources={**defs.resources, "compute": smoke_compute(defs.resources["compute"]),
+                   "ingest": smoke_ingest(defs.resources["ingest"])},
     )
 
 
@@ -83,7 +97,6 @@ def land_smoke_sample(defs: dg.Definitions, home: MriHome, n_slices: int = SMOKE
         build_sample_data(sample_dir, n_slices=n_slices, seed=SMOKE_SEED, wave_style="t1")
     store = defs.resources["object_store"]
     salt = defs.resources["ingest"].salt
-    salt = salt.get_value() if hasattr(salt, "get_value") else salt
     land_wave(LocalObjectStore(root=str(sample_dir)), "", store, SMOKE_WAVE, salt)
     store.put_bytes(TRUTH_KEY, (sample_dir / "labels.csv").read_bytes())
 
