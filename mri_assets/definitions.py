@@ -34,7 +34,6 @@ def build_defs(deployment: Deployment | str | None = None, home: MriHome | None 
         deployment = Deployment.from_env(profile=deployment, home=home)
     return dg.Definitions(
         assets=wave_assets(),
-        asset_checks=[smoke_reproduces],
         jobs=[ingest_wave_job, active_learning_job, drift_check_job, label_refresh_job, retrain_job,
               embed_wave_job, nightly_smoke_job(deployment)],
         sensors=[wave_sensor, ari_drift_sensor, labels_sensor, retrain_sensor],
