@@ -22,7 +22,13 @@ from mri_assets.jobs import (
     retrain_job,
 )
 from mri_assets.schedules import monthly_retrain, weekly_drift_check
-from mri_assets.sensors import ari_drift_sensor, labels_sensor, retrain_sensor, wave_sensor
+from mri_assets.sensors import (
+    ari_drift_sensor,
+    automation_sensor,
+    labels_sensor,
+    retrain_sensor,
+    wave_sensor,
+)
 from mri_assets.smoke_run import nightly_smoke_job, nightly_smoke_schedule
 
 
@@ -36,7 +42,7 @@ def build_defs(deployment: Deployment | str | None = None, home: MriHome | None 
         assets=wave_assets(),
         jobs=[ingest_wave_job, active_learning_job, drift_check_job, label_refresh_job, retrain_job,
               embed_wave_job, nightly_smoke_job(deployment)],
-        sensors=[wave_sensor, ari_drift_sensor, labels_sensor, retrain_sensor],
+        sensors=[wave_sensor, ari_drift_sensor, labels_sensor, retrain_sensor, automation_sensor],
         schedules=[weekly_drift_check, monthly_retrain, nightly_smoke_schedule],
         resources=resources_for(deployment),
         executor=executor_for(deployment),

@@ -28,23 +28,33 @@ def ready_waves(store: ObjectStore) -> list[str]:
 @dg.sensor(job=ingest_wave_job, minimum_interval_seconds=30,
            default_status=dg.DefaultSensorStatus.RUNNING)
 def wave_sensor(context: dg.SensorEvaluationContext, object_store: ObjectStore):
-    """Adds a `waves` partition for every new `_READY` marker and requests its ingestion run."""
+    """The one way a landed wave starts: for every `raw/WAVE/_READY` marker whose wave has no
+    manifest yet, adds the `waves` partition (when missing) and requests `ingest_wave`.
+
+    A wave dropped into the bucket and one landed with `mri-assets ingest-wave` take this same
+    path (the command also adds the partition, so the wave can be selected at once; the run
+    still comes from here). The run key is the wave: Dagster launches it once per wave.
+    """
     known = set(context.instance.get_dynamic_partitions(WAVES))
-    new_waves, refused = [], []
+    ingested = context.instance.get_materialized_partitions(dg.AssetKey("manifest"))
+    waiting, refused = [], []
     for wave in ready_waves(object_store):
-        if wave in known:
+        if wave in ingested:
             continue
         try:
-            new_waves.append(validate_wave_key(wave))
+            waiting.append(validate_wave_key(wave))
         except WaveKeyError as error:
             refused.append(str(error))
     for message in refused:
         context.log.warning(message)
-    if not new_waves:
-        return dg.SkipReason("no new _READY markers" + (f"; refused: {refused}" if refused else ""))
+    if not waiting:
+        return dg.SkipReason("no landed wave without a manifest"
+                             + (f"; refused: {refused}" if refused else ""))
+    new_partitions = [wave for wave in waiting if wave not in known]
     return dg.SensorResult(
-        run_requests=[dg.RunRequest(run_key=wave, partition_key=wave) for wave in new_waves],
-        dynamic_partitions_requests=[wave_partitions.build_add_request(new_waves)],
+        run_requests=[dg.RunRequest(run_key=wave, partition_key=wave) for wave in waiting],
+        dynamic_partitions_requests=(
+            [wave_partitions.build_add_request(new_partitions)] if new_partitions else []),
     )
 
 
@@ -143,3 +153,17 @@ def retrain_sensor(context: dg.SensorEvaluationContext, retrain: RetrainSettings
         requests.append(dg.RunRequest(run_key=run_key, partition_key=waves[-1],
                                       tags={"mri_assets/trigger": "slices_ingested"}))
     return dg.SensorResult(run_requests=requests, cursor=watch.to_cursor())
+
+
+# Dagster's own automation sensor is STOPPED unless declared: this one runs by default, so a
+# wave's shards and clustering follow its manifest (`AutomationCondition.eager()` on the assets
+# after `manifest`: a wave asset runs once every shard partition of its wave is materialized and
+# none is in progress).
+automation_sensor = dg.AutomationConditionSensorDefinition(
+    "default_automation_condition_sensor",
+    target=dg.AssetSelection.all(),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=30,
+    description="Materializes what the assets' automation conditions ask for (slices, "
+    "gpu_budget, embeddings, pca_model, clusters, labeling_queue after a wave's manifest).",
+)

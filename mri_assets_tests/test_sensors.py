@@ -108,7 +108,23 @@ def test_wave_sensor_adds_partitions_for_ready_markers_once(instance, tmp_path):
     assert [r.run_key for r in result.run_requests] == ["pilot"]
     assert result.dynamic_partitions_requests[0].partition_keys == ["pilot"]
     instance.add_dynamic_partitions(WAVES, ["pilot"])
+    instance.report_runless_asset_event(dg.AssetMaterialization(asset_key="manifest", partition="pilot"))
     assert not isinstance(_tick(wave_sensor, instance, None, object_store=store), dg.SensorResult)
+
+
+def test_a_wave_landed_by_the_command_takes_the_same_path_as_one_dropped_in_the_bucket(
+    instance, tmp_path
+):
+    """`mri-assets ingest-wave` adds the partition itself; its ingestion run still comes from
+    the sensor, with the same run key (Dagster launches one run per key)."""
+    defs = build_defs("local", MriHome(tmp_path / "home"))
+    store = defs.resources["object_store"]
+    store.put_bytes("raw/cli/a.png", b"x")
+    store.put_bytes("raw/cli/_READY", b"{}")
+    instance.add_dynamic_partitions(WAVES, ["cli"])
+    result = _tick(wave_sensor, instance, None, object_store=store)
+    assert [(r.run_key, r.partition_key) for r in result.run_requests] == [("cli", "cli")]
+    assert result.dynamic_partitions_requests == []
 
 
 def test_maintenance_schedules_request_the_latest_wave_once_per_period(instance):

@@ -117,6 +117,7 @@ def _images_to_embed(store: ObjectStore, wave: str) -> int:
     deps=[manifest],
     group_name="costs",
     kinds={"python"},
+    automation_condition=dg.AutomationCondition.eager(),
     check_specs=[
         dg.AssetCheckSpec(
             WITHIN_CAPS,

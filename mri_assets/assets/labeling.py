@@ -48,6 +48,7 @@ def split_of(store: ObjectStore, wave: str, image_ids: list[str]) -> np.ndarray:
     deps=[pca_model],
     group_name="labeling",
     kinds={"sqlalchemy"},
+    automation_condition=dg.AutomationCondition.eager(),
 )
 def labeling_queue(
     context: dg.AssetExecutionContext,
