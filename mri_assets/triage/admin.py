@@ -209,7 +209,7 @@ def add_admin_routes(
     @router.post("/admin/sessions/end")
     def end_session(
         request: Request,
-        session_id: Annotated[int, Form(ge=1, le=2**62)],
+        session_id: Annotated[int, Form(ge=1, le=MAX_ITEM_ID)],
         csrf_token: Csrf = "",
         admin: str = Depends(auth.page_admin),
     ):
@@ -224,7 +224,7 @@ def add_admin_routes(
         what: Annotated[str, Query(max_length=64)] = "",
         since: Annotated[str, Query(max_length=10)] = "",
         until: Annotated[str, Query(max_length=10)] = "",
-        before: Annotated[int | None, Query(ge=1, le=2**62)] = None,
+        before: Annotated[int | None, Query(ge=1, le=MAX_ITEM_ID)] = None,
         admin: str = Depends(auth.page_admin),
     ):
         until_day = _day(until)

@@ -271,7 +271,7 @@ def create_app(
         if new_login_token:
             response.set_cookie(
                 auth.LOGIN_COOKIE, new_login_token, max_age=3600, httponly=True,
-                samesite="strict", secure=settings.cookie_secure, path="/login",
+                samesite="strict", secure=settings.cookie_secure or request.url.scheme == "https", path="/login",
             )
         return response
 
@@ -314,7 +314,7 @@ def create_app(
                 response = RedirectResponse("/", status_code=303)
                 response.set_cookie(
                     auth.SESSION_COOKIE, token, max_age=settings.session_max_age_s,
-                    httponly=True, samesite="strict", secure=settings.cookie_secure, path="/",
+                    httponly=True, samesite="strict", secure=settings.cookie_secure or request.url.scheme == "https", path="/",
                 )
                 response.delete_cookie(auth.LOGIN_COOKIE, path="/login")
                 return response

@@ -388,3 +388,12 @@ def test_login_sets_a_strict_httponly_cookie_and_logout_clears_it(app):
     cookie = answer.headers["set-cookie"].lower()
     assert "triage_session=" in cookie and "httponly" in cookie and "samesite=strict" in cookie
     assert CLASSES  # the fixture store is the usual one
+
+
+def test_cookies_are_secure_over_https_even_without_the_setting(app):
+    over_https = TestClient(app, base_url="https://testserver", follow_redirects=False)
+    assert "secure" in over_https.get("/login").headers["set-cookie"].lower()
+    answer = login_attempt(over_https, "alice", PASSWORD)
+    assert "secure" in answer.headers["set-cookie"].lower()
+    plain = TestClient(app).get("/login")
+    assert "secure" not in plain.headers["set-cookie"].lower()
