@@ -68,4 +68,8 @@ def test_clusters_on_a_copied_home_leave_the_original_byte_for_byte_unchanged(
     tracking = defs.resources["mlflow"]
     run = MlflowClient(tracking_uri=tracking.tracking_uri).get_run(run_id)
     assert run.info.artifact_uri.startswith((copy / "mlflow" / "artifacts").as_uri())
+    assert {"dagster_run_id": record.run_id, "dagster_asset_key": "clusters",
+            "dagster_partition": WAVE}.items() <= run.data.tags.items()
+    link = record.asset_materialization.metadata["mlflow_run"]
+    assert isinstance(link, dg.UrlMetadataValue) and link.value.endswith(f"/runs/{run_id}")
     assert (copy / "mlflow" / "artifacts").is_dir()

@@ -9,6 +9,7 @@ import polars as pl
 from mri_assets.assets.embeddings import embeddings, embeddings_key
 from mri_assets.assets.locations import stored_at
 from mri_assets.assets.monitoring import cluster_gauges, push_figures
+from mri_assets.assets.provenance import dagster_tags, mlflow_run_metadata
 from mri_assets.core.clustering import PcaModel, cluster_scores, cluster_wave, fit_streaming_pca
 from mri_assets.core.embed import read_embedding_ids, read_embeddings
 from mri_assets.core.expert_labels import align_labels, expert_label_per_image
@@ -77,7 +78,8 @@ def pca_model(
     pca = fit_streaming_pca(shards(), clustering.variance_target)
     data = pca.to_bytes()
     object_store.put_bytes(pca_key(wave), data)
-    with mlflow.start_wave_run(wave, "pca", tags={"model_id": model_id}, new_run=True) as run_id:
+    tags = {**dagster_tags(context), "model_id": model_id}
+    with mlflow.start_wave_run(wave, "pca", tags=tags, new_run=True) as run_id:
         mlflow.log_params(run_id, {"model_id": model_id, "variance_target": clustering.variance_target,
                                    "n_components": pca.n_components, "n_slices": len(ids)})
         mlflow.log_metrics(run_id, {"explained_variance": pca.explained_variance_total})
@@ -91,7 +93,7 @@ def pca_model(
             "slices": len(ids),
             "model_id": model_id,
             "store_path": stored_at(object_store, pca_key(wave)),
-            "mlflow_run_id": run_id,
+            **mlflow_run_metadata(mlflow, run_id),
         },
     )
 
@@ -125,7 +127,8 @@ def clusters(
     buffer = io.BytesIO()
     frame.write_parquet(buffer)
     object_store.put_bytes(clusters_key(wave), buffer.getvalue())
-    with mlflow.start_wave_run(wave, "clusters", tags={"model_id": model_id}, new_run=True) as run_id:
+    tags = {**dagster_tags(context), "model_id": model_id}
+    with mlflow.start_wave_run(wave, "clusters", tags=tags, new_run=True) as run_id:
         mlflow.log_params(run_id, {"model_id": model_id, "n_components": pca.n_components,
                                    "seed": clustering.seed, "ks": ",".join(map(str, KS))})
         mlflow.log_metrics(run_id, {f"{name}_k{k}": scores[k][name] for k in KS
@@ -138,7 +141,7 @@ def clusters(
         "slices": len(ids),
         "labeled_slices": int(sum(t is not None for t in truth)),
         "drift_k": clustering.drift_k,
-        "mlflow_run_id": run_id,
+        **mlflow_run_metadata(mlflow, run_id),
         "projection": dg.MetadataValue.md(_png_markdown(png)),
     }
     for k in KS:

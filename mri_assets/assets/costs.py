@@ -13,6 +13,7 @@ import polars as pl
 
 from mri_assets.assets.ingest import manifest
 from mri_assets.assets.monitoring import push_figures
+from mri_assets.assets.provenance import dagster_tags, mlflow_run_metadata
 from mri_assets.core.costs import CostLedger
 from mri_assets.core.costs_plot import burndown_png
 from mri_assets.core.slice_shards import manifest_key
@@ -206,7 +207,7 @@ def wave_costs(
     projection = ledger.project(throughput, ledger.images_embedded())
     png = burndown_png(ledger, projection)
     figures = {**spend.as_metadata(), **projection.as_metadata()}
-    with mlflow.start_wave_run(wave, "costs", new_run=True) as run_id:
+    with mlflow.start_wave_run(wave, "costs", tags=dagster_tags(context), new_run=True) as run_id:
         mlflow.log_metrics(run_id, figures)
         mlflow.log_png(run_id, "burndown.png", png)
     outcome = push_figures(metrics, "wave_costs", {"wave": wave}, cost_gauges(spend))
@@ -220,7 +221,7 @@ def wave_costs(
             "projected_plan_pct_of_usable": round(100 * projected_total / spend.usable_budget_eur, 2)
             if spend.usable_budget_eur else 0.0,
             "burndown": dg.MetadataValue.md(_png_markdown(png)),
-            "mlflow_run_id": run_id,
+            **mlflow_run_metadata(mlflow, run_id),
             "metrics_pushed": outcome.pushed,
         }
     )

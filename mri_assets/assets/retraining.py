@@ -13,6 +13,7 @@ from mri_assets.assets.embeddings import stored_backbone
 from mri_assets.assets.gpu import GPU_POOL, gpu_step_tags
 from mri_assets.assets.labeling import split_of
 from mri_assets.assets.locations import stored_at
+from mri_assets.assets.provenance import dagster_tags, mlflow_run_metadata
 from mri_assets.core.clustering import PcaModel
 from mri_assets.core.expert_labels import expert_label_per_image
 from mri_assets.core.plots import confusion_png
@@ -265,13 +266,15 @@ def classifier(
             "macro_f1": semi.macro_f1, "baseline_macro_f1": baseline_f1}
     checkpoint = save_checkpoint(model, classes, meta)
     png = confusion_png(semi.confusion, classes, f"wave {wave}: holdout confusion")
-    with mlflow.start_wave_run(wave, "classifier", tags={"model_id": model_id}, new_run=True) as run_id:
+    tags = {**dagster_tags(context), "model_id": model_id}
+    with mlflow.start_wave_run(wave, "classifier", tags=tags, new_run=True) as run_id:
         mlflow.log_params(run_id, {**{k: v for k, v in meta.items() if "f1" not in k},
                                    "lr_stage2": str(config.stage2_lrs), "seed": config.seed})
         mlflow.log_metrics(run_id, {**semi.metrics(), "baseline_holdout_macro_f1": baseline_f1})
         mlflow.log_dict(run_id, "baseline_report.json", baseline)
         mlflow.log_png(run_id, "confusion.png", png)
-        version = mlflow.register_checkpoint(run_id, checkpoint, REGISTERED_MODEL, model)
+        version = mlflow.register_checkpoint(run_id, checkpoint, REGISTERED_MODEL, model,
+                                             tags=dagster_tags(context))
     object_store.put_bytes(checkpoint_key(wave), checkpoint)
     yield dg.Output(
         {"wave": wave, "checkpoint": checkpoint_key(wave), "classes": list(classes),
@@ -287,7 +290,7 @@ def classifier(
             "seconds": round(seconds, 1),
             "device": str(device),
             "checkpoint": stored_at(object_store, checkpoint_key(wave)),
-            "mlflow_run_id": run_id,
+            **mlflow_run_metadata(mlflow, run_id),
             "registered_model": f"{REGISTERED_MODEL} v{version}",
             "confusion": dg.MetadataValue.md(
                 f"![confusion](data:image/png;base64,{base64.b64encode(png).decode()})"),

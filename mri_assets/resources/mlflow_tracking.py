@@ -26,6 +26,9 @@ WAVE_TAG = "mri_assets.wave"
 STAGE_TAG = "mri_assets.stage"
 SUPERSEDED_TAG = "mri_assets.superseded"
 DAGSTER_RUN_TAG = "dagster_run_id"
+DAGSTER_ASSET_TAG = "dagster_asset_key"
+DAGSTER_PARTITION_TAG = "dagster_partition"
+LOCAL_UI_URL = "http://127.0.0.1:5000"
 
 
 class MlflowTrackingError(RuntimeError):
@@ -49,6 +52,10 @@ class MlflowTracking(ConfigurableResource):
         "None lets the tracking server decide",
     )
 
+    ui_url: str | None = Field(
+        default=None,
+        description="where people open MLflow's UI (None: the tracking URI when it is http(s))",
+    )
     relocatable: bool = Field(
         default=False,
         description="the store and artifacts live together under one folder that may move "
@@ -62,8 +69,19 @@ class MlflowTracking(ConfigurableResource):
             tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
             experiment_name=experiment_name,
             artifact_location=(root / "artifacts").as_uri(),
+            ui_url=LOCAL_UI_URL,
             relocatable=True,
         )
+
+    def run_url(self, run_id: str) -> str | None:
+        """The run's page in MLflow's UI (for a local store: what `mlflow ui --backend-store-uri
+        sqlite:///HOME/mlflow/mlflow.db` serves), or None when no UI is known."""
+        base = self.ui_url or (
+            self.tracking_uri if self.tracking_uri.startswith(("http://", "https://")) else None)
+        if base is None:
+            return None
+        experiment_id = self.client().get_run(run_id).info.experiment_id
+        return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
     def client(self) -> MlflowClient:
         if self.tracking_uri.startswith("sqlite:///"):
@@ -200,9 +218,11 @@ class MlflowTracking(ConfigurableResource):
         return self.log_artifact_bytes(run_id, file_name, payload, artifact_path)
 
     def register_checkpoint(
-        self, run_id: str, checkpoint: bytes, registered_name: str, model: Any
+        self, run_id: str, checkpoint: bytes, registered_name: str, model: Any,
+        tags: Mapping[str, Any] | None = None,
     ) -> str:
-        """Log the checkpoint and a PyTorch-flavoured MLflow model, and register a new version.
+        """Log the checkpoint and a PyTorch-flavoured MLflow model, and register a new version
+        carrying `tags` (the Dagster run, asset and partition that made it).
 
         Returns the registry version. The model is saved with explicit requirements, so MLflow
         never inspects the environment or reaches the network.
@@ -224,7 +244,8 @@ class MlflowTracking(ConfigurableResource):
             client.create_registered_model(registered_name)
         artifact_uri = client.get_run(run_id).info.artifact_uri
         version = client.create_model_version(
-            registered_name, source=f"{artifact_uri}/model", run_id=run_id
+            registered_name, source=f"{artifact_uri}/model", run_id=run_id,
+            tags={k: str(v) for k, v in (tags or {}).items()},
         )
         return str(version.version)
 

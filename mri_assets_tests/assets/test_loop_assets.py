@@ -88,6 +88,12 @@ def test_classifier_is_registered_and_compared_with_the_baseline(labeled_wave):
     versions = MlflowClient(tracking_uri=tracking.tracking_uri).search_model_versions(
         f"name='{REGISTERED_MODEL}'")
     assert versions and versions[0].run_id == metadata["mlflow_run_id"]
+    provenance = {"dagster_run_id": record.run_id, "dagster_asset_key": "classifier",
+                  "dagster_partition": "pilot"}
+    assert provenance.items() <= versions[0].tags.items()
+    run = MlflowClient(tracking_uri=tracking.tracking_uri).get_run(metadata["mlflow_run_id"])
+    assert provenance.items() <= run.data.tags.items()
+    assert metadata["mlflow_run"].endswith(f"/runs/{metadata['mlflow_run_id']}")
     pseudo = defs.load_asset_value("pseudo_labels", partition_key="pilot", instance=instance)
     assert set(pseudo.columns) >= {"image_id", "label", "confidence", "knn_agreement", "promoted"}
     assert pseudo.filter(pl.col("promoted"))["confidence"].min() >= 0.8
