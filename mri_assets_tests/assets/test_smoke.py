@@ -134,17 +134,18 @@ CHANGED_WINDOW_RUN = textwrap.dedent("""
 
     import dagster as dg
 
-    from mri_assets.cli import _defs, _home
+    from mri_assets.definitions import build_defs
+    from mri_assets.deployment import Deployment
     from mri_assets.local_run import dagster_instance
     from mri_assets.smoke_run import run_smoke
 
-    defs = _defs()
+    deployment = Deployment.from_env()
+    defs = build_defs(deployment)
     ingest = defs.resources["ingest"].model_copy(
         update={"window_low_percentile": 1.0, "window_high_percentile": 99.0})
     defs = dg.Definitions(assets=list(defs.assets), resources={**defs.resources, "ingest": ingest})
-    home = _home(type("Args", (), {"home": None})())
-    report = run_smoke(defs, dagster_instance(home), home, reference_dir=Path(sys.argv[1]),
-                       n_slices=int(sys.argv[2]))
+    report = run_smoke(defs, dagster_instance(deployment.home), deployment.home,
+                       reference_dir=Path(sys.argv[1]), n_slices=int(sys.argv[2]))
     print(f"smoke: {'PASS' if report.passed else 'FAIL'}: {report.detail}")
     print(report.metadata.get("mismatches"))
     sys.exit(0 if report.passed else 1)
