@@ -35,9 +35,6 @@ from mri_assets.partitions import WAVES
 from mri_assets.resources.compute import ComputeResource
 from mri_assets.resources.settings import DEV_SALT, IngestSettings
 
-# A check-only run cannot take `partition_key` (Dagster finds no asset to take the partitions
-# definition from), so the partition goes in as the run tag it would have set.
-PARTITION_TAG = "dagster/partition"
 SMOKE_MODEL = {"arch": "resnet18", "weights": "none", "seed": 0, "input_size": 128,
                "checkpoint_key": None}
 NIGHTLY_SMOKE_JOB = "nightly_smoke"
@@ -108,7 +105,6 @@ def check_smoke(
     result = dg.materialize(
         assets=[clusters, smoke_reproduces],
         selection=dg.AssetSelection.checks(dg.AssetCheckKey(dg.AssetKey("clusters"), SMOKE_CHECK)),
-        tags={PARTITION_TAG: SMOKE_WAVE},
         instance=instance,
         resources=defs.resources,
         raise_on_error=False,
