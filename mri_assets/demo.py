@@ -155,7 +155,8 @@ def _summary(defs, instance, deployment: Deployment, pilot_dir, started: float) 
         f"{model.get('pseudo_labels_used')} pseudo-labels; stage 2 on {model.get('stage2_images')} images)"),
         f"  state: {deployment.home.root} (store, Dagster instance, MLflow, DVC, labels)",
         ("  look: `make dev` -> http://127.0.0.1:3000 (assets, waves partitions, sensors, checks);"
-        " `mri-assets triage serve` for the labeling page"),
+        " `MRI_ASSETS_TRIAGE_DEMO=1 mri-assets triage serve` for the labeling page (a real"
+        " deployment sets a strong MRI_ASSETS_TRIAGE_SECRET instead)"),
         f"  total: {time.perf_counter() - started:.1f} s",
     ]
     return "\n".join(lines)
