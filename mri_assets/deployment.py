@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -386,7 +386,11 @@ def shards_from_env(environ: Mapping[str, str] | None = None) -> int:
     return _whole(1, MAX_SHARDS)("MRI_ASSETS_SHARDS", text) if text else 16
 
 
-def child_environment(overrides: Mapping[str, str] | None = None) -> dict[str, str]:
-    """This process's environment with `overrides`, for a child process that is an edge itself
-    (a Celery worker builds its own `Deployment` from it)."""
-    return {**os.environ, **dict(overrides or {})}
+def child_environment(
+    overrides: Mapping[str, str] | None = None, without: Collection[str] = ()
+) -> dict[str, str]:
+    """This process's environment without the variables in `without` and with `overrides`, for a
+    child process: one that is an edge itself (a Celery worker builds its own `Deployment` from
+    it) or a tool with its own environment (the `dvc` program must not see our PYTHONPATH)."""
+    kept = {key: value for key, value in os.environ.items() if key not in without}
+    return {**kept, **dict(overrides or {})}

@@ -105,13 +105,8 @@ def test_demo_figures_apply_only_where_the_environment_sets_none(tmp_path):
     assert (demo.loop.label_batch, demo.loop.retrain_every) == (7, 1000)
 
 
-# Not yet moved to the edge: DvcTracking still falls back to $MRI_ASSETS_DVC (resources_for now
-# passes `dvc_executable` from the deployment) and copies the environment for the dvc program.
-PENDING = {"mri_assets/resources/dvc_tracking.py"}
-
-
 def test_only_the_deployment_edge_reads_or_writes_the_environment():
     found = subprocess.run(["grep", "-rn", "os.environ", "mri_assets"], cwd=REPO, check=False,
                            capture_output=True, text=True).stdout.splitlines()
     files = {line.split(":", 1)[0] for line in found}
-    assert files - PENDING == {"mri_assets/deployment.py"}, found
+    assert files == {"mri_assets/deployment.py"}, found

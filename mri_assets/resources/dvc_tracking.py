@@ -27,6 +27,8 @@ import yaml
 from dagster import ConfigurableResource
 from filelock import FileLock, Timeout
 
+from mri_assets.deployment import child_environment
+
 REMOTE_NAME = "storage"
 LOCK_TIMEOUT_S = 1800.0
 COMMAND_TIMEOUT_S = 3600.0
@@ -128,15 +130,16 @@ def _project_roots() -> list[Path]:
 
 
 def find_dvc_executable(configured: str | None = None) -> str:
-    """The `dvc` program to run: `configured` (a path, or a name looked up on PATH), else
-    `$MRI_ASSETS_DVC`, else `.venv-dvc/bin/dvc` beside the project's venv, else `dvc` on PATH."""
-    wanted = configured or os.environ.get(DVC_EXECUTABLE_ENV) or None
+    """The `dvc` program to run: `configured` (a path, or a name looked up on PATH; the deployment
+    passes `$MRI_ASSETS_DVC`), else `.venv-dvc/bin/dvc` beside the project's venv, else `dvc` on
+    PATH."""
+    wanted = configured or None
     if wanted:
         found = shutil.which(str(Path(wanted).expanduser()))
         if found is None:
-            origin = "dvc_executable" if configured else f"${DVC_EXECUTABLE_ENV}"
             raise DvcTrackingError(
-                f"{origin} is {wanted!r}, which is not an executable file nor a program on PATH; "
+                f"dvc_executable (${DVC_EXECUTABLE_ENV}) is {wanted!r}, which is not an "
+                "executable file nor a program on PATH; "
                 f"run `make dvc-env` (builds {DVC_ENV_DIR}/ from requirements/dvc.lock.txt) or "
                 "point it at an installed `dvc`"
             )
@@ -212,11 +215,10 @@ class DvcTracking(ConfigurableResource):
         all state stays below the repo; analytics are off.
         """
         executable = find_dvc_executable(self.dvc_executable)
-        env = {key: value for key, value in os.environ.items() if key not in _PYTHON_ENV_LEAKS}
-        env.update(
-            DVC_NO_ANALYTICS="1",
-            DVC_SITE_CACHE_DIR=str(repo_root / SITE_CACHE),
-            PYTHONNOUSERSITE="1",
+        env = child_environment(
+            {"DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(repo_root / SITE_CACHE),
+             "PYTHONNOUSERSITE": "1"},
+            without=_PYTHON_ENV_LEAKS,
         )
         command = [executable, *args]
         try:

@@ -16,6 +16,9 @@ from pathlib import Path
 import boto3
 import pytest
 
+from mri_assets.code_location import resources_for
+from mri_assets.deployment import Deployment
+
 from mri_assets.resources.dvc_tracking import (
     DvcRecord,
     DvcTracking,
@@ -191,14 +194,14 @@ def test_a_missing_dvc_program_names_what_to_run(
 
     configured = DvcTracking(repo_dir=str(mri_home / "dvc"), remote_url=str(tmp_path / "remote"),
                              dvc_executable=str(tmp_path / "nowhere" / "dvc"))
-    with pytest.raises(DvcTrackingError, match=r"dvc_executable is .*nowhere.*make dvc-env"):
+    with pytest.raises(DvcTrackingError, match=r"dvc_executable .*nowhere.*make dvc-env"):
         configured.ensure_repo()
 
-    monkeypatch.setenv("MRI_ASSETS_DVC", str(tmp_path / "elsewhere" / "dvc"))
-    with pytest.raises(DvcTrackingError, match=r"\$MRI_ASSETS_DVC is .*elsewhere"):
-        local_dvc_tracking(mri_home).ensure_repo()
+    deployment = Deployment.from_env({"MRI_ASSETS_DVC": str(tmp_path / "elsewhere" / "dvc")},
+                                     home=mri_home)
+    with pytest.raises(DvcTrackingError, match=r"\$MRI_ASSETS_DVC\) is .*elsewhere"):
+        resources_for(deployment)["dvc"].ensure_repo()
 
-    monkeypatch.delenv("MRI_ASSETS_DVC")
     monkeypatch.setattr(dvc_tracking, "_project_roots", lambda: [tmp_path])
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
     with pytest.raises(DvcTrackingError, match=r"\.venv-dvc/bin/dvc .*make dvc-env"):
