@@ -4,14 +4,24 @@
 stored, scales and normalises them on the device it runs on (so the host ships one byte per
 pixel), and returns (N, dim) features. Its `model_id` names the architecture, the weights' origin
 and a hash of every parameter, so each embedding row can say exactly which network produced it.
+
+Weights come from a seed (`none`), from torchvision's ImageNet file (`imagenet`: read from the
+torch hub cache, downloaded into it through torchvision's hash-checked loader only when the
+caller allows it), or from checkpoint bytes: a flat `body.*` state dict (a classifier's backbone,
+origin `checkpoint`) or a `mri_assets.backbone/1` file written by `backbone_checkpoint_bytes`,
+which names its own origin (`ssl` for `core.pretrain`), so its model id reads e.g.
+`resnet18:ssl:1a2b3c4d5e6f@128`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
+import urllib.error
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
@@ -21,6 +31,8 @@ from torch.nn import functional as F
 ARCHS = {"resnet18": 512, "resnet50": 2048}
 WEIGHTS = ("none", "imagenet")
 CHECKPOINT_WEIGHTS = "checkpoint"
+BACKBONE_FORMAT = "mri_assets.backbone/1"
+ORIGINS = ("ssl",)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -121,30 +133,89 @@ def imagenet_weights_path(arch: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
 
 
-def _imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
+def _imagenet_state_dict(arch: str, download: bool) -> dict[str, torch.Tensor]:
     path = imagenet_weights_path(arch)
-    if not path.is_file():
-        url = _IMAGENET_WEIGHTS[arch].url
+    url = _IMAGENET_WEIGHTS[arch].url
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    if not download:
         raise BackboneConfigError(
             f"weights='imagenet' for {arch} needs the file {path} (torchvision's cache; "
-            f"TORCH_HOME moves it). It is not there and nothing is downloaded at run time: "
-            f"copy {url} to that path, or use weights='none'."
+            f"TORCH_HOME moves it). It is not there and downloading is off: "
+            f"copy {url} to that path, allow the download, or use weights='none'."
         )
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _checkpoint_state_dict(checkpoint: bytes) -> dict[str, torch.Tensor]:
     try:
-        loaded = torch.load(io.BytesIO(checkpoint), map_location="cpu", weights_only=True)
+        # torchvision's own loader: downloads into the hub cache and checks the sha256 prefix
+        # that the file name carries.
+        return _IMAGENET_WEIGHTS[arch].get_state_dict(progress=False, check_hash=True)
+    except (urllib.error.URLError, OSError, RuntimeError) as error:
+        raise BackboneConfigError(
+            f"weights='imagenet' for {arch}: could not download {url} into {path} "
+            f"({type(error).__name__}: {error}). Offline? Copy the file to that path by hand, "
+            f"or use weights='none'."
+        ) from error
+
+
+def backbone_checkpoint_bytes(
+    state_dict: dict[str, torch.Tensor], origin: str, meta: dict[str, Any] | None = None
+) -> bytes:
+    """A `mri_assets.backbone/1` file: `torch.save` of `{format, origin, state_dict, meta}`.
+
+    `state_dict` has the keys of `Backbone.state_dict()` (`body.*`); `origin` (one of `ORIGINS`)
+    takes the place of the weights in the model id; `meta` is stored as JSON text (how the
+    weights were trained). `build_backbone(checkpoint=...)` reads it.
+    """
+    if origin not in ORIGINS:
+        raise BackboneConfigError(f"unknown backbone origin {origin!r}: allowed values are {list(ORIGINS)}")
+    payload = {
+        "format": BACKBONE_FORMAT,
+        "origin": origin,
+        "state_dict": OrderedDict(
+            (k, v.detach().to("cpu").contiguous().clone()) for k, v in state_dict.items()
+        ),
+        "meta": json.dumps(meta or {}, sort_keys=True, default=str),
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
+def read_backbone_meta(checkpoint: bytes) -> dict[str, Any]:
+    """The `meta` of a `mri_assets.backbone/1` file ({} for a flat state dict)."""
+    loaded = _load_checkpoint(checkpoint)
+    return json.loads(loaded["meta"]) if _is_backbone_file(loaded) else {}
+
+
+def _load_checkpoint(checkpoint: bytes) -> Any:
+    try:
+        return torch.load(io.BytesIO(checkpoint), map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several unrelated types for bytes it cannot read
         raise BackboneConfigError(
             f"checkpoint bytes are not a torch state dict: {error}"
         ) from error
+
+
+def _is_backbone_file(loaded: Any) -> bool:
+    return isinstance(loaded, dict) and loaded.get("format") == BACKBONE_FORMAT
+
+
+def _checkpoint_state_dict(checkpoint: bytes) -> tuple[dict[str, torch.Tensor], str]:
+    """(state dict without `head.*` keys, the weights label of the model id)."""
+    loaded = _load_checkpoint(checkpoint)
+    label = CHECKPOINT_WEIGHTS
+    if _is_backbone_file(loaded):
+        label = str(loaded.get("origin"))
+        if label not in ORIGINS:
+            raise BackboneConfigError(
+                f"backbone file of unknown origin {label!r}: allowed values are {list(ORIGINS)}"
+            )
+        loaded = loaded["state_dict"]
     if not isinstance(loaded, dict):
         raise BackboneConfigError(
             f"checkpoint must hold a state dict (dict of tensors), got {type(loaded).__name__}"
         )
-    return OrderedDict((k, v) for k, v in loaded.items() if not k.startswith(HEAD_PREFIX))
+    state = OrderedDict((k, v) for k, v in loaded.items() if not k.startswith(HEAD_PREFIX))
+    return state, label
 
 
 def _load_into(backbone_body: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
@@ -174,14 +245,18 @@ def build_backbone(
     seed: int = 0,
     checkpoint: bytes | None = None,
     input_size: int | None = None,
+    download: bool = False,
 ) -> Backbone:
     """Build the embedding backbone in eval mode on the CPU.
 
     `weights="none"`: deterministic init from `seed` (works offline). `"imagenet"`: torchvision's
-    ImageNet weights, read from the torch hub cache only. `checkpoint`: a state dict saved with
-    `torch.save` (keys of `Backbone.state_dict()`, `head.*` keys ignored) that replaces the weights;
-    the model id then says `checkpoint`. `input_size`: resize (bilinear, antialiased) to this side
-    on the device before the network; None feeds the slices at their stored size.
+    ImageNet weights from the torch hub cache; when the file is missing and `download` is true,
+    torchvision's hash-checked loader fetches it into that cache (offline: a `BackboneConfigError`
+    naming the URL and the path). `checkpoint`: a state dict saved with `torch.save` (keys of
+    `Backbone.state_dict()`, `head.*` keys ignored) or a `backbone_checkpoint_bytes` file, which
+    replaces the weights; the model id then says `checkpoint` (or the file's origin, e.g. `ssl`).
+    `input_size`: resize (bilinear, antialiased) to this side on the device before the network;
+    None feeds the slices at their stored size.
     """
     if arch not in ARCHS:
         raise BackboneConfigError(f"unknown arch {arch!r}: allowed values are {sorted(ARCHS)}")
@@ -197,11 +272,11 @@ def build_backbone(
         torch.manual_seed(seed)
         body = _TORCHVISION_BUILDERS[arch](weights=None)
         if weights == "imagenet" and checkpoint is None:
-            body.load_state_dict(_imagenet_state_dict(arch))
+            body.load_state_dict(_imagenet_state_dict(arch, download))
         body.conv1 = grayscale_conv1(body.conv1)
         body.fc = nn.Identity()
     label = weights
     if checkpoint is not None:
-        _load_into(body, _checkpoint_state_dict(checkpoint), "checkpoint")
-        label = CHECKPOINT_WEIGHTS
+        state, label = _checkpoint_state_dict(checkpoint)
+        _load_into(body, state, "checkpoint")
     return Backbone(body, arch, label, input_size).eval()

@@ -1,19 +1,23 @@
 from __future__ import annotations
 
 import io
+import urllib.error
 
 import pytest
 import torch
 import torchvision
+import torchvision.models._api as torchvision_weights_api
 from torch import nn
 
 from mri_assets.core.backbone import (
     GRAY_MEAN,
     GRAY_STD,
     BackboneConfigError,
+    backbone_checkpoint_bytes,
     build_backbone,
     grayscale_conv1,
     imagenet_weights_path,
+    read_backbone_meta,
 )
 
 
@@ -93,16 +97,53 @@ def test_unknown_weights_is_a_config_error_naming_the_allowed_weights():
         build_backbone(weights="imagenet21k")
 
 
+def _no_network(*args, **kwargs):
+    raise AssertionError("the test tried to download")
+
+
 def test_imagenet_weights_missing_from_the_cache_is_a_config_error_naming_the_path(
     tmp_path, monkeypatch
 ):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setattr(torchvision_weights_api, "load_state_dict_from_url", _no_network)
     expected_path = imagenet_weights_path("resnet18")
     assert str(expected_path).startswith(str(tmp_path))
-    with pytest.raises(BackboneConfigError) as error:
+    with pytest.raises(BackboneConfigError, match="downloading is off") as error:
         build_backbone(weights="imagenet")
     assert str(expected_path) in str(error.value)
     assert not expected_path.exists()
+
+
+def test_imagenet_download_goes_through_torchvisions_hash_checked_loader(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    calls = []
+    served = torchvision.models.resnet18(weights=None)
+    with torch.no_grad():
+        served.conv1.weight.fill_(0.02)
+
+    def fake_loader(url, *args, **kwargs):
+        calls.append((url, kwargs))
+        return served.state_dict()
+
+    monkeypatch.setattr(torchvision_weights_api, "load_state_dict_from_url", fake_loader)
+    backbone = build_backbone(weights="imagenet", download=True)
+    assert [url for url, _ in calls] == [torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url]
+    assert calls[0][1]["check_hash"] is True
+    torch.testing.assert_close(backbone.body.conv1.weight, torch.full((64, 1, 7, 7), 0.06))
+
+
+def test_imagenet_download_offline_is_one_clear_error_naming_url_and_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision_weights_api, "load_state_dict_from_url", offline)
+    with pytest.raises(BackboneConfigError, match="Offline") as error:
+        build_backbone(weights="imagenet", download=True)
+    message = str(error.value)
+    assert torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url in message
+    assert str(imagenet_weights_path("resnet18")) in message
 
 
 def test_imagenet_weights_are_read_from_the_torch_hub_cache(tmp_path, monkeypatch):
@@ -148,3 +189,19 @@ def test_checkpoint_bytes_that_are_not_a_state_dict_are_a_config_error():
 def test_float_input_is_rejected_with_the_expected_dtype_and_shape():
     with pytest.raises(ValueError, match=r"uint8 pixels shaped \(N, 1, H, W\)"):
         build_backbone()(torch.zeros(1, 3, 32, 32))
+
+
+def test_a_backbone_file_names_its_origin_in_the_model_id_and_keeps_its_meta():
+    trained = build_backbone(seed=4, input_size=64)
+    data = backbone_checkpoint_bytes(trained.state_dict(), "ssl", {"steps": 12})
+    loaded = build_backbone(seed=0, checkpoint=data, input_size=64)
+    assert loaded.model_id == trained.model_id.replace(":none:", ":ssl:")
+    assert loaded.model_id.startswith("resnet18:ssl:") and loaded.model_id.endswith("@64")
+    assert read_backbone_meta(data) == {"steps": 12}
+    for name, tensor in trained.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor)
+
+
+def test_a_backbone_file_of_unknown_origin_is_refused():
+    with pytest.raises(BackboneConfigError, match="unknown backbone origin"):
+        backbone_checkpoint_bytes(build_backbone().state_dict(), "magic")
