@@ -121,10 +121,14 @@ def _metadata_value(record, name: str):
     return None if entry is None else entry.value
 
 
-@dg.sensor(job_name=RETRAIN_JOB, minimum_interval_seconds=300,
+@dg.sensor(job_name=RETRAIN_JOB, minimum_interval_seconds=120,
            default_status=dg.DefaultSensorStatus.RUNNING)
-def retrain_sensor(context: dg.SensorEvaluationContext, retrain: RetrainSettings):
-    """Requests retraining for the latest wave each time `every_slices` more slices are ingested."""
+def retrain_sensor(context: dg.SensorEvaluationContext, retrain: RetrainSettings,
+                   label_store: LabelStore):
+    """Requests retraining for the latest wave each time `every_slices` more slices are ingested,
+    once the clinicians are done with that wave's queue: it has first reads and no expert or
+    hold-out item is still queued or leased. Until then the crossing waits (it is not used up):
+    a wave just ingested has nothing to learn from yet, and pseudo-labels need its labels."""
     watch = RetrainWatch.from_cursor(context.cursor)
     manifests = context.instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=dg.AssetKey("manifest"),
@@ -146,13 +150,22 @@ def retrain_sensor(context: dg.SensorEvaluationContext, retrain: RetrainSettings
             watch.saw_manifest(record.storage_id, record.partition_key, ok)
     if trained_at is not None:
         watch.saw_classifier(trained_at)
-    run_key = watch.crossing(retrain.every_slices)
     waves = context.instance.get_dynamic_partitions(WAVES)
-    requests = []
-    if run_key is not None and waves:
-        requests.append(dg.RunRequest(run_key=run_key, partition_key=waves[-1],
-                                      tags={"mri_assets/trigger": "slices_ingested"}))
-    return dg.SensorResult(run_requests=requests, cursor=watch.to_cursor())
+    if not waves or not watch.due(retrain.every_slices):
+        return dg.SensorResult(
+            skip_reason=f"{watch.since_classifier()} slices since the last classifier, "
+            f"retraining every {retrain.every_slices}", cursor=watch.to_cursor())
+    wave = waves[-1]
+    progress = label_store.wave_progress(wave)
+    if progress["labeled"] == 0 or progress["open"]:
+        return dg.SensorResult(
+            skip_reason=f"retraining is due ({watch.since_classifier()} slices since the last "
+            f"classifier) and waits for the clinicians: wave {wave} has {progress['labeled']} "
+            f"labels and {progress['open']} queued items still open", cursor=watch.to_cursor())
+    run_key = watch.crossing(retrain.every_slices)
+    request = dg.RunRequest(run_key=run_key, partition_key=wave,
+                            tags={"mri_assets/trigger": "slices_ingested"})
+    return dg.SensorResult(run_requests=[request], cursor=watch.to_cursor())
 
 
 # Dagster's own automation sensor is STOPPED unless declared: this one runs by default, so a

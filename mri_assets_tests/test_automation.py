@@ -67,3 +67,31 @@ def test_shards_follow_the_manifest_and_the_wave_waits_for_every_shard(defs):
         # The wave's assets are requested together, in one run, in dependency order.
         for asset in ("pca_model", "clusters", "labeling_queue"):
             assert _requested(result, asset) == {WAVE}, asset
+
+
+def test_a_clusters_refresh_does_not_queue_another_batch(defs):
+    """New labels refresh the wave's clusters (`label_refresh`); that must not spend the labeling
+    budget on another batch: later batches are requested (`active_learning`), not automated."""
+    shards = [wave_shard_key(WAVE, s) for s in shard_partitions.get_partition_keys()]
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions(WAVES, [WAVE])
+        result = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+        _materialized(instance, "manifest", WAVE)
+        _materialized(instance, "slices", *shards)
+        _materialized(instance, "gpu_budget", WAVE)
+        _materialized(instance, "embeddings", *shards)
+        result = dg.evaluate_automation_conditions(defs=defs, instance=instance,
+                                                   cursor=result.cursor)
+        assert _requested(result, "labeling_queue") == {WAVE}
+        _materialized(instance, "pca_model", WAVE)
+        _materialized(instance, "clusters", WAVE)
+        _materialized(instance, "labeling_queue", WAVE)
+        result = dg.evaluate_automation_conditions(defs=defs, instance=instance,
+                                                   cursor=result.cursor)
+        assert _requested(result, "labeling_queue") == set()
+
+        _materialized(instance, "expert_labels", WAVE)
+        _materialized(instance, "clusters", WAVE)  # what label_refresh does
+        result = dg.evaluate_automation_conditions(defs=defs, instance=instance,
+                                                   cursor=result.cursor)
+        assert _requested(result, "labeling_queue") == set()

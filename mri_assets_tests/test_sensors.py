@@ -1,3 +1,4 @@
+import functools
 import json
 
 import dagster as dg
@@ -77,24 +78,70 @@ def _manifest(instance, wave, ok):
         asset_key="manifest", partition=wave, metadata={"ok": ok}))
 
 
-def test_retrain_sensor_requests_once_per_threshold_crossing(instance):
+@pytest.fixture
+def labels(tmp_path):
+    """A label store with one clinician, and a function that queues and labels `n` slices of a
+    wave (`open_left` more stay queued)."""
+    from mri_assets_tests.triage.conftest import CLASSES, add_users, make_store
+
+    store = make_store(f"sqlite:///{tmp_path / 'labels.db'}")
+    add_users(store, ["alice"])
+
+    def label(wave: str, n: int, open_left: int = 0) -> None:
+        ids = [f"{wave}-{i:04d}-{n}" for i in range(n + open_left)]
+        store.enqueue(wave, [{"image_id": i, "priority": 1.0} for i in ids], CLASSES)
+        for _ in range(n):
+            item = store.lease_next("alice")
+            store.submit_label(item["id"], "alice", "coronal", 2.0)
+
+    yield store, label
+    store.dispose()
+
+
+def test_retrain_sensor_requests_once_per_threshold_crossing(instance, labels):
+    store, label = labels
     settings = RetrainSettings(every_slices=1000)
+    tick = functools.partial(_tick, retrain_sensor, instance, retrain=settings, label_store=store)
     _manifest(instance, "pilot", 600)
-    first = _tick(retrain_sensor, instance, None, retrain=settings)
+    first = tick(None)
     assert first.run_requests == []
     _manifest(instance, "scale", 500)
-    second = _tick(retrain_sensor, instance, first.cursor, retrain=settings)
+    label("scale", 3)
+    second = tick(first.cursor)
     assert [(r.partition_key, r.run_key) for r in second.run_requests] == [("scale", "retrain:1")]
     _manifest(instance, "scale", 500)
-    third = _tick(retrain_sensor, instance, second.cursor, retrain=settings)
+    third = tick(second.cursor)
     assert third.run_requests == []
     instance.report_runless_asset_event(dg.AssetMaterialization(asset_key="classifier", partition="scale"))
     _manifest(instance, "full-1", 999)
-    fourth = _tick(retrain_sensor, instance, third.cursor, retrain=settings)
+    fourth = tick(third.cursor)
     assert fourth.run_requests == []
     _manifest(instance, "full-2", 1)
-    fifth = _tick(retrain_sensor, instance, fourth.cursor, retrain=settings)
+    label("full-2", 2)
+    fifth = tick(fourth.cursor)
     assert [r.run_key for r in fifth.run_requests] == ["retrain:2"]
+
+
+def test_a_due_retraining_waits_until_the_latest_waves_queue_is_labeled(instance, labels):
+    """Slices alone do not retrain: a wave with no labels yet, or with queued items still open,
+    keeps the crossing waiting (not used up) until its clinicians are done."""
+    store, label = labels
+    settings = RetrainSettings(every_slices=100)
+    tick = functools.partial(_tick, retrain_sensor, instance, retrain=settings, label_store=store)
+    _manifest(instance, "pilot", 300)
+    before_labels = tick(None)
+    assert before_labels.run_requests == []
+    assert "0 labels" in before_labels.skip_reason.skip_message
+    label("pilot", 4, open_left=2)
+    half_done = tick(before_labels.cursor)
+    assert half_done.run_requests == []
+    assert "2 queued items still open" in half_done.skip_reason.skip_message
+    for _ in range(2):
+        item = store.lease_next("alice")
+        store.submit_label(item["id"], "alice", "sagittal", 2.0)
+    done = tick(half_done.cursor)
+    assert [(r.partition_key, r.run_key) for r in done.run_requests] == [("pilot", "retrain:1")]
+    assert tick(done.cursor).run_requests == []
 
 
 def test_wave_sensor_adds_partitions_for_ready_markers_once(instance, tmp_path):

@@ -43,12 +43,20 @@ def split_of(store: ObjectStore, wave: str, image_ids: list[str]) -> np.ndarray:
     return np.array([lookup.get(i, "train") for i in image_ids])
 
 
+# A wave's first batch follows its clusters by `eager()`, but only while the wave has no queue
+# yet: a clusters refresh (new labels, `label_refresh`) does not queue another batch by itself.
+# Each batch spends the labeling budget, so later ones are asked for (`active_learning`, the UI).
+QUEUE_ONCE_PER_WAVE = (
+    dg.AutomationCondition.eager() & dg.AutomationCondition.missing()
+).with_label("eager, first batch of a wave only")
+
+
 @dg.asset(
     partitions_def=wave_partitions,
     deps=[pca_model],
     group_name="labeling",
     kinds={"sqlalchemy"},
-    automation_condition=dg.AutomationCondition.eager(),
+    automation_condition=QUEUE_ONCE_PER_WAVE,
 )
 def labeling_queue(
     context: dg.AssetExecutionContext,

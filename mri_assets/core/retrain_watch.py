@@ -35,11 +35,19 @@ class RetrainWatch:
         self.base = self.total
         self.after_classifier = max(self.after_classifier, storage_id)
 
-    def crossing(self, every: int) -> str | None:
-        """A run key when the slices since the last classifier pass `every`, else None."""
+    def since_classifier(self) -> int:
+        """Slices ingested since the last classifier (or since counting began)."""
+        return self.total - self.base
+
+    def due(self, every: int) -> bool:
+        """Whether the slices since the last classifier pass `every` (nothing is consumed)."""
         if every <= 0:
             raise ValueError(f"retrain threshold must be a positive number of slices, got {every}")
-        if self.total - self.base < every:
+        return self.since_classifier() >= every
+
+    def crossing(self, every: int) -> str | None:
+        """A run key when the slices since the last classifier pass `every`, else None."""
+        if not self.due(every):
             return None
         self.crossings += 1
         self.base += every * ((self.total - self.base) // every)

@@ -966,6 +966,22 @@ class LabelStore(AccountsMixin, ReportsMixin, ConfigurableResource):
         with self._read() as conn:
             return conn.execute(sa.select(sa.func.count()).select_from(labels)).scalar_one()
 
+    def wave_progress(self, wave: str) -> dict[str, int]:
+        """How far the clinicians are with `wave`'s queue: `labeled`, its first reads (expert
+        and hold-out items; QA re-reads not counted), and `open`, its expert and hold-out items
+        still queued or leased."""
+        with self._read() as conn:
+            labeled = conn.execute(
+                sa.select(sa.func.count()).select_from(labels)
+                .where(labels.c.wave == wave, labels.c.kind == "expert")
+            ).scalar_one()
+            still_open = conn.execute(
+                sa.select(sa.func.count()).select_from(queue_items)
+                .where(queue_items.c.wave == wave, queue_items.c.state.in_(_OPEN_STATES),
+                       queue_items.c.kind.in_(ENQUEUE_KINDS))
+            ).scalar_one()
+        return {"labeled": int(labeled), "open": int(still_open)}
+
     def qa_pairs(self) -> list[tuple[str, str]]:
         """(first read, QA read) label pairs of every image that has both."""
         first, second = labels.alias("first"), labels.alias("second")
