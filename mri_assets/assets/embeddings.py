@@ -1,6 +1,5 @@
 """Embeddings: one float16 vector per slice, per shard, on the GPU pool, tracked by DVC."""
 
-import tempfile
 from pathlib import Path
 
 import dagster as dg
@@ -59,7 +58,7 @@ def embeddings(
         precision, compute.batch_size, compute.num_workers,
     )
     key = embeddings_key(wave, shard)
-    with tempfile.TemporaryDirectory() as scratch:
+    with object_store.scratch_dir() as scratch:  # swept after a kill, on a local store
         path = write_embeddings(Path(scratch) / Path(key).name, result.image_ids,
                                 result.embeddings, model.model_id)
         object_store.put_file(key, path)

@@ -27,6 +27,7 @@ import yaml
 from dagster import ConfigurableResource
 from filelock import FileLock, Timeout
 
+from mri_assets.core.temporaries import temp_prefix
 from mri_assets.deployment import child_environment
 
 REMOTE_NAME = "storage"
@@ -80,7 +81,7 @@ def _write_atomically(target: Path, text: str) -> None:
     if target.is_file() and target.read_text() == text:
         return
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target.name), suffix=".part", dir=target.parent)
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
@@ -92,7 +93,7 @@ def _write_atomically(target: Path, text: str) -> None:
 
 def _copy_atomically(source: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target.name), suffix=".part", dir=target.parent)
     os.close(fd)
     try:
         shutil.copyfile(source, tmp)

@@ -24,6 +24,8 @@ from urllib.request import url2pathname
 from dagster import ConfigurableResource
 from pydantic import PrivateAttr
 
+from mri_assets.core.temporaries import is_temporary_file, scratch_prefix, temp_prefix
+
 SCRATCH_FOLDER = ".scratch"
 
 
@@ -87,7 +89,7 @@ class ObjectStore(ConfigurableResource):
 
     def scratch_dir(self) -> tempfile.TemporaryDirectory:
         """A temporary folder for files about to be published (on the store's file system if local)."""
-        return tempfile.TemporaryDirectory(prefix="mri-assets-")
+        return tempfile.TemporaryDirectory(prefix=scratch_prefix())
 
     def copy(self, source_key: str, key: str) -> str | None:
         """Store the current bytes of `source_key` under `key` too, atomically, without passing
@@ -131,7 +133,7 @@ class LocalObjectStore(ObjectStore):
     def put_bytes(self, key: str, data: bytes) -> str | None:
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target.name), suffix=".part", dir=target.parent)
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
@@ -145,7 +147,7 @@ class LocalObjectStore(ObjectStore):
     def put_file(self, key: str, path: Path) -> str | None:
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target.name), suffix=".part", dir=target.parent)
         os.close(fd)
         try:
             shutil.copyfile(path, tmp)
@@ -169,20 +171,28 @@ class LocalObjectStore(ObjectStore):
 
     def copy(self, source_key: str, key: str) -> str | None:
         """A hard link where the file system allows: objects are never rewritten in place (every
-        write replaces the name), so the two names can share one file."""
+        write replaces the name), so the two names can share one file.
+
+        When `key` already names the same file (a rerun), nothing is done: renaming a second link
+        of a file over the first is a no-op in POSIX that would leave the temporary name behind.
+        """
         source = self.local_path(source_key)
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part"
+        with suppress(FileNotFoundError):
+            if os.path.samefile(source, target):
+                return None
+        tmp = target.parent / f"{temp_prefix(target.name)}{uuid.uuid4().hex[:8]}.part"
         try:
             try:
                 os.link(source, tmp)
             except OSError:  # no hard links here (another device, a FAT or SMB share): copy
                 shutil.copyfile(source, tmp)
             os.replace(tmp, target)
-        except BaseException:
+        finally:
+            # Gone after a rename; still there when it failed, or when `target` became a link of
+            # the same file meanwhile (the rename then does nothing).
             tmp.unlink(missing_ok=True)
-            raise
         return None
 
     def size(self, key: str) -> int:
@@ -195,7 +205,7 @@ class LocalObjectStore(ObjectStore):
     def scratch_dir(self) -> tempfile.TemporaryDirectory:
         base = Path(self.root).resolve() / SCRATCH_FOLDER
         base.mkdir(parents=True, exist_ok=True)
-        return tempfile.TemporaryDirectory(prefix="mri-assets-", dir=base)
+        return tempfile.TemporaryDirectory(prefix=scratch_prefix(), dir=base)
 
     def get_bytes(self, key: str, version_id: str | None = None) -> bytes:
         if version_id is not None:
@@ -221,7 +231,7 @@ class LocalObjectStore(ObjectStore):
         found = [
             ObjectInfo(p.relative_to(base).as_posix(), p.stat().st_size)
             for p in start.rglob("*")
-            if p.is_file() and not (p.name.startswith(".") and p.name.endswith(".part"))
+            if p.is_file() and not is_temporary_file(p.name)
             and p.relative_to(base).parts[0] != SCRATCH_FOLDER
         ]
         return sorted(found, key=lambda info: info.key)
@@ -641,7 +651,7 @@ class S3ObjectStore(ObjectStore):
         else:
             arguments["IfMatch"] = head["ETag"]
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target.name), suffix=".part", dir=target.parent)
         try:
             with os.fdopen(fd, "wb") as handle, self._translated_errors("download", key):
                 body = self._s3().get_object(**arguments)["Body"]
