@@ -65,8 +65,9 @@ def _compute(deployment: Deployment) -> ComputeResource:
 def _mlflow(deployment: Deployment) -> MlflowTracking:
     if deployment.mlflow.tracking_uri is not None:
         return MlflowTracking(tracking_uri=secret_config(deployment.mlflow.tracking_uri, ""),
-                              experiment_name=deployment.mlflow.experiment)
-    return MlflowTracking.local(deployment.home.root)
+                              experiment_name=deployment.mlflow.experiment,
+                              dagster_url=deployment.dagster_url)
+    return MlflowTracking.local(deployment.home.root, dagster_url=deployment.dagster_url)
 
 
 def resources_for(deployment: Deployment) -> dict:

@@ -109,6 +109,16 @@ def _flag(name: str, text: str) -> bool:
     return FLAGS[text.strip().lower()]
 
 
+def _web_url(name: str, text: str) -> str | None:
+    url = text.strip().rstrip("/")
+    if not url:
+        return None
+    if not url.startswith(("http://", "https://")) or len(url.split("//", 1)[1]) == 0:
+        raise DeploymentError(f"{name}={text!r}: use the page's http(s) address, "
+                              "e.g. http://127.0.0.1:3000")
+    return url
+
+
 def _words(_name: str, text: str) -> tuple[str, ...]:
     return tuple(word.strip() for word in text.split(",") if word.strip())
 
@@ -257,6 +267,9 @@ class Deployment:
     triage: TriageServiceSettings = field(default_factory=TriageServiceSettings)
     pushgateway_url: str | None = field(
         default=None, metadata=env("PUSHGATEWAY_URL", parse=_optional)
+    )
+    dagster_url: str | None = field(
+        default=None, metadata=env("MRI_ASSETS_DAGSTER_URL", parse=_web_url)
     )
     dvc_executable: str | None = field(
         default=None, metadata=env("MRI_ASSETS_DVC", parse=_optional)

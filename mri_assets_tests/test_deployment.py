@@ -49,6 +49,7 @@ def test_a_bad_shard_count_is_one_line_naming_the_variable_and_the_range(value, 
         ("MRI_ASSETS_TRIAGE_SHOW_PREDICTION", "maybe", "use 1 or 0"),
         ("MRI_ASSETS_BATCH_SIZE", "0", "from 1 to 65536"),
         ("MRI_ASSETS_K8S_IMAGE_PULL_POLICY", "Sometimes", "Always, IfNotPresent, Never"),
+        ("MRI_ASSETS_DAGSTER_URL", "127.0.0.1:3000", "http(s) address"),
     ],
 )
 def test_bad_values_name_their_variable_and_what_is_allowed(variable, value, allowed, tmp_path):
@@ -110,3 +111,13 @@ def test_only_the_deployment_edge_reads_or_writes_the_environment():
                            capture_output=True, text=True).stdout.splitlines()
     files = {line.split(":", 1)[0] for line in found}
     assert files == {"mri_assets/deployment.py"}, found
+
+
+def test_the_dagster_ui_address_reaches_mlflow_as_run_page_links(tmp_path):
+    from mri_assets.code_location import resources_for
+
+    plain = resources_for(Deployment.from_env({}, home=tmp_path))["mlflow"]
+    assert plain.dagster_run_url("abc") is None
+    linked = resources_for(Deployment.from_env(
+        {"MRI_ASSETS_DAGSTER_URL": "http://dagster.example:3000/"}, home=tmp_path))["mlflow"]
+    assert linked.dagster_run_url("abc") == "http://dagster.example:3000/runs/abc"

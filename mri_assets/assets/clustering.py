@@ -78,7 +78,7 @@ def pca_model(
     pca = fit_streaming_pca(shards(), clustering.variance_target)
     data = pca.to_bytes()
     object_store.put_bytes(pca_key(wave), data)
-    tags = {**dagster_tags(context), "model_id": model_id}
+    tags = {**dagster_tags(context, mlflow), "model_id": model_id}
     with mlflow.start_wave_run(wave, "pca", tags=tags, new_run=True) as run_id:
         mlflow.log_params(run_id, {"model_id": model_id, "variance_target": clustering.variance_target,
                                    "n_components": pca.n_components, "n_slices": len(ids)})
@@ -127,7 +127,7 @@ def clusters(
     buffer = io.BytesIO()
     frame.write_parquet(buffer)
     object_store.put_bytes(clusters_key(wave), buffer.getvalue())
-    tags = {**dagster_tags(context), "model_id": model_id}
+    tags = {**dagster_tags(context, mlflow), "model_id": model_id}
     with mlflow.start_wave_run(wave, "clusters", tags=tags, new_run=True) as run_id:
         mlflow.log_params(run_id, {"model_id": model_id, "n_components": pca.n_components,
                                    "seed": clustering.seed, "ks": ",".join(map(str, KS))})

@@ -207,7 +207,8 @@ def wave_costs(
     projection = ledger.project(throughput, ledger.images_embedded())
     png = burndown_png(ledger, projection)
     figures = {**spend.as_metadata(), **projection.as_metadata()}
-    with mlflow.start_wave_run(wave, "costs", tags=dagster_tags(context), new_run=True) as run_id:
+    with mlflow.start_wave_run(wave, "costs", tags=dagster_tags(context, mlflow),
+                               new_run=True) as run_id:
         mlflow.log_metrics(run_id, figures)
         mlflow.log_png(run_id, "burndown.png", png)
     outcome = push_figures(metrics, "wave_costs", {"wave": wave}, cost_gauges(spend))

@@ -9,16 +9,22 @@ from mri_assets.resources.mlflow_tracking import (
     DAGSTER_ASSET_TAG,
     DAGSTER_PARTITION_TAG,
     DAGSTER_RUN_TAG,
+    DAGSTER_RUN_URL_TAG,
     MlflowTracking,
 )
 
 
-def dagster_tags(context: dg.AssetExecutionContext) -> dict[str, str]:
-    """MLflow tags naming this step: Dagster run id, asset key, partition."""
+def dagster_tags(context: dg.AssetExecutionContext,
+                 mlflow: MlflowTracking | None = None) -> dict[str, str]:
+    """MLflow tags naming this step: Dagster run id, asset key, partition, and the run's page in
+    the Dagster UI where `mlflow` knows the UI's address."""
     tags = {DAGSTER_RUN_TAG: context.run_id,
             DAGSTER_ASSET_TAG: context.asset_key.to_user_string()}
     if context.has_partition_key:
         tags[DAGSTER_PARTITION_TAG] = str(context.partition_key)
+    url = mlflow.dagster_run_url(context.run_id) if mlflow is not None else None
+    if url is not None:
+        tags[DAGSTER_RUN_URL_TAG] = url
     return tags
 
 

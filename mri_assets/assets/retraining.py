@@ -266,7 +266,7 @@ def classifier(
             "macro_f1": semi.macro_f1, "baseline_macro_f1": baseline_f1}
     checkpoint = save_checkpoint(model, classes, meta)
     png = confusion_png(semi.confusion, classes, f"wave {wave}: holdout confusion")
-    tags = {**dagster_tags(context), "model_id": model_id}
+    tags = {**dagster_tags(context, mlflow), "model_id": model_id}
     with mlflow.start_wave_run(wave, "classifier", tags=tags, new_run=True) as run_id:
         mlflow.log_params(run_id, {**{k: v for k, v in meta.items() if "f1" not in k},
                                    "lr_stage2": str(config.stage2_lrs), "seed": config.seed})
@@ -274,7 +274,7 @@ def classifier(
         mlflow.log_dict(run_id, "baseline_report.json", baseline)
         mlflow.log_png(run_id, "confusion.png", png)
         version = mlflow.register_checkpoint(run_id, checkpoint, REGISTERED_MODEL, model,
-                                             tags=dagster_tags(context))
+                                             tags=dagster_tags(context, mlflow))
     object_store.put_bytes(checkpoint_key(wave), checkpoint)
     yield dg.Output(
         {"wave": wave, "checkpoint": checkpoint_key(wave), "classes": list(classes),

@@ -7,20 +7,25 @@ MLflow's process-global "active run", so nothing can be left dangling in a worke
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
 from dagster import ConfigurableResource
+from filelock import FileLock
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 from pydantic import Field
+
+from mri_assets.core.temporaries import scratch_prefix, temp_prefix
 
 WAVE_TAG = "mri_assets.wave"
 STAGE_TAG = "mri_assets.stage"
@@ -83,11 +88,30 @@ class MlflowTracking(ConfigurableResource):
         experiment_id = self.client().get_run(run_id).info.experiment_id
         return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
-    def client(self) -> MlflowClient:
+    @property
+    def _local_db(self) -> Path | None:
         if self.tracking_uri.startswith("sqlite:///"):
-            Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(
-                parents=True, exist_ok=True
-            )
+            return Path(self.tracking_uri.removeprefix("sqlite:///"))
+        return None
+
+    def prepare(self) -> None:
+        """Create a local SQLite store now, completely, if it does not exist yet (a no-op for a
+        tracking server): `mri-assets run` calls it before any step; every client does on first
+        use in its process (`ensure_local_store`)."""
+        if self._local_db is not None:
+            ensure_local_store(self._local_db, self.artifact_location)
+
+    def _scratch(self) -> str | None:
+        """Where artifact files wait to be logged: `.scratch` beside a local store (swept after a
+        kill with the home's other temporaries), else the system's temporary folder."""
+        if self._local_db is None:
+            return None
+        folder = self._local_db.parent / ".scratch"
+        folder.mkdir(parents=True, exist_ok=True)
+        return str(folder)
+
+    def client(self) -> MlflowClient:
+        self.prepare()
         return MlflowClient(tracking_uri=self.tracking_uri)
 
     def experiment_id(self, client: MlflowClient | None = None) -> str:
@@ -198,7 +222,8 @@ class MlflowTracking(ConfigurableResource):
         """Store `data` as artifact `artifact_path/name`; returns the artifact's relative path."""
         if not name or "/" in name or name in (".", ".."):
             raise MlflowTrackingError(f"artifact name {name!r} must be a plain file name")
-        with tempfile.TemporaryDirectory(prefix="mri-mlflow-") as folder:
+        with tempfile.TemporaryDirectory(prefix=scratch_prefix("mri-mlflow"),
+                                         dir=self._scratch()) as folder:
             local = Path(folder) / name
             local.write_bytes(data)
             self.client().log_artifact(run_id, str(local), artifact_path=artifact_path)
@@ -231,7 +256,8 @@ class MlflowTracking(ConfigurableResource):
 
         client = self.client()
         self.log_artifact_bytes(run_id, "checkpoint.pt", checkpoint, artifact_path="checkpoint")
-        with tempfile.TemporaryDirectory(prefix="mri-mlflow-model-") as folder:
+        with tempfile.TemporaryDirectory(prefix=scratch_prefix("mri-mlflow-model"),
+                                         dir=self._scratch()) as folder:
             target = Path(folder) / "model"
             mlflow.pytorch.save_model(
                 model, str(target), serialization_format="pickle",
@@ -263,6 +289,81 @@ class MlflowTracking(ConfigurableResource):
             client.log_batch(
                 run_id, metrics=metrics[start:end], params=params[start:end], tags=tags[start:end]
             )
+
+
+# Local stores this process has checked or created (see `ensure_local_store`).
+_READY_STORES: set[str] = set()
+STORE_LOCK_TIMEOUT_S = 600.0
+
+
+def ensure_local_store(db_path: Path, artifact_root: str | None = None) -> None:
+    """Make sure the local SQLite tracking store `db_path` exists with MLflow's whole schema.
+
+    MLflow builds its schema on first use, in place, in some sixty migrations that SQLite does
+    not run as one transaction: a process killed meanwhile leaves a store that every later start
+    refuses (`table ... already exists`), and two processes that start at once race through the
+    same migrations (`_alembic_tmp_experiments already exists`). Here, under a file lock beside
+    the store (released by the kernel if its holder dies), the schema is built in a temporary
+    file that is then renamed into place: the store exists whole or not at all. A store left
+    half-built by an earlier version (schema not at MLflow's head, and no run nor experiment of
+    ours in it) is set aside as `mlflow.db.incomplete-TIME` and built again; one holding runs is
+    left alone for `mlflow db upgrade`, which MLflow's own error names. Once per process.
+    """
+    db_path = Path(db_path).resolve()
+    if str(db_path) in _READY_STORES and db_path.is_file():
+        return
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(db_path.with_name(f".{db_path.name}.lock")), timeout=STORE_LOCK_TIMEOUT_S)
+    with lock:
+        if db_path.is_file() and not _schema_at_head(db_path) and not _holds_data(db_path):
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            for side in ("", "-journal", "-wal", "-shm"):
+                old = Path(f"{db_path}{side}")
+                if old.exists():
+                    os.replace(old, db_path.with_name(f"{db_path.name}.incomplete-{stamp}{side}"))
+        if not db_path.is_file():
+            _build_store(db_path, artifact_root or (db_path.parent / "artifacts").as_uri())
+    _READY_STORES.add(str(db_path))
+
+
+def _build_store(db_path: Path, artifact_root: str) -> None:
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    tmp = db_path.with_name(f"{temp_prefix(db_path.name)}{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        store = SqlAlchemyStore(f"sqlite:///{tmp}", artifact_root)
+        store.engine.dispose()
+        for side in ("-journal", "-wal", "-shm"):  # stale side files would apply to the new store
+            Path(f"{db_path}{side}").unlink(missing_ok=True)
+        os.replace(tmp, db_path)
+    finally:
+        for side in ("", "-journal", "-wal", "-shm"):
+            Path(f"{tmp}{side}").unlink(missing_ok=True)
+
+
+def _tables(db: sqlite3.Connection) -> set[str]:
+    return {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+
+def _schema_at_head(db_path: Path) -> bool:
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    with closing(sqlite3.connect(db_path, timeout=60)) as db:
+        if "alembic_version" not in _tables(db):
+            return False
+        versions = [row[0] for row in db.execute("SELECT version_num FROM alembic_version")]
+    return versions == [_get_latest_schema_revision()]
+
+
+def _holds_data(db_path: Path) -> bool:
+    """Any run, or any experiment besides MLflow's Default (id 0)."""
+    with closing(sqlite3.connect(db_path, timeout=60)) as db:
+        tables = _tables(db)
+        if "runs" in tables and db.execute("SELECT 1 FROM runs LIMIT 1").fetchone():
+            return True
+        return "experiments" in tables and bool(
+            db.execute("SELECT 1 FROM experiments WHERE experiment_id != 0 LIMIT 1").fetchone()
+        )
 
 
 def _quoted(value: str) -> str:
