@@ -45,10 +45,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     with tqdm(desc=f"materializing {args.wave}", unit="step") as bar:
         report = run_wave(_deployment(args), args.wave, args.select, on_step=lambda _: bar.update())
-    if not report.success:
+    if report.interrupted:
+        print(f"wave {args.wave}: stopped by {report.interrupted}; the same command continues "
+              f"it (run ids: {report.runs[-1:]})", file=sys.stderr)
+    elif not report.success:
         print(f"wave {args.wave}: failed at {report.failed}; see the run in `make dev` "
               f"(run ids: {report.runs[-1:]})", file=sys.stderr)
-    return 0 if report.success else 1
+    return report.exit_code
 
 
 def cmd_label_from_csv(args: argparse.Namespace) -> int:
