@@ -20,6 +20,7 @@ from mri_assets.jobs import (
     ingest_wave_job,
     label_refresh_job,
     retrain_job,
+    stage_jobs,
 )
 from mri_assets.schedules import monthly_retrain, weekly_drift_check
 from mri_assets.sensors import (
@@ -38,10 +39,11 @@ def build_defs(deployment: Deployment | str | None = None, home: MriHome | None 
     this process's environment with that profile (and home)."""
     if not isinstance(deployment, Deployment):
         deployment = Deployment.from_env(profile=deployment, home=home)
+    assets = wave_assets()
     return dg.Definitions(
-        assets=wave_assets(),
+        assets=assets,
         jobs=[ingest_wave_job, active_learning_job, drift_check_job, label_refresh_job, retrain_job,
-              embed_wave_job, nightly_smoke_job(deployment)],
+              embed_wave_job, nightly_smoke_job(deployment), *stage_jobs(assets)],
         sensors=[wave_sensor, ari_drift_sensor, labels_sensor, retrain_sensor, automation_sensor],
         schedules=[weekly_drift_check, monthly_retrain, nightly_smoke_schedule],
         resources=resources_for(deployment),

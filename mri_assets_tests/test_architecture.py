@@ -20,7 +20,7 @@ LAYERS = {
     "assets": {"assets"},
     "triage": {"triage"},
     "wiring": {"partitions", "executors", "jobs", "sensors", "schedules", "code_location",
-               "local_run", "smoke_run", "definitions"},
+               "location_runs", "local_run", "smoke_run", "definitions"},
     "entry": {"operations", "simulated_clinician", "demo", "workers", "cli"},
 }
 MAY_IMPORT = {
