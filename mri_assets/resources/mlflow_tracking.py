@@ -33,6 +33,7 @@ SUPERSEDED_TAG = "mri_assets.superseded"
 DAGSTER_RUN_TAG = "dagster_run_id"
 DAGSTER_ASSET_TAG = "dagster_asset_key"
 DAGSTER_PARTITION_TAG = "dagster_partition"
+DAGSTER_RUN_URL_TAG = "dagster_run_url"
 LOCAL_UI_URL = "http://127.0.0.1:5000"
 
 
@@ -66,9 +67,15 @@ class MlflowTracking(ConfigurableResource):
         description="the store and artifacts live together under one folder that may move "
         "(MRI_ASSETS_HOME): stored artifact URIs are re-rooted at `artifact_location` on start",
     )
+    dagster_url: str | None = Field(
+        default=None,
+        description="where people open the Dagster UI (MRI_ASSETS_DAGSTER_URL): runs and "
+        "registered versions then link to the Dagster run that made them",
+    )
 
     @classmethod
-    def local(cls, home: Path, experiment_name: str = "mri_assets-local") -> MlflowTracking:
+    def local(cls, home: Path, experiment_name: str = "mri_assets-local",
+              dagster_url: str | None = None) -> MlflowTracking:
         root = Path(home).resolve() / "mlflow"
         return cls(
             tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
@@ -76,7 +83,14 @@ class MlflowTracking(ConfigurableResource):
             artifact_location=(root / "artifacts").as_uri(),
             ui_url=LOCAL_UI_URL,
             relocatable=True,
+            dagster_url=dagster_url,
         )
+
+    def dagster_run_url(self, dagster_run_id: str) -> str | None:
+        """The Dagster UI's page of a run, or None when the UI's address is not known."""
+        if not self.dagster_url:
+            return None
+        return f"{self.dagster_url.rstrip('/')}/runs/{dagster_run_id}"
 
     def run_url(self, run_id: str) -> str | None:
         """The run's page in MLflow's UI (for a local store: what `mlflow ui --backend-store-uri
