@@ -48,9 +48,14 @@ class DriftWatch:
         """
         self.after_storage_id = max(self.after_storage_id, seen.storage_id)
         if self._may_set_baseline(seen, pinned_wave):
+            previous = self.baseline
             self.baseline = DriftBaseline(seen.wave, seen.model_id, seen.k, seen.ari)
             self.drifted_waves.pop(seen.wave, None)
-            return DriftDecision(False, "baseline", 0.0, f"wave {seen.wave} is the baseline"), None
+            reason = f"wave {seen.wave} is the baseline"
+            if previous is not None and previous.model_id != seen.model_id:
+                reason += (f" (the backbone changed from {previous.model_id} of wave "
+                           f"{previous.wave} to {seen.model_id}: the baseline restarts)")
+            return DriftDecision(False, "baseline", 0.0, reason), None
         decision = evaluate_drift(self.baseline, seen.ari, seen.model_id, seen.k, threshold)
         if not decision.drifted:
             if decision.status == "stable":
@@ -64,8 +69,12 @@ class DriftWatch:
         return decision, f"ari-drift:{seen.wave}:{event}"
 
     def _may_set_baseline(self, seen: ClustersObservation, pinned_wave: str | None) -> bool:
+        """The first wave with an ARI is the baseline (or the pinned wave). Without a pin, a wave
+        embedded by another backbone than the baseline's starts a new baseline: ARI of different
+        networks do not compare, and the waves after it are embedded by the new one."""
         if seen.ari is None:
             return False
         if pinned_wave is not None:
             return seen.wave == pinned_wave
-        return self.baseline is None or self.baseline.wave == seen.wave
+        return (self.baseline is None or self.baseline.wave == seen.wave
+                or self.baseline.model_id != seen.model_id)
