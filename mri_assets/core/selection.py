@@ -4,7 +4,8 @@ The rule (issue 5): take the most uncertain slices, then spend the batch on slic
 apart in PCA space, while keeping the batch balanced across k-means clusters.
 
 1. Uncertainty is the entropy of class probabilities: the current classifier's softmax when one
-   exists, otherwise `soft_assignment` to the k-means centroids (`entropy_from_probs`).
+   exists, otherwise `soft_assignment` to the k-means centroids (`entropy_from_probs`);
+   `queue_uncertainty` picks the source and says which (`Uncertainty.source`).
 2. Eligible slices are those not already labeled or queued (`exclude`) and not in the holdout
    split (`holdout`). Each cluster gets a quota of the batch (`balance="equal"`: the same share
    for every cluster, i.e. class balance; `"proportional"`: shares follow the clusters' sizes),
@@ -179,6 +180,48 @@ def soft_assignment(
     np.exp(logits, out=logits)
     logits /= logits.sum(axis=1, keepdims=True)
     return logits
+
+
+MODEL_ENTROPY = "classifier predictive entropy"
+CLUSTER_ENTROPY = "k-means soft assignment"
+
+
+@dataclass(frozen=True)
+class Uncertainty:
+    """Per-slice entropy for the queue and where it came from (`MODEL_ENTROPY` or
+    `CLUSTER_ENTROPY`); `detail` names the classifier or says why there is none."""
+
+    entropy: np.ndarray
+    source: str
+    detail: str
+
+
+def cluster_centroids(coords_pca: np.ndarray, clusters: np.ndarray) -> np.ndarray:
+    """Mean PCA coordinates of each cluster, in sorted cluster-id order."""
+    coords, labels = np.asarray(coords_pca), np.asarray(clusters)
+    return np.stack([coords[labels == c].mean(axis=0) for c in np.unique(labels)])
+
+
+def queue_uncertainty(
+    coords_pca: np.ndarray,
+    clusters: np.ndarray,
+    classifier_probs: np.ndarray | None = None,
+    detail: str = "",
+) -> Uncertainty:
+    """The model's predictive entropy once a classifier exists (`classifier_probs`, its softmax,
+    one row per slice); before that, the entropy of the soft assignment to the k-means
+    centroids. The diversity and cluster balance of `select_for_labeling` apply either way."""
+    coords = np.asarray(coords_pca)
+    if classifier_probs is not None:
+        probs = np.asarray(classifier_probs)
+        if probs.shape[0] != coords.shape[0]:
+            raise ValueError(
+                f"classifier_probs has {probs.shape[0]} rows for {coords.shape[0]} slices;"
+                " predict every slice of the wave, in the same order"
+            )
+        return Uncertainty(entropy_from_probs(probs), MODEL_ENTROPY, detail)
+    probs = soft_assignment(coords, cluster_centroids(coords, clusters))
+    return Uncertainty(entropy_from_probs(probs), CLUSTER_ENTROPY, detail or "no classifier yet")
 
 
 def _as_mask(mask: np.ndarray | None, n_rows: int, name: str) -> np.ndarray:

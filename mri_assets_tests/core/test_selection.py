@@ -4,10 +4,13 @@ import numpy as np
 import pytest
 
 from mri_assets.core.selection import (
+    CLUSTER_ENTROPY,
+    MODEL_ENTROPY,
     entropy_from_probs,
     holdout_for_evaluation,
     kcenter_radius,
     naive_select,
+    queue_uncertainty,
     select_for_labeling,
     soft_assignment,
 )
@@ -242,3 +245,26 @@ def test_bad_selection_inputs_are_refused_with_what_to_change(kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         select_for_labeling(**args)
+
+
+def test_queue_uncertainty_uses_the_classifier_once_there_is_one_else_the_clusters():
+    rng = np.random.default_rng(0)
+    coords = np.concatenate([rng.normal(0, 1, (30, 2)), rng.normal(8, 1, (30, 2))])
+    clusters = np.repeat([0, 1], 30)
+    before = queue_uncertainty(coords, clusters)
+    assert before.source == CLUSTER_ENTROPY and before.detail == "no classifier yet"
+    assert before.entropy.shape == (60,)
+    assert np.argmax(before.entropy) == np.argmin(np.abs(coords @ [1, 1] - 8))
+
+    probs = np.full((60, 4), 0.01)
+    probs[:, 0] = 0.97
+    probs[7] = 0.25
+    after = queue_uncertainty(coords, clusters, probs, "classifier of wave pilot")
+    assert after.source == MODEL_ENTROPY and after.detail == "classifier of wave pilot"
+    assert np.argmax(after.entropy) == 7
+    assert after.entropy[7] == pytest.approx(np.log(4))
+    picked = select_for_labeling(after.entropy, coords, clusters, 2, seed=0, pool_factor=1)
+    assert 7 in picked.indices.tolist()
+    assert sorted(picked.cluster.tolist()) == [0, 1], "cluster balance kept"
+    with pytest.raises(ValueError, match="59 rows for 60 slices"):
+        queue_uncertainty(coords, clusters, probs[:59])
