@@ -431,14 +431,20 @@ def test_pooled_steps_are_the_steps_dagster_claims_slots_for(tmp_path: Path):
     from dagster._core.execution.api import create_execution_plan
 
     from mri_assets.local_run import _stage_job, pooled_steps
+    from mri_assets.location_runs import location_stage
     from mri_assets_tests.assets.wave_fixtures import local_defs
 
     defs = local_defs(tmp_path / "home")
-    for names in (["slices", "embeddings"], ["pca_model", "clusters", "classifier"]):
+    for kind, names in (("shard", ["slices", "embeddings"]),
+                        ("wave", ["pca_model", "clusters", "classifier"])):
         keys = [dg.AssetKey(name) for name in names]
-        plan = create_execution_plan(_stage_job(defs, keys))
-        expected = sorted((step.pool, step.key) for step in plan.steps if step.pool)
-        assert sorted(pooled_steps(defs, keys)) == expected and expected
+        stage = location_stage(defs, kind, keys)
+        assert stage is not None  # what `mri-assets run` executes
+        jobs = [stage.job.get_subset(asset_selection=set(keys)), _stage_job(defs, keys)]
+        for job in jobs:
+            plan = create_execution_plan(job)
+            expected = sorted((step.pool, step.key) for step in plan.steps if step.pool)
+            assert sorted(pooled_steps(defs, keys)) == expected and expected
 
 
 WAITER = """
