@@ -90,3 +90,18 @@ def postgres_url() -> Iterator[str]:
 def pushgateway_url() -> Iterator[str]:
     with services.pushgateway() as url:
         yield url
+
+
+@pytest.fixture
+def labels_db(postgres_url: str) -> Iterator[str]:
+    """A fresh database on the session's PostgreSQL server; its URL."""
+    import sqlalchemy as sa
+
+    name = f"labels_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    yield postgres_url.rsplit("/", 1)[0] + f"/{name}"
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"DROP DATABASE {name} WITH (FORCE)")
+    admin.dispose()

@@ -13,13 +13,11 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import httpx
 import polars as pl
 import pytest
-import sqlalchemy as sa
 from PIL import Image
 
 from mri_assets.core.slice_shards import manifest_key
@@ -34,19 +32,6 @@ from mri_assets_tests.triage.conftest import CLASSES, PASSWORD, SECRET, log_in
 
 pytestmark = pytest.mark.integration
 WAVE = "pilot"
-
-
-@pytest.fixture
-def labels_db(postgres_url: str):
-    """A fresh database on the session's PostgreSQL server; its URL."""
-    name = f"triage_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE {name}")
-    yield postgres_url.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f"DROP DATABASE {name} WITH (FORCE)")
-    admin.dispose()
 
 
 @pytest.fixture
