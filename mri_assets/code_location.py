@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from mri_assets.assets import clustering, costs, embeddings, ingest, labeling, retraining
+from mri_assets.assets import backbone, clustering, costs, embeddings, ingest, labeling, retraining
 from mri_assets.deployment import Deployment
 from mri_assets.resources.compute import ComputeResource
 from mri_assets.resources.cost_settings import CostSettings
@@ -24,7 +24,7 @@ from mri_assets.resources.settings import (
     TrainingSettings,
 )
 
-ASSET_MODULES = [ingest, embeddings, clustering, labeling, retraining, costs]
+ASSET_MODULES = [ingest, backbone, embeddings, clustering, labeling, retraining, costs]
 
 
 def wave_assets() -> list:
@@ -89,4 +89,5 @@ def resources_for(deployment: Deployment) -> dict:
         "retrain": RetrainSettings(every_slices=loop.retrain_every),
         "metrics": MetricsResource(pushgateway_url=deployment.pushgateway_url or ""),
         "cost": CostSettings(),
+        "pretrain": backbone.PretrainSettings(),
     }

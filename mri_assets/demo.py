@@ -18,9 +18,9 @@ from mri_assets.deployment import Deployment
 
 PILOT = "pilot"
 DRIFT_WAVE = "scale"
-FIRST_PASS = "manifest slices gpu_budget embeddings pca_model clusters labeling_queue"
+FIRST_PASS = "manifest slices backbone gpu_budget embeddings pca_model clusters labeling_queue"
 AFTER_LABELS = "expert_labels clusters pseudo_labels classifier wave_costs"
-SECOND_WAVE = "manifest slices gpu_budget embeddings pca_model clusters labeling_queue"
+SECOND_WAVE = "manifest slices backbone gpu_budget embeddings pca_model clusters labeling_queue"
 # The demo's smaller loop figures, where the environment does not set them.
 DEMO_SETTINGS = {"max_finetune_images": 1500, "retrain_every": 1000, "label_batch": 500}
 
@@ -105,7 +105,8 @@ def run_demo(deployment: Deployment, slices: int, seed: int) -> int:
     print(f"[1/7] sample data: {slices} T1 slices from real scans into {pilot_dir}")
     build_sample_data(pilot_dir, n_slices=slices, seed=seed, wave_style="t1", progress=True)
     print(f"[2/7] landing: {ingest_wave(deployment, PILOT, str(pilot_dir))}")
-    print(f"[3/7] wave {PILOT}: manifest -> slices -> embeddings -> PCA -> clusters -> queue")
+    print(f"[3/7] wave {PILOT}: manifest -> slices -> backbone (self-supervised) -> embeddings -> "
+          "PCA -> clusters -> queue")
     ok = run(PILOT, FIRST_PASS)
     print("[4/7] simulated clinician labels the queue from labels.csv (demo only)")
     labeled = label_from_csv(deployment, PILOT, pilot_dir / "labels.csv")
@@ -137,6 +138,7 @@ def _summary(defs, instance, deployment: Deployment, pilot_dir, started: float) 
     drift_clusters = _latest_metadata(instance, "clusters", DRIFT_WAVE)
     pseudo = _latest_metadata(instance, "pseudo_labels", PILOT)
     model = _latest_metadata(instance, "classifier", PILOT)
+    backbone = _latest_metadata(instance, "backbone", PILOT)
     checked, precision = pseudo_label_precision(defs, instance, PILOT, pilot_dir / "labels.csv")
     lines = [
         "",
@@ -153,6 +155,10 @@ def _summary(defs, instance, deployment: Deployment, pilot_dir, started: float) 
         (f"  classifier holdout macro-F1 {model.get('macro_f1')} vs supervised baseline "
         f"{model.get('baseline_macro_f1')} ({model.get('expert_labels')} expert + "
         f"{model.get('pseudo_labels_used')} pseudo-labels; stage 2 on {model.get('stage2_images')} images)"),
+        (f"  backbone: {backbone.get('model_id')} ({backbone.get('source')}, "
+        f"{backbone.get('cpu_minutes')} CPU min); stage 1 {model.get('stage1_macro_f1')} -> stage 2 "
+        f"{model.get('macro_f1')}, layer4 moved {model.get('layer4_relative_change')} (relative L2), "
+        f"holdout embedding cosine {model.get('holdout_embedding_cosine')}"),
         f"  state: {deployment.home.root} (store, Dagster instance, MLflow, DVC, labels)",
         ("  look: `make dev` -> http://127.0.0.1:3000 (assets, waves partitions, sensors, checks);"
         " `MRI_ASSETS_TRIAGE_DEMO=1 mri-assets triage serve` for the labeling page (a real"

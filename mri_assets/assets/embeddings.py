@@ -4,6 +4,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from mri_assets.assets.backbone import backbone, embedding_backbone
 from mri_assets.assets.costs import gpu_budget
 from mri_assets.assets.gpu import GPU_POOL, gpu_step_tags
 from mri_assets.assets.ingest import slices
@@ -11,19 +12,11 @@ from mri_assets.assets.locations import stored_at
 from mri_assets.assets.monitoring import push_figures, throughput_gauges
 from mri_assets.core.embed import embed_shard, write_embeddings
 from mri_assets.core.slice_shards import shard_name, slice_keys
-from mri_assets.core.train import backbone_checkpoint
 from mri_assets.partitions import wave_and_shard, wave_shard_partitions
 from mri_assets.resources.compute import ComputeResource
 from mri_assets.resources.dvc_tracking import DvcTracking
 from mri_assets.resources.metrics import MetricsResource
 from mri_assets.resources.object_store import ObjectStore
-
-
-def stored_backbone(store: ObjectStore, checkpoint_key: str | None) -> bytes | None:
-    """The backbone of a classifier checkpoint in the store (`compute.checkpoint_key`), if set."""
-    if not checkpoint_key:
-        return None
-    return backbone_checkpoint(store.get_bytes(checkpoint_key))
 
 
 def embeddings_key(wave: str, shard: int) -> str:
@@ -32,7 +25,7 @@ def embeddings_key(wave: str, shard: int) -> str:
 
 @dg.asset(
     partitions_def=wave_shard_partitions,
-    deps=[slices, gpu_budget],
+    deps=[slices, gpu_budget, backbone],
     group_name="embed",
     kinds={"pytorch", "dvc"},
     pool=GPU_POOL,
@@ -48,10 +41,11 @@ def embeddings(
     dvc: DvcTracking,
     metrics: MetricsResource,
 ) -> dg.Output[dict]:
-    """The shard's slices through the backbone: `image_id` + float16 vector, in the store and DVC."""
+    """The shard's slices through the wave's backbone (`backbone` asset, or the classifier's when
+    `compute.checkpoint_key` is set): `image_id` + float16 vector, in the store and DVC."""
     wave, shard = wave_and_shard(context)
     npy_key, index_key = slice_keys(wave, shard)
-    model = compute.build_backbone(checkpoint=stored_backbone(object_store, compute.checkpoint_key))
+    model, backbone_source = embedding_backbone(object_store, compute, wave)
     device, precision, device_note = compute.device_and_precision()
     result = embed_shard(
         object_store.local_path(npy_key), object_store.local_path(index_key), model, device,
@@ -78,6 +72,7 @@ def embeddings(
             "device_note": device_note,
             "precision": precision,
             "model_id": model.model_id,
+            "backbone_source": backbone_source,
             "dim": model.dim,
             "store_path": stored_at(object_store, key),
             "dvc_path": record.dvc_path,

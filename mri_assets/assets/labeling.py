@@ -11,12 +11,12 @@ from mri_assets.assets.monitoring import push_figures, queue_gauges
 from mri_assets.core.clustering import PcaModel
 from mri_assets.core.expert_labels import expert_label_per_image
 from mri_assets.core.selection import (
-    entropy_from_probs,
     holdout_for_evaluation,
+    queue_uncertainty,
     select_for_labeling,
-    soft_assignment,
 )
 from mri_assets.core.slice_shards import manifest_key
+from mri_assets.core.train import embedding_head_from_checkpoint
 from mri_assets.partitions import wave_partitions
 from mri_assets.resources.label_store import LabelStore
 from mri_assets.resources.metrics import MetricsResource
@@ -32,8 +32,31 @@ def wave_projection(store: ObjectStore, wave: str) -> tuple[list[str], np.ndarra
     return ids, coords
 
 
-def cluster_centroids(coords: np.ndarray, assignment: np.ndarray) -> np.ndarray:
-    return np.stack([coords[assignment == c].mean(axis=0) for c in np.unique(assignment)])
+def classifier_probs(instance: dg.DagsterInstance, store: ObjectStore, wave: str,
+                     classes: list[str]) -> tuple[np.ndarray | None, str]:
+    """The deployment's latest classifier's class probabilities for every slice of `wave` (its
+    stage-1 head on the wave's cached embeddings), or None and why not."""
+    from mri_assets.assets.retraining import checkpoint_key  # retraining imports this module
+
+    records = instance.fetch_materializations(dg.AssetKey("classifier"), limit=1).records
+    if not records:
+        return None, "no classifier yet"
+    trained_on = records[0].partition_key
+    key = checkpoint_key(trained_on)
+    if not store.exists(key):
+        return None, f"the classifier of wave {trained_on} has no checkpoint at {key}"
+    head = embedding_head_from_checkpoint(store.get_bytes(key))
+    if head is None:
+        return None, f"the classifier of wave {trained_on} was saved without its stage-1 head; retrain it"
+    shards, ids, model_id = wave_embeddings(store, wave)
+    if model_id != head.embedding_model_id:
+        return None, (f"the classifier of wave {trained_on} reads embeddings of {head.embedding_model_id}, "
+                      f"wave {wave} is embedded by {model_id}")
+    if set(head.class_names) != set(classes):
+        return None, f"the classifier of wave {trained_on} has classes {list(head.class_names)}"
+    probs = np.concatenate([head.predict_proba(block, model_id) for block in shards()]) if ids \
+        else np.zeros((0, len(classes)))
+    return probs, f"classifier of wave {trained_on} (its stage-1 head on embeddings of {model_id})"
 
 
 def split_of(store: ObjectStore, wave: str, image_ids: list[str]) -> np.ndarray:
@@ -69,14 +92,17 @@ def labeling_queue(
 ) -> dg.MaterializeResult:
     """Top-entropy, diverse, cluster-balanced slices pushed to the label store, within budget.
 
-    Holdout-split slices are queued only as `holdout` items (evaluation), never for training.
+    The entropy is the deployment's latest classifier's (predictive entropy of its stage-1 head
+    on the wave's cached embeddings) once one exists for the wave's backbone; before that, the
+    k-means soft assignment's. Metadata `entropy_source` says which. Holdout-split slices are queued only as `holdout` items (evaluation), never for training.
     """
     wave = context.partition_key
     ids, coords = wave_projection(object_store, wave)
     frame = pl.DataFrame({"image_id": ids}).join(clusters, on="image_id", how="left")
     assignment = frame[f"cluster_k{clustering.drift_k}"].to_numpy().astype(np.int64)
-    probs = soft_assignment(coords, cluster_centroids(coords, assignment))
-    entropy = entropy_from_probs(probs)
+    probs, source_detail = classifier_probs(context.instance, object_store, wave, labeling.classes)
+    uncertainty = queue_uncertainty(coords, assignment, probs, source_detail)
+    entropy = uncertainty.entropy
     labeled = set(expert_label_per_image(label_store.labels_snapshot(None))["image_id"].to_list())
     exclude = np.array([i in labeled for i in ids])
     holdout = split_of(object_store, wave, ids) == "holdout"
@@ -107,7 +133,8 @@ def labeling_queue(
         "budget_left_cases": int(after["budget_left_cases"]),
         "budget_left_eur": float(after["budget_left_eur"]),
         "mean_entropy_queued": float(np.mean(picked.entropy)) if len(picked) else 0.0,
-        "entropy_source": "k-means soft assignment",
+        "entropy_source": uncertainty.source,
+        "entropy_source_detail": uncertainty.detail,
     })
 
 

@@ -8,8 +8,8 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
+from mri_assets.assets.backbone import embedding_backbone
 from mri_assets.assets.clustering import pca_key, wave_embeddings
-from mri_assets.assets.embeddings import stored_backbone
 from mri_assets.assets.gpu import GPU_POOL, gpu_step_tags
 from mri_assets.assets.labeling import split_of
 from mri_assets.assets.locations import stored_at
@@ -136,7 +136,8 @@ def pseudo_labels(
     rows_of = wave_slice_rows(object_store, wave)
     id_array = np.array(ids)
     device, _, _ = compute.device_and_precision()
-    teacher = ClassifierModel(compute.build_backbone(checkpoint=stored_backbone(object_store, compute.checkpoint_key)), classes, seed=training.seed)
+    teacher = ClassifierModel(embedding_backbone(object_store, compute, wave)[0], classes,
+                              seed=training.seed)
     report = train_two_stage(
         teacher, embeddings[reference], rows_of(list(id_array[reference])),
         [classes[c] for c in codes[reference]], rows_of(list(id_array[evaluation])),
@@ -253,7 +254,8 @@ def classifier(
     eval_images = rows_of(eval_ids)
     train_embeddings = embeddings[[position[i] for i in train_ids]]
     device, _, _ = compute.device_and_precision()
-    model = ClassifierModel(compute.build_backbone(checkpoint=stored_backbone(object_store, compute.checkpoint_key)), classes, seed=training.seed)
+    model = ClassifierModel(embedding_backbone(object_store, compute, wave)[0], classes,
+                            seed=training.seed)
     config = train_config(training)
     semi = train_two_stage(model, train_embeddings, train_images, train_labels, eval_images,
                            eval_labels, config, device, model_id, stage2_rows=stage2_rows)
@@ -264,7 +266,10 @@ def classifier(
             "pseudo_labels": len(pseudo_ids), "stage2_images": len(stage2_rows),
             "holdout": len(eval_ids),
             "macro_f1": semi.macro_f1, "baseline_macro_f1": baseline_f1}
-    checkpoint = save_checkpoint(model, classes, meta)
+    meta.update({"stage1_macro_f1": semi.stage1_eval.macro_f1,
+                 "stage2_gain_macro_f1": semi.stage2_gain, **semi.backbone_shift})
+    checkpoint = save_checkpoint(model, classes, meta, embedding_head=semi.stage1_head,
+                                 embedding_model_id=model_id)
     png = confusion_png(semi.confusion, classes, f"wave {wave}: holdout confusion")
     tags = {**dagster_tags(context, mlflow), "model_id": model_id}
     with mlflow.start_wave_run(wave, "classifier", tags=tags, new_run=True) as run_id:
@@ -283,6 +288,10 @@ def classifier(
             "macro_f1": round(semi.macro_f1, 4),
             "baseline_macro_f1": round(baseline_f1, 4),
             "macro_f1_gain": round(semi.macro_f1 - baseline_f1, 4),
+            "stage1_macro_f1": round(semi.stage1_eval.macro_f1, 4),
+            "stage2_gain_macro_f1": round(semi.stage2_gain, 4),
+            **{name: round(value, 5) for name, value in semi.backbone_shift.items()},
+            "embedding_model_id": model_id,
             "expert_labels": len(expert_ids),
             "pseudo_labels_used": len(pseudo_ids),
             "stage2_images": len(stage2_rows),

@@ -5,6 +5,26 @@ touched). Stage 2 unfreezes ResNet ``layer3`` and ``layer4`` and fine-tunes them
 the uint8 slices, with one learning rate per part. Every function takes its model, data, device
 and seed as arguments, in the manner of torchvision's ``references/classification``.
 
+Stage 2 is built to move the backbone, not just to touch it: SGD with Nesterov momentum and
+discriminative learning rates (head 1e-2, layer4 / 3, layer3 / 10 by default, a hundred times
+the old 1e-4 / 1e-5 / 1e-6 that left the weights as they were), a linear warm-up over the first
+tenth of its steps (full-size early updates through a head fitted to the frozen backbone would
+wreck it) then a cosine decay to zero, and gradient-norm clipping. SGD rather than Adam: starting
+from a fitted head the gradients are small, and SGD's steps stay small with them, where Adam's
+per-parameter normalisation makes every first step full-size (measured: Adam at 3e-4 on layer4
+took a seeded backbone's holdout macro-F1 from 0.95 to about 0.82 in one epoch). The head trains on
+standardised features (``StandardizedHead``, folded back afterwards), as in stage 1: on raw
+pooled features, whose stds span orders of magnitude, one step size does not fit every weight.
+Optional: label smoothing and left/right flips (``TrainConfig``; off by default: smoothing lowers
+the confidences the pseudo-label rule thresholds, and a seeded backbone is not mirror-invariant). BatchNorm keeps its running statistics
+(eval mode) while its affine weights in layer3/layer4 learn: the stage-1 head was fitted on
+features normalised by those statistics, and batches of 32 slices of a few classes give noisy,
+class-skewed batch statistics that would shift every feature between training and evaluation;
+with frozen statistics each BatchNorm is a learnable per-channel affine map, the same in training
+and in evaluation. ``TrainReport.backbone_shift`` measures how far the backbone moved (relative L2
+change of the layer3 and layer4 weights, cosine between holdout embeddings before and after) and
+``stage1_eval`` / ``final_eval`` what stage 2 added over stage 1.
+
 High-level entry points (``train_two_stage``, ``train_supervised_baseline``,
 ``compare_to_supervised_baseline``) take labels as class names; the low-level loops
 (``train_head_on_embeddings``, ``train_one_epoch``, ``ImageBatches``) take integer class indices
@@ -16,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import pickle
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -110,21 +131,24 @@ def _body(model: ClassifierModel) -> nn.Module:
 
 def configure_stage2(
     model: ClassifierModel,
-    lr_head: float = 1e-3,
+    lr_head: float = 1e-2,
     lr_layer4: float | None = None,
     lr_layer3: float | None = None,
     weight_decay: float = 1e-4,
     train_batchnorm_stats: bool = False,
 ) -> torch.optim.Optimizer:
-    """Unfreeze only ``layer3``, ``layer4`` and the head; return AdamW with three param groups
-    named ``head``, ``layer4``, ``layer3`` (defaults: lr_head, lr_head/10, lr_head/100).
+    """Unfreeze only ``layer3``, ``layer4`` and the head; return SGD (Nesterov momentum 0.9) with
+    param groups named ``head``, ``layer4``, ``layer3`` (defaults: lr_head, lr_head/3, lr_head/10)
+    and a ``.no_decay`` twin of each. Each group keeps its peak rate as ``initial_lr``;
+    ``stage2_lr_factor`` scales them step by step.
 
     By default the BatchNorm running statistics stay fixed (BN affine weights of layer3/layer4
     still learn): the stage-1 head was fitted on eval-mode features, and small fine-tuning
     batches give noisy batch statistics that would shift every feature the head relies on.
-    ``train_batchnorm_stats=True`` lets layer3/layer4 BatchNorm update its statistics."""
-    lr_layer4 = lr_head / 10 if lr_layer4 is None else lr_layer4
-    lr_layer3 = lr_head / 100 if lr_layer3 is None else lr_layer3
+    ``train_batchnorm_stats=True`` lets layer3/layer4 BatchNorm update its statistics.
+    Weight decay applies to conv and linear weights, not to BatchNorm parameters or biases."""
+    lr_layer4 = lr_head / 3 if lr_layer4 is None else lr_layer4
+    lr_layer3 = lr_head / 10 if lr_layer3 is None else lr_layer3
     for name, lr in (("lr_head", lr_head), ("lr_layer4", lr_layer4), ("lr_layer3", lr_layer3)):
         if not lr > 0:
             raise TrainingError(f"{name} must be > 0, got {lr}")
@@ -136,11 +160,47 @@ def configure_stage2(
         for parameter in module.parameters():
             parameter.requires_grad_(True)
     lrs = {"head": lr_head, "layer4": lr_layer4, "layer3": lr_layer3}
-    groups = [
-        {"name": name, "params": list(parts[name].parameters()), "lr": lrs[name]}
-        for name in STAGE2_PARTS
-    ]
-    return torch.optim.SGD(groups, momentum=0.9, weight_decay=weight_decay)
+    groups = []
+    for name in STAGE2_PARTS:
+        params = list(parts[name].parameters())
+        groups.append({"name": name, "params": [p for p in params if p.ndim > 1],
+                       "lr": lrs[name], "initial_lr": lrs[name], "weight_decay": weight_decay})
+        groups.append({"name": f"{name}.no_decay", "params": [p for p in params if p.ndim <= 1],
+                       "lr": lrs[name], "initial_lr": lrs[name], "weight_decay": 0.0})
+    return torch.optim.SGD(groups, momentum=0.9, nesterov=True)
+
+
+def stage2_lr_factor(step: int, total: int, warmup_fraction: float = 0.1) -> float:
+    """The stage-2 schedule as a factor of each group's peak rate: a linear warm-up over
+    ``warmup_fraction`` of the steps, then a cosine decay to 0 at ``total``."""
+    warmup = max(1, round(total * warmup_fraction)) if warmup_fraction > 0 else 0
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min((step - warmup) / max(1, total - warmup), 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _set_lr_factor(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group.get("initial_lr", group["lr"]) * factor
+
+
+def _stage2_weights(model: ClassifierModel) -> dict[str, torch.Tensor]:
+    body = _body(model)
+    return {f"{name}.{key}": value.detach().float().cpu().clone()
+            for name in ("layer3", "layer4")
+            for key, value in getattr(body, name).named_parameters()}
+
+
+def relative_change(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor],
+                    prefix: str) -> float:
+    """``||after - before|| / ||before||`` over every tensor whose name starts with ``prefix``."""
+    names = [k for k in before if k.startswith(prefix)]
+    if not names:
+        raise TrainingError(f"no weights named {prefix}* to compare")
+    delta = sum(float((after[k] - before[k]).pow(2).sum()) for k in names)
+    base = sum(float(before[k].pow(2).sum()) for k in names)
+    return math.sqrt(delta) / max(math.sqrt(base), 1e-12)
 
 
 # --------------------------------------------------------------------------- precision
@@ -373,6 +433,33 @@ def _fold_standardization(
         head.bias.copy_(standardized.bias - weight @ mean)
 
 
+def embedding_standardization(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and std of embeddings (std 1 where a feature is constant)."""
+    mean = x.mean(dim=0)
+    std = x.std(dim=0, correction=0) if len(x) > 1 else torch.ones_like(mean)
+    return mean, torch.where(std > 1e-6, std, torch.ones_like(std))
+
+
+class StandardizedHead(nn.Module):
+    """``linear((x - mean) / std)``: the head as stage 2 trains it. Raw backbone features share a
+    large common component and differ in scale by orders of magnitude, so per-parameter steps
+    on a head over raw features are ill-conditioned; ``fold_into`` writes the plain Linear back."""
+
+    def __init__(self, head: nn.Linear, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean.detach().clone().to(head.weight.device))
+        self.register_buffer("std", std.detach().clone().to(head.weight.device))
+        self.linear = _standardized_head(head, self.mean, self.std)
+        self.in_features, self.out_features = head.in_features, head.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear((x - self.mean) / self.std)
+
+    def fold_into(self, head: nn.Linear) -> nn.Linear:
+        _fold_standardization(head, self.linear, self.mean, self.std)
+        return head
+
+
 def train_head_on_embeddings(
     head: nn.Linear,
     embeddings_f16: Any,
@@ -399,9 +486,7 @@ def train_head_on_embeddings(
         raise TrainingError("no training labels for stage 1")
     if batch_size < 1:
         raise TrainingError(f"batch_size must be >= 1, got {batch_size}")
-    mean = x.mean(dim=0)
-    std = x.std(dim=0, correction=0) if len(x) > 1 else torch.ones_like(mean)
-    std = torch.where(std > 1e-6, std, torch.ones_like(std))
+    mean, std = embedding_standardization(x)
     z = (x - mean) / std
     standardized = _standardized_head(head, mean, std)
     optimizer = torch.optim.AdamW(standardized.parameters(), lr=lr, weight_decay=weight_decay)
@@ -427,6 +512,17 @@ def train_head_on_embeddings(
     return history
 
 
+def flip_left_right(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Mirror a random half of the batch left/right (the last axis); never up/down, which would
+    make one orientation class look like another."""
+    flipped = torch.rand(images.shape[0], generator=generator) < 0.5
+    if not bool(flipped.any()):
+        return images
+    out = images.clone()
+    out[flipped] = images[flipped].flip(-1)
+    return out
+
+
 def train_one_epoch(
     model: nn.Module,
     criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -437,35 +533,56 @@ def train_one_epoch(
     epoch: int = 0,
     scaler: torch.amp.GradScaler | None = None,
     channels_last: bool = False,
+    *,
+    lr_factor: Callable[[int], float] | None = None,
+    first_step: int = 0,
+    flip_generator: torch.Generator | None = None,
+    max_grad_norm: float | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader`` (uint8 image batches). Raises ``TrainingError`` on a NaN/inf loss,
-    naming the epoch and step."""
+    naming the epoch and step.
+
+    ``lr_factor(step)`` (steps counted from ``first_step``) scales every group's ``initial_lr``
+    before each step; ``flip_generator`` mirrors a random half of each batch left/right;
+    ``max_grad_norm`` clips the gradient norm of the trainable parameters."""
     device = torch.device(device)
     model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
     loss_sum, correct, seen = 0.0, 0, 0
-    for step, (images, labels) in enumerate(loader):
+    step = first_step
+    for batch_step, (images, labels) in enumerate(loader):
+        if flip_generator is not None:
+            images = flip_left_right(images, flip_generator)
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         labels = labels.to(device, non_blocking=True)
+        if lr_factor is not None:
+            _set_lr_factor(optimizer, lr_factor(step))
         with autocast_for(device, precision):
             logits = model(images)
             loss = criterion(logits, labels)
-        value = _check_finite(loss, 2, epoch, step)
+        value = _check_finite(loss, 2, epoch, batch_step)
         optimizer.zero_grad(set_to_none=True)
-        if scaler is not None and scaler.is_enabled():
-            scaler.scale(loss).backward()
+        use_scaler = scaler is not None and scaler.is_enabled()
+        (scaler.scale(loss) if use_scaler else loss).backward()
+        if max_grad_norm is not None:
+            if use_scaler:
+                scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+        if use_scaler:
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
             optimizer.step()
         loss_sum += value * len(labels)
         correct += int((logits.argmax(1) == labels).sum())
         seen += len(labels)
+        step += 1
     if seen == 0:
         raise TrainingError(f"epoch {epoch}: the loader gave no batches")
-    return {"stage": 2, "epoch": epoch, "loss": loss_sum / seen, "accuracy": correct / seen}
+    return {"stage": 2, "epoch": epoch, "loss": loss_sum / seen, "accuracy": correct / seen,
+            "steps": step - first_step}
 
 
 @dataclass(frozen=True)
@@ -524,8 +641,10 @@ def evaluate(
     device: torch.device | str,
     precision: str = "fp32",
     channels_last: bool = False,
+    features_out: list[np.ndarray] | None = None,
 ) -> EvalResult:
-    """Predict every batch of ``loader`` in eval mode; confusion matrix, per-class and macro F1."""
+    """Predict every batch of ``loader`` in eval mode; confusion matrix, per-class and macro F1.
+    With ``features_out`` (a list), the backbone features of each batch are appended to it."""
     device = torch.device(device)
     model.eval()
     truth, predicted = [], []
@@ -534,7 +653,10 @@ def evaluate(
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast_for(device, precision):
-            logits = model(images)
+            features = model.backbone(images)
+            logits = model.head(features)
+        if features_out is not None:
+            features_out.append(features.float().cpu().numpy())
         truth.append(labels.numpy())
         predicted.append(logits.argmax(1).cpu().numpy())
     if not truth:
@@ -544,20 +666,28 @@ def evaluate(
     )
 
 
+def mean_cosine(first: np.ndarray, second: np.ndarray) -> float:
+    """Mean cosine similarity of matching rows."""
+    a, b = np.asarray(first, dtype=np.float64), np.asarray(second, dtype=np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return float(np.mean((a * b).sum(axis=1) / np.maximum(norms, 1e-12)))
+
+
 # --------------------------------------------------------------------------- two-stage schedule
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The plan's schedule. Stage 2 learning rates default to lr_head/10 (layer4) and
-    lr_head/100 (layer3)."""
+    """The plan's schedule. Stage 2 learning rates default to lr_head/3 (layer4) and
+    lr_head/10 (layer3), warmed up over ``warmup_fraction`` of the stage-2 steps, then a cosine
+    decay; gradients clipped to ``max_grad_norm``; left/right flips when ``flip_left_right``."""
 
     seed: int = 0
     head_epochs: int = 5
     head_lr: float = 1e-2
     head_batch_size: int = 64
     finetune_epochs: int = 3
-    lr_head: float = 1e-3
+    lr_head: float = 1e-2
     lr_layer4: float | None = None
     lr_layer3: float | None = None
     weight_decay: float = 1e-4
@@ -566,8 +696,21 @@ class TrainConfig:
     precision: str = "auto"
     channels_last: bool = True
     train_batchnorm_stats: bool = False
+    warmup_fraction: float = 0.1
+    max_grad_norm: float | None = 5.0
+    flip_left_right: bool = False
+    label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.label_smoothing < 1:
+            raise TrainingError(
+                f"TrainConfig.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise TrainingError(
+                f"TrainConfig.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise TrainingError(
+                f"TrainConfig.max_grad_norm must be None or > 0, got {self.max_grad_norm}")
         for name in ("head_epochs", "finetune_epochs"):
             if getattr(self, name) < 0:
                 raise TrainingError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
@@ -587,8 +730,8 @@ class TrainConfig:
     def stage2_lrs(self) -> dict[str, float]:
         return {
             "head": self.lr_head,
-            "layer4": self.lr_head / 10 if self.lr_layer4 is None else self.lr_layer4,
-            "layer3": self.lr_head / 100 if self.lr_layer3 is None else self.lr_layer3,
+            "layer4": self.lr_head / 3 if self.lr_layer4 is None else self.lr_layer4,
+            "layer3": self.lr_head / 10 if self.lr_layer3 is None else self.lr_layer3,
         }
 
 
@@ -608,10 +751,17 @@ class TrainReport:
     final_eval: EvalResult
     seconds: dict[str, float] = field(default_factory=dict)
     n_stage2: int = 0
+    backbone_shift: dict[str, float] = field(default_factory=dict)
+    stage1_head: dict[str, torch.Tensor] | None = None
 
     @property
     def macro_f1(self) -> float:
         return self.final_eval.macro_f1
+
+    @property
+    def stage2_gain(self) -> float:
+        """Holdout macro-F1 after stage 2 minus after stage 1 (0 when stage 2 did not run)."""
+        return self.final_eval.macro_f1 - self.stage1_eval.macro_f1
 
     @property
     def confusion(self) -> np.ndarray:
@@ -626,7 +776,10 @@ class TrainReport:
             f"{prefix}n_train": float(self.n_train),
             f"{prefix}n_eval": float(self.n_eval),
             f"{prefix}n_stage2": float(self.n_stage2),
+            f"{prefix}stage2_gain_macro_f1": self.stage2_gain,
         }
+        for name, value in self.backbone_shift.items():
+            out[f"{prefix}{name}"] = value
         for entry in self.stage1_history + self.stage2_history:
             stage, epoch = int(entry["stage"]), int(entry["epoch"])
             out[f"{prefix}stage{stage}_epoch{epoch}_loss"] = entry["loss"]
@@ -653,6 +806,7 @@ class TrainReport:
             "stage2_history": list(self.stage2_history),
             "final_eval": self.final_eval.as_dict(),
             "seconds": dict(self.seconds),
+            "backbone_shift": dict(self.backbone_shift),
         }
 
 
@@ -722,14 +876,21 @@ def train_two_stage(
         weight_decay=config.weight_decay,
     )
     seconds["stage1"] = time.perf_counter() - started
+    stage1_head = {k: v.detach().cpu().clone() for k, v in model.head.state_dict().items()}
     started = time.perf_counter()
-    stage1_eval = evaluate(model, eval_loader, device, precision, channels_last)
+    features_before: list[np.ndarray] = []
+    stage1_eval = evaluate(model, eval_loader, device, precision, channels_last, features_before)
     seconds["stage1_eval"] = time.perf_counter() - started
+    backbone_shift: dict[str, float] = {}
 
     stage2_history: list[dict[str, float]] = []
     if config.finetune_epochs > 0:
         started = time.perf_counter()
         lrs = config.stage2_lrs
+        plain_head = model.head
+        mean, std = embedding_standardization(
+            _as_embeddings(train_embeddings, plain_head.in_features).to(plain_head.weight.device))
+        model.head = StandardizedHead(plain_head, mean, std)
         optimizer = configure_stage2(
             model,
             lrs["head"],
@@ -749,28 +910,36 @@ def train_two_stage(
                 )
             loader = ImageBatches(_take(train_images, rows), y_train[rows], config.batch_size,
                                   seed=config.seed)
-        criterion = nn.CrossEntropyLoss()
+        criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         model.embedding_model_id = None
+        weights_before = _stage2_weights(model)
+        total_steps = config.finetune_epochs * len(loader)
+        flips = torch.Generator().manual_seed(config.seed) if config.flip_left_right else None
+        step = 0
         for epoch in range(config.finetune_epochs):
             loader.set_epoch(epoch)
-            stage2_history.append(
-                train_one_epoch(
-                    model,
-                    criterion,
-                    optimizer,
-                    loader,
-                    device,
-                    precision,
-                    epoch,
-                    scaler,
-                    channels_last,
-                )
+            entry = train_one_epoch(
+                model, criterion, optimizer, loader, device, precision, epoch, scaler,
+                channels_last,
+                lr_factor=lambda i: stage2_lr_factor(i, total_steps, config.warmup_fraction),
+                first_step=step, flip_generator=flips, max_grad_norm=config.max_grad_norm,
             )
+            step += int(entry.pop("steps"))
+            stage2_history.append(entry)
+        model.head = model.head.fold_into(plain_head)
         freeze_backbone(model)
         seconds["stage2"] = time.perf_counter() - started
         started = time.perf_counter()
-        final_eval = evaluate(model, eval_loader, device, precision, channels_last)
+        features_after: list[np.ndarray] = []
+        final_eval = evaluate(model, eval_loader, device, precision, channels_last, features_after)
         seconds["final_eval"] = time.perf_counter() - started
+        weights_after = _stage2_weights(model)
+        backbone_shift = {
+            "layer3_relative_change": relative_change(weights_before, weights_after, "layer3."),
+            "layer4_relative_change": relative_change(weights_before, weights_after, "layer4."),
+            "holdout_embedding_cosine": mean_cosine(np.concatenate(features_before),
+                                                    np.concatenate(features_after)),
+        }
     else:
         final_eval = stage1_eval
     model.eval()
@@ -791,6 +960,8 @@ def train_two_stage(
         final_eval=final_eval,
         seconds=seconds,
         n_stage2=(len(y_train) if stage2_rows is None else len(stage2_rows)) if config.finetune_epochs else 0,
+        backbone_shift=backbone_shift,
+        stage1_head=stage1_head,
     )
 
 
@@ -920,7 +1091,11 @@ def _backbone_identity(backbone: nn.Module) -> tuple[str, int | None]:
 
 
 def save_checkpoint(
-    model: ClassifierModel, class_names: Sequence[str], meta: dict[str, Any]
+    model: ClassifierModel,
+    class_names: Sequence[str],
+    meta: dict[str, Any],
+    embedding_head: dict[str, torch.Tensor] | None = None,
+    embedding_model_id: str | None = None,
 ) -> bytes:
     """``torch.save`` bytes of a dict (readable with ``torch.load(..., weights_only=True)``):
 
@@ -933,6 +1108,10 @@ def save_checkpoint(
     - ``backbone_model_id``: the ``model_id`` that ``build_backbone(checkpoint=...)`` gives for
       these backbone weights, i.e. the id of embeddings made with the (fine-tuned) backbone
     - ``meta``: JSON text of ``meta`` (data snapshot ids, metrics, ...)
+    - optionally ``embedding_head`` (``weight``, ``bias``: the stage-1 head, ``TrainReport.stage1_head``)
+      and ``embedding_model_id`` (the backbone whose cached embeddings it reads): the classifier's
+      predictions from cached embeddings, e.g. to rank a wave's slices by predictive entropy
+      without running the fine-tuned backbone over every slice (``EmbeddingHead``)
 
     ``backbone_checkpoint(data)`` gives the flat ``body.*`` state dict bytes that
     ``build_backbone(checkpoint=...)`` reads.
@@ -962,9 +1141,61 @@ def save_checkpoint(
         ),
         "meta": json.dumps(meta, sort_keys=True, default=str),
     }
+    if embedding_head is not None:
+        if not embedding_model_id:
+            raise TrainingError("embedding_head needs the embedding_model_id of the features it reads")
+        payload["embedding_head"] = {k: v.detach().cpu().contiguous().clone()
+                                     for k, v in embedding_head.items()}
+        payload["embedding_model_id"] = str(embedding_model_id)
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class EmbeddingHead:
+    """A classifier's stage-1 head: class probabilities straight from cached embeddings of
+    ``embedding_model_id`` (no backbone pass)."""
+
+    class_names: tuple[str, ...]
+    weight: np.ndarray  # (n_classes, dim) float64
+    bias: np.ndarray  # (n_classes,) float64
+    embedding_model_id: str
+
+    def predict_proba(self, embeddings: np.ndarray, model_id: str | None = None,
+                      batch_rows: int = 65_536) -> np.ndarray:
+        """Softmax (N, n_classes) float64 of cached embeddings; ``model_id``, when given, must be
+        the one the head reads."""
+        if model_id is not None and model_id != self.embedding_model_id:
+            raise TrainingError(
+                f"embeddings come from {model_id!r} but the classifier's head reads "
+                f"{self.embedding_model_id!r}; re-embed the wave with that backbone"
+            )
+        x = np.asarray(embeddings)
+        if x.ndim != 2 or x.shape[1] != self.weight.shape[1]:
+            raise TrainingError(
+                f"embeddings must have shape (N, {self.weight.shape[1]}), got {x.shape}")
+        out = np.empty((len(x), len(self.class_names)), dtype=np.float64)
+        for start in range(0, len(x), batch_rows):
+            logits = x[start : start + batch_rows].astype(np.float64) @ self.weight.T + self.bias
+            logits -= logits.max(axis=1, keepdims=True)
+            np.exp(logits, out=logits)
+            out[start : start + len(logits)] = logits / logits.sum(axis=1, keepdims=True)
+        return out
+
+
+def embedding_head_from_checkpoint(data: bytes) -> EmbeddingHead | None:
+    """The checkpoint's stage-1 head, or None for a checkpoint saved without one."""
+    payload = read_checkpoint(data)
+    head = payload.get("embedding_head")
+    if not head:
+        return None
+    return EmbeddingHead(
+        class_names=tuple(str(name) for name in payload["class_names"]),
+        weight=head["weight"].double().numpy(),
+        bias=head["bias"].double().numpy(),
+        embedding_model_id=str(payload["embedding_model_id"]),
+    )
 
 
 def read_checkpoint(data: bytes) -> dict[str, Any]:

@@ -27,6 +27,7 @@ class ComputeResource(dg.ConfigurableResource):
     seed: int = 0
     input_size: int | None = None
     checkpoint_key: str | None = None
+    download_weights: bool = True  # weights=imagenet: fetch a missing file (torchvision's hash-checked loader)
 
     def validate(self) -> None:
         """Raise ValueError naming the allowed values for the first setting that is off."""
@@ -66,5 +67,6 @@ class ComputeResource(dg.ConfigurableResource):
     def build_backbone(self, checkpoint: bytes | None = None) -> Backbone:
         self.validate()
         return build_backbone(
-            self.arch, self.weights, self.seed, checkpoint=checkpoint, input_size=self.input_size
+            self.arch, self.weights, self.seed, checkpoint=checkpoint, input_size=self.input_size,
+            download=self.download_weights,
         )

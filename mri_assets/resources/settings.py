@@ -113,7 +113,7 @@ class TrainingSettings(ConfigurableResource):
     head_epochs: int = 5
     finetune_epochs: int = 3
     head_lr: float = 1e-2
-    lr_head: float = Field(default=1e-4, description="stage-2 head lr; layer4 gets /10, layer3 /100")
+    lr_head: float = Field(default=1e-2, description="stage-2 peak head lr (SGD, warm-up + cosine); layer4 gets /3, layer3 /10")
     lr_layer4: float | None = None
     lr_layer3: float | None = None
     batch_size: int = 32

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 from pathlib import Path
 
 import nibabel as nib
@@ -23,11 +24,15 @@ from mri_assets.core.train import (
     compare_to_supervised_baseline,
     configure_stage2,
     confusion_matrix_png,
+    embedding_head_from_checkpoint,
     eval_result_from_predictions,
+    flip_left_right,
     load_checkpoint,
     predict_proba,
     read_checkpoint,
+    relative_change,
     save_checkpoint,
+    stage2_lr_factor,
     train_head_on_embeddings,
     train_one_epoch,
     train_supervised_baseline,
@@ -143,13 +148,21 @@ def test_stage2_changes_only_layer3_layer4_and_head(pattern_data):
         assert any(key.startswith(prefix) and key.endswith("weight") for key in changed), prefix
 
 
-def test_stage2_optimizer_has_three_groups_with_discriminative_lrs_and_frozen_batchnorm():
+def test_stage2_optimizer_has_discriminative_lrs_without_decay_on_norms_and_frozen_batchnorm():
     model = _model()
     optimizer = configure_stage2(model, lr_head=1e-3)
-    assert [g["name"] for g in optimizer.param_groups] == list(STAGE2_PARTS)
-    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-3, 1e-4, 1e-5])
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert all(g["momentum"] == 0.9 and g["nesterov"] for g in optimizer.param_groups)
+    names = [g["name"] for g in optimizer.param_groups]
+    assert names == [n for part in STAGE2_PARTS for n in (part, f"{part}.no_decay")]
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert [lrs[p] for p in STAGE2_PARTS] == pytest.approx([1e-3, 1e-3 / 3, 1e-4])
+    assert all(g["initial_lr"] == g["lr"] for g in optimizer.param_groups)
+    assert all((g["weight_decay"] == 0) == g["name"].endswith("no_decay") for g in optimizer.param_groups)
+    assert all(p.ndim == 1 for g in optimizer.param_groups if g["name"].endswith("no_decay")
+               for p in g["params"])
     custom = configure_stage2(model, lr_head=2e-3, lr_layer4=5e-4, lr_layer3=7e-5)
-    assert [g["lr"] for g in custom.param_groups] == pytest.approx([2e-3, 5e-4, 7e-5])
+    assert [g["lr"] for g in custom.param_groups[::2]] == pytest.approx([2e-3, 5e-4, 7e-5])
 
     in_groups = {id(p) for g in optimizer.param_groups for p in g["params"]}
     body = model.backbone.body
@@ -168,6 +181,65 @@ def test_stage2_optimizer_has_three_groups_with_discriminative_lrs_and_frozen_ba
     model.train()
     for name, module in batchnorms:
         assert module.training == name.startswith(("layer3", "layer4")), name
+
+
+def test_stage2_schedule_warms_up_then_decays_to_zero():
+    factors = [stage2_lr_factor(step, 50, 0.1) for step in range(50)]
+    assert factors[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert all(a >= b for a, b in itertools.pairwise(factors[4:]))
+    assert factors[-1] < 0.01
+    assert stage2_lr_factor(0, 10, 0.0) == 1.0
+
+
+def test_left_right_flips_mirror_about_half_the_batch_and_never_up_down():
+    images = torch.arange(64, dtype=torch.uint8).reshape(1, 1, 8, 8).repeat(40, 1, 1, 1)
+    flipped = flip_left_right(images, torch.Generator().manual_seed(0))
+    mirrored = [torch.equal(f, images[0].flip(-1)) for f in flipped]
+    kept = [torch.equal(f, images[0]) for f in flipped]
+    assert all(m or k for m, k in zip(mirrored, kept, strict=True))
+    assert 10 < sum(mirrored) < 30
+
+
+def test_stage2_moves_layer3_and_layer4_and_reports_how_far(pattern_data, fine_tuned):
+    _, report = fine_tuned
+    shift = report.backbone_shift
+    assert set(shift) == {"layer3_relative_change", "layer4_relative_change",
+                          "holdout_embedding_cosine"}
+    assert shift["layer4_relative_change"] > 1e-5 and shift["layer3_relative_change"] > 1e-5
+    assert -1.0 <= shift["holdout_embedding_cosine"] < 1.0
+    metrics = report.metrics()
+    assert metrics["stage2_gain_macro_f1"] == pytest.approx(
+        report.final_eval.macro_f1 - report.stage1_eval.macro_f1)
+    assert metrics["layer4_relative_change"] == shift["layer4_relative_change"]
+    assert report.as_dict()["backbone_shift"] == shift
+    assert set(report.stage1_head) == {"weight", "bias"}
+
+
+def test_relative_change_is_the_norm_of_the_difference_over_the_norm_before():
+    before = {"layer3.a": torch.tensor([3.0, 4.0]), "layer4.a": torch.tensor([1.0])}
+    after = {"layer3.a": torch.tensor([3.0, 4.5]), "layer4.a": torch.tensor([1.0])}
+    assert relative_change(before, after, "layer3.") == pytest.approx(0.1)
+    assert relative_change(before, after, "layer4.") == 0.0
+    with pytest.raises(TrainingError, match="layer9"):
+        relative_change(before, after, "layer9.")
+
+
+def test_the_stage1_head_saved_in_the_checkpoint_predicts_from_cached_embeddings(pattern_data):
+    train_images, train_labels, train_embeddings, eval_images, eval_labels = pattern_data
+    model = _model()
+    config = TrainConfig(seed=3, head_epochs=5, finetune_epochs=0, precision="fp32")
+    report = train_two_stage(model, train_embeddings, train_images, train_labels, eval_images,
+                             eval_labels, config)
+    data = save_checkpoint(model, CLASSES, {}, embedding_head=report.stage1_head,
+                           embedding_model_id=report.initial_backbone_model_id)
+    head = embedding_head_from_checkpoint(data)
+    assert head is not None and head.embedding_model_id == model.embedding_model_id
+    cached = _embed(model, eval_images)
+    np.testing.assert_allclose(head.predict_proba(cached, model.embedding_model_id),
+                               predict_proba(model, cached), atol=1e-4)
+    with pytest.raises(TrainingError, match="re-embed"):
+        head.predict_proba(cached, "resnet18:none:000000000000")
+    assert embedding_head_from_checkpoint(save_checkpoint(model, CLASSES, {})) is None
 
 
 def test_two_stage_training_is_deterministic_for_a_seed(pattern_data, fine_tuned):

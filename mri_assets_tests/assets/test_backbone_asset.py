@@ -1,0 +1,97 @@
+"""The `backbone` asset: trained on the first wave, adopted by later ones, followed by embeddings."""
+
+import dagster as dg
+import pytest
+from mlflow.tracking import MlflowClient
+
+from mri_assets.assets.backbone import (
+    REGISTERED_BACKBONE,
+    PretrainSettings,
+    read_record,
+)
+from mri_assets.assets.embeddings import embeddings_key
+from mri_assets.core.backbone import read_backbone_meta
+from mri_assets.core.embed import read_embedding_ids
+from mri_assets.core.wave_layout import wave_shard_count
+from mri_assets.partitions import wave_shard_key
+from mri_assets_tests.assets.wave_fixtures import land_sample_wave, local_defs, materialize
+
+TINY = PretrainSettings(epochs=1, batch_size=8)
+
+
+@pytest.fixture
+def instance(tmp_path):
+    (tmp_path / "dagster").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as test_instance:
+        yield test_instance
+
+
+def _ingest(defs, instance, store, home, wave, seed):
+    land_sample_wave(store, home, wave, n_slices=40, seed=seed, include_bad=False)
+    materialize(defs, instance, ["manifest"], wave)
+    for shard in range(wave_shard_count(store, wave)):
+        materialize(defs, instance, ["slices"], wave_shard_key(wave, shard))
+
+
+def _metadata(result, asset):
+    materialization = next(m for m in result.asset_materializations_for_node(asset))
+    return {k: v.value for k, v in materialization.metadata.items()}
+
+
+def test_the_first_wave_trains_a_backbone_that_later_waves_adopt_and_embeddings_record(
+    mri_home, tmp_path, instance
+):
+    defs = local_defs(mri_home)
+    store = defs.resources["object_store"]
+    _ingest(defs, instance, store, tmp_path, "pilot", seed=0)
+    result = materialize(defs, instance, ["backbone"], "pilot", resources={"pretrain": TINY})
+    trained = _metadata(result, "backbone")
+    assert trained["source"] == "trained" and trained["trained_on"] == "pilot"
+    assert trained["model_id"].startswith("resnet18:ssl:") and trained["model_id"].endswith("@128")
+    assert trained["steps"] >= 1 and trained["cpu_minutes"] >= 0
+    record = read_record(store, "pilot")
+    meta = read_backbone_meta(store.get_bytes(record["checkpoint_key"]))
+    assert meta["n_slices"] == trained["slices"] and meta["config_epochs"] == 1
+    tracking = defs.resources["mlflow"]
+    client = MlflowClient(tracking_uri=tracking.tracking_uri)
+    assert client.get_run(trained["mlflow_run_id"]).data.metrics["steps"] == trained["steps"]
+    versions = client.search_model_versions(f"name='{REGISTERED_BACKBONE}'")
+    assert [v.run_id for v in versions] == [trained["mlflow_run_id"]]
+
+    shard = wave_shard_key("pilot", 0)
+    embedded = _metadata(materialize(defs, instance, ["embeddings"], shard), "embeddings")
+    assert embedded["model_id"] == trained["model_id"]
+    assert embedded["backbone_source"] == "trained backbone of wave pilot"
+    _, schema = read_embedding_ids(store.local_path(embeddings_key("pilot", 0)))
+    assert schema["model_id"] == trained["model_id"]
+
+    _ingest(defs, instance, store, tmp_path, "scale", seed=1)
+    result = materialize(defs, instance, ["backbone"], "scale", resources={"pretrain": TINY})
+    adopted = _metadata(result, "backbone")
+    assert adopted["source"] == "adopted" and adopted["trained_on"] == "pilot"
+    assert adopted["model_id"] == trained["model_id"]
+    assert len(client.search_model_versions(f"name='{REGISTERED_BACKBONE}'")) == 1, "no training"
+    embedded = _metadata(materialize(defs, instance, ["embeddings"], wave_shard_key("scale", 0)),
+                         "embeddings")
+    assert embedded["model_id"] == trained["model_id"]
+
+
+def test_policy_off_and_waves_without_a_backbone_embed_with_the_compute_weights(
+    mri_home, tmp_path, instance
+):
+    defs = local_defs(mri_home)
+    store = defs.resources["object_store"]
+    _ingest(defs, instance, store, tmp_path, "pilot", seed=0)
+    shard = wave_shard_key("pilot", 0)
+    before = _metadata(materialize(defs, instance, ["embeddings"], shard), "embeddings")
+    assert before["model_id"].startswith("resnet18:none:")
+    assert before["backbone_source"].startswith("compute weights none (no backbone materialization")
+    off = materialize(defs, instance, ["backbone"], "pilot",
+                      resources={"pretrain": PretrainSettings(policy="off")})
+    assert _metadata(off, "backbone")["source"] == "compute"
+    after = _metadata(materialize(defs, instance, ["embeddings"], shard), "embeddings")
+    assert after["model_id"] == before["model_id"]
+    assert "pretrain.policy=off" in after["backbone_source"]
+    with pytest.raises(Exception, match="pretrain.policy='sometimes'"):
+        materialize(defs, instance, ["backbone"], "pilot",
+                    resources={"pretrain": PretrainSettings(policy="sometimes")})
