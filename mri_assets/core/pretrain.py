@@ -94,8 +94,8 @@ class PretrainConfig:
             (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
             (self.projection_dim >= 1, f"projection_dim must be >= 1, got {self.projection_dim}"),
             (0.25 <= self.view_fraction <= 1, f"view_fraction must be in [0.25, 1], got {self.view_fraction}"),
-            (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
-             f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}"),
+            (0 < self.crop_scale[0] <= self.crop_scale[1] <= 4,
+             f"crop_scale must satisfy 0 < low <= high <= 4, got {self.crop_scale}"),
             (0 <= self.max_rotation_deg <= 30,
              f"max_rotation_deg must be in [0, 30] (orientations must stay apart), got {self.max_rotation_deg}"),
             (self.max_steps is None or self.max_steps >= 1, f"max_steps must be None or >= 1, got {self.max_steps}"),
@@ -135,10 +135,13 @@ def draw_view_params(n: int, config: PretrainConfig, generator: torch.Generator)
     low, high = config.crop_scale
     area = _uniform(n, low, high, generator)
     aspect = torch.exp(_uniform(n, math.log(3 / 4), math.log(4 / 3), generator))
-    half_w = torch.sqrt(area * aspect).clamp(max=1.0)
-    half_h = torch.sqrt(area / aspect).clamp(max=1.0)
-    shift_x = _uniform(n, -1, 1, generator) * (1 - half_w)
-    shift_y = _uniform(n, -1, 1, generator) * (1 - half_h)
+    limit = max(1.0, math.sqrt(high))
+    half_w = torch.sqrt(area * aspect).clamp(max=limit)
+    half_h = torch.sqrt(area / aspect).clamp(max=limit)
+    # A box inside the slice (zoom in) stays inside it; a box larger than the slice (zoom out,
+    # area > 1) keeps the slice inside the box.
+    shift_x = _uniform(n, -1, 1, generator) * (1 - half_w).abs()
+    shift_y = _uniform(n, -1, 1, generator) * (1 - half_h).abs()
     angle = _uniform(n, -1, 1, generator) * math.radians(config.max_rotation_deg)
     flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0).double()
     cos, sin = torch.cos(angle), torch.sin(angle)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from mri_assets.core.backbone import build_backbone, read_backbone_meta
+from mri_assets.core.backbone import GRAY_MEAN, GRAY_STD, build_backbone, read_backbone_meta
 from mri_assets.core.embed import CorruptSliceError, SliceShard
 from mri_assets.core.pretrain import (
     IndexedSlices,
@@ -186,3 +187,18 @@ def test_indexed_slices_read_shards_through_the_crc32_check(tmp_path, real_slice
                             [np.array([2])])
     with pytest.raises(CorruptSliceError, match="id-2"):
         damaged[np.array([0])]
+
+
+def test_a_crop_larger_than_the_slice_zooms_out_and_keeps_the_whole_slice_in_view():
+    config = PretrainConfig(crop_scale=(2.0, 2.0), max_rotation_deg=0.0)
+    generator = torch.Generator().manual_seed(2)
+    n = 20
+    zero, one = torch.zeros(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)
+    params = dataclasses.replace(draw_view_params(n, config, generator), gamma=one, contrast=one,
+                                 brightness=zero, blur_sigma=zero, noise=zero)
+    views = render_views(torch.ones(n, 1, 64, 64), params, 64, generator)
+    slice_value = (1.0 - GRAY_MEAN) / GRAY_STD
+    shown = (views > slice_value / 2).float().mean(dim=(1, 2, 3))
+    assert bool(((shown > 0.35) & (shown < 0.65)).all()), "the slice fills about half the view"
+    corners = views[..., [0, 0, -1, -1], [0, -1, 0, -1]]
+    assert bool((corners < slice_value / 2).any(dim=-1).all()), "with a border around it"
