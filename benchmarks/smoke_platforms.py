@@ -55,29 +55,6 @@ report = run_smoke(defs, dagster_instance(deployment.home), deployment.home.ensu
 print("RESULT", report.passed, report.detail)
 sys.exit(0 if report.passed else 1)
 """
-import sys
-from pathlib import Path
-
-import dagster as dg
-
-from mri_assets.cli import _defs
-from mri_assets.core.home import MriHome
-from mri_assets.local_run import dagster_instance
-from mri_assets.resources.compute import ComputeResource
-from mri_assets.smoke_run import run_smoke
-
-home = MriHome(Path(sys.argv[1])).ensure()
-precision = sys.argv[3]
-defs = _defs()
-compute = defs.resources["compute"]
-fields = {name: getattr(compute, name) for name in ComputeResource.model_fields}
-resources = {**defs.resources, "compute": ComputeResource(**{**fields, "precision": precision})}
-defs = dg.Definitions(assets=list(defs.assets), resources=resources)
-report = run_smoke(defs, dagster_instance(home), home, update_reference=True,
-                   reference_dir=Path(sys.argv[2]))
-print("RESULT", report.passed, report.detail)
-sys.exit(0 if report.passed else 1)
-"""
 
 AVX2_ENV = {
     "ATEN_CPU_CAPABILITY": "avx2",

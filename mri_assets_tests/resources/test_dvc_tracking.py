@@ -18,7 +18,6 @@ import pytest
 
 from mri_assets.code_location import resources_for
 from mri_assets.deployment import Deployment
-
 from mri_assets.resources.dvc_tracking import (
     DvcRecord,
     DvcTracking,
