@@ -7,6 +7,7 @@ import numpy as np
 import polars as pl
 
 from mri_assets.assets.clustering import pca_key, pca_model, wave_embeddings
+from mri_assets.assets.locations import checkpoint_key
 from mri_assets.assets.monitoring import push_figures, queue_gauges
 from mri_assets.core.clustering import PcaModel
 from mri_assets.core.expert_labels import expert_label_per_image
@@ -36,7 +37,6 @@ def classifier_probs(instance: dg.DagsterInstance, store: ObjectStore, wave: str
                      classes: list[str]) -> tuple[np.ndarray | None, str]:
     """The deployment's latest classifier's class probabilities for every slice of `wave` (its
     stage-1 head on the wave's cached embeddings), or None and why not."""
-    from mri_assets.assets.retraining import checkpoint_key  # retraining imports this module
 
     records = instance.fetch_materializations(dg.AssetKey("classifier"), limit=1).records
     if not records:

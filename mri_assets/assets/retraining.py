@@ -12,7 +12,7 @@ from mri_assets.assets.backbone import embedding_backbone
 from mri_assets.assets.clustering import pca_key, wave_embeddings
 from mri_assets.assets.gpu import GPU_POOL, gpu_step_tags
 from mri_assets.assets.labeling import split_of
-from mri_assets.assets.locations import stored_at
+from mri_assets.assets.locations import checkpoint_key, stored_at
 from mri_assets.assets.provenance import dagster_tags, mlflow_run_metadata
 from mri_assets.core.clustering import PcaModel
 from mri_assets.core.expert_labels import expert_label_per_image
@@ -44,10 +44,6 @@ from mri_assets.resources.settings import LabelingSettings, PseudoLabelSettings,
 GATE_CHECK = "pseudo_label_gate"
 BASELINE_CHECK = "maintains_supervised_baseline"
 REGISTERED_MODEL = "mri_assets_classifier"
-
-
-def checkpoint_key(wave: str) -> str:
-    return f"models/classifier/{wave}.pt"
 
 
 def wave_matrix(store: ObjectStore, wave: str) -> tuple[list[str], np.ndarray, str]:
