@@ -83,6 +83,8 @@ class PretrainConfig:
     max_steps: int | None = None
     bn_recalibration_slices: int = 4096
     precision: str = "auto"
+    rotation_weight: float = 0.0
+    rotation_view_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         checks = (
@@ -99,6 +101,9 @@ class PretrainConfig:
             (0 <= self.max_rotation_deg <= 30,
              f"max_rotation_deg must be in [0, 30] (orientations must stay apart), got {self.max_rotation_deg}"),
             (self.max_steps is None or self.max_steps >= 1, f"max_steps must be None or >= 1, got {self.max_steps}"),
+            (self.rotation_weight >= 0, f"rotation_weight must be >= 0, got {self.rotation_weight}"),
+            (0.25 <= self.rotation_view_fraction <= 1,
+             f"rotation_view_fraction must be in [0.25, 1], got {self.rotation_view_fraction}"),
             (self.bn_recalibration_slices >= 0,
              f"bn_recalibration_slices must be >= 0, got {self.bn_recalibration_slices}"),
         )
@@ -109,6 +114,10 @@ class PretrainConfig:
     def view_size(self, input_size: int) -> int:
         """Side of the training views: `view_fraction` of the input side, a multiple of 8."""
         return max(32, round(input_size * self.view_fraction / 8) * 8)
+
+    def rotation_view_size(self, input_size: int) -> int:
+        """Side of the quarter-turn views (`rotation_view_fraction` of the input side)."""
+        return max(32, round(input_size * self.rotation_view_fraction / 8) * 8)
 
 
 # --------------------------------------------------------------------------- augmentations
@@ -227,6 +236,16 @@ class ProjectionHead(nn.Sequential):
         )
 
 
+def quarter_turns(views: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """Each view turned by `turns[i]` quarter turns (counter-clockwise)."""
+    out = views.clone()
+    for k in (1, 2, 3):
+        chosen = (turns == k).nonzero().flatten().to(views.device)
+        if len(chosen):
+            out[chosen] = torch.rot90(views[chosen], k, dims=(-2, -1))
+    return out.contiguous(memory_format=torch.channels_last)
+
+
 def contrastive_loss(z_first: torch.Tensor, z_second: torch.Tensor, temperature: float) -> torch.Tensor:
     """Normalised-temperature cross-entropy over 2B views: row i's positive is the other view of
     the same slice, every other view in the batch is a negative, a view is never its own."""
@@ -341,10 +360,14 @@ class PretrainPlan:
     views: int
     view_size: int
     flops_per_view: int
+    rotation_views: int = 0
+    rotation_view_size: int = 0
+    rotation_flops_per_view: int = 0
 
     @property
     def total_flops(self) -> float:
-        return float(self.flops_per_view) * self.views
+        return float(self.flops_per_view) * self.views + float(
+            self.rotation_flops_per_view) * self.rotation_views
 
     def seconds_at(self, flops_per_second: float) -> float:
         return self.total_flops / flops_per_second
@@ -363,8 +386,14 @@ def plan_pretraining(n_slices: int, config: PretrainConfig, arch: str = "resnet1
     view_size = config.view_size(input_size or 256)
     if flops_per_view is None:
         flops_per_view = view_training_flops(arch, view_size, config.projection_dim)
+    rotation_size = config.rotation_view_size(input_size or 256) if config.rotation_weight else 0
+    rotation_flops = 0
+    if rotation_size:
+        rotation_flops = (flops_per_view * rotation_size**2 // view_size**2 if flops_per_view
+                          else view_training_flops(arch, rotation_size, config.projection_dim))
     return PretrainPlan(n_slices, batch, steps_per_epoch, steps, 2 * batch * steps, view_size,
-                        flops_per_view)
+                        flops_per_view, batch * steps if rotation_size else 0, rotation_size,
+                        rotation_flops)
 
 
 # --------------------------------------------------------------------------- training
@@ -387,10 +416,13 @@ class PretrainResult:
     seconds: float
     cpu_seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+    rotation_views: int = 0
+    rotation_flops_per_view: int = 0
 
     @property
     def total_flops(self) -> float:
-        return float(self.flops_per_view) * self.views
+        return float(self.flops_per_view) * self.views + float(
+            self.rotation_flops_per_view) * self.rotation_views
 
     def as_metadata(self) -> dict[str, Any]:
         """Flat figures for asset metadata, MLflow params/metrics and the checkpoint's meta."""
@@ -485,11 +517,13 @@ def pretrain_backbone(
         torch.manual_seed(config.seed)
         backbone = build_backbone(arch, init_weights, seed=config.seed, input_size=input_size)
         head = ProjectionHead(backbone.dim, config.projection_dim)
+        turn_head = nn.Linear(backbone.dim, 4)
         body = backbone.body.to(device=device, memory_format=torch.channels_last).train()
         backbone.to(device)
         head.to(device).train()
-        optimizer = torch.optim.AdamW(_parameter_groups([body, head], config.weight_decay),
-                                      lr=config.lr)
+        turn_head.to(device).train()
+        optimizer = torch.optim.AdamW(
+            _parameter_groups([body, head, turn_head], config.weight_decay), lr=config.lr)
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         generator = torch.Generator().manual_seed(config.seed)
         step = 0
@@ -516,6 +550,15 @@ def pretrain_backbone(
                 projected = head(features.float())
                 loss = contrastive_loss(projected[: len(index)], projected[len(index) :],
                                         config.temperature)
+                if plan.rotation_view_size:
+                    turns = torch.randint(0, 4, (len(index),), generator=generator)
+                    turned = quarter_turns(
+                        render_views(base, draw_view_params(len(index), config, generator),
+                                     plan.rotation_view_size, generator), turns)
+                    with autocast_for(device, precision):
+                        turn_features = body(turned)
+                    turn_loss = F.cross_entropy(turn_head(turn_features.float()), turns.to(device))
+                    loss = loss + config.rotation_weight * turn_loss
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise PretrainError(
@@ -543,6 +586,8 @@ def pretrain_backbone(
         checkpoint=b"", model_id="", arch=arch, input_size=input_size, config=config,
         device=str(device), precision=precision, n_slices=n, steps=step,
         views=2 * plan.batch_size * step, view_size=plan.view_size,
+        rotation_views=plan.batch_size * step if plan.rotation_view_size else 0,
+        rotation_flops_per_view=plan.rotation_flops_per_view,
         flops_per_view=plan.flops_per_view, seconds=seconds, cpu_seconds=cpu_seconds,
         history=history,
     )

@@ -1,5 +1,7 @@
 """The `backbone` asset: trained on the first wave, adopted by later ones, followed by embeddings."""
 
+import json
+
 import dagster as dg
 import pytest
 from mlflow.tracking import MlflowClient
@@ -7,7 +9,9 @@ from mlflow.tracking import MlflowClient
 from mri_assets.assets.backbone import (
     REGISTERED_BACKBONE,
     PretrainSettings,
+    embedding_backbone,
     read_record,
+    record_key,
 )
 from mri_assets.assets.embeddings import embeddings_key
 from mri_assets.core.backbone import read_backbone_meta
@@ -74,6 +78,11 @@ def test_the_first_wave_trains_a_backbone_that_later_waves_adopt_and_embeddings_
     embedded = _metadata(materialize(defs, instance, ["embeddings"], wave_shard_key("scale", 0)),
                          "embeddings")
     assert embedded["model_id"] == trained["model_id"]
+
+    stale = {**read_record(store, "scale"), "model_id": "resnet18:ssl:000000000000@128"}
+    store.put_bytes(record_key("scale"), json.dumps(stale).encode())
+    with pytest.raises(ValueError, match="re-materialize backbone for wave scale"):
+        embedding_backbone(store, defs.resources["compute"], "scale")
 
 
 def test_policy_off_and_waves_without_a_backbone_embed_with_the_compute_weights(

@@ -23,6 +23,7 @@ from mri_assets.core.pretrain import (
     learning_rate,
     plan_pretraining,
     pretrain_backbone,
+    quarter_turns,
     recalibrate_batchnorm,
     render_views,
     resized_base,
@@ -202,3 +203,27 @@ def test_a_crop_larger_than_the_slice_zooms_out_and_keeps_the_whole_slice_in_vie
     assert bool(((shown > 0.35) & (shown < 0.65)).all()), "the slice fills about half the view"
     corners = views[..., [0, 0, -1, -1], [0, -1, 0, -1]]
     assert bool((corners < slice_value / 2).any(dim=-1).all()), "with a border around it"
+
+
+def test_quarter_turns_turn_each_view_by_its_own_count():
+    views = torch.arange(16, dtype=torch.float32).reshape(1, 1, 4, 4).repeat(4, 1, 1, 1)
+    turned = quarter_turns(views, torch.tensor([0, 1, 2, 3]))
+    for k in range(4):
+        torch.testing.assert_close(turned[k], torch.rot90(views[k], k, dims=(-2, -1)))
+
+
+def test_the_turn_pretext_adds_a_third_smaller_view_to_the_plan_and_trains(real_slices):
+    plain = plan_pretraining(100, PretrainConfig(epochs=1, batch_size=10), input_size=128,
+                             flops_per_view=64)
+    turned = plan_pretraining(100, PretrainConfig(epochs=1, batch_size=10, rotation_weight=0.5),
+                              input_size=128, flops_per_view=96 * 96)
+    assert plain.rotation_views == 0 and plain.total_flops == 64 * plain.views
+    assert (turned.rotation_views, turned.rotation_view_size) == (100, 64)
+    assert turned.total_flops == 96 * 96 * turned.views + 64 * 64 * 100
+    config = PretrainConfig(seed=5, epochs=1, batch_size=8, bn_recalibration_slices=16,
+                            rotation_weight=0.5)
+    result = pretrain_backbone(IndexedSlices(real_slices), config, input_size=64)
+    assert result.rotation_views == 16 and math.isfinite(result.history[0]["loss"])
+    assert result.model_id != pretrain_backbone(
+        IndexedSlices(real_slices), dataclasses.replace(config, rotation_weight=0.0),
+        input_size=64).model_id
