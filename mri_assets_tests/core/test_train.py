@@ -26,6 +26,7 @@ from mri_assets.core.train import (
     confusion_matrix_png,
     embedding_head_from_checkpoint,
     eval_result_from_predictions,
+    fit_embedding_head,
     flip_left_right,
     load_checkpoint,
     predict_proba,
@@ -543,3 +544,56 @@ def test_stage2_rows_restrict_stage2_only(pattern_data, fine_tuned):
     with pytest.raises(TrainingError, match="stage2_rows"):
         train_two_stage(_model(), train_embeddings, train_images, train_labels, eval_images,
                         eval_labels, FAST, stage2_rows=[len(train_labels)])
+
+
+@pytest.fixture(scope="module")
+def larger_pattern_data():
+    """60 training rows: enough for stage 2's withheld validation rows (20 %, at least 10)."""
+    train_images, train_labels = _pattern_slices(15, seed=4)
+    eval_images, eval_labels = _pattern_slices(2, seed=5)
+    return train_images, train_labels, _embed(_model(), train_images), eval_images, eval_labels
+
+
+def test_a_stage2_that_loses_on_withheld_rows_is_rolled_back_to_stage1(larger_pattern_data):
+    train_images, train_labels, train_embeddings, eval_images, eval_labels = larger_pattern_data
+    model = _model()
+    before = _snapshot(model.backbone)
+    # Clipped, but a step size far too large: stage 2 wrecks what stage 1 fitted.
+    wrecking = TrainConfig(seed=3, head_epochs=5, finetune_epochs=2, batch_size=8, lr_head=1.0,
+                           lr_layer4=1.0, lr_layer3=1.0, max_grad_norm=1.0, precision="fp32")
+    report = train_two_stage(model, train_embeddings, train_images, train_labels, eval_images,
+                             eval_labels, wrecking)
+    selection = report.stage2_selection
+    assert selection["validation_rows"] == 12 and not report.stage2_kept
+    assert selection["validation_macro_f1_stage2"] < selection["validation_macro_f1_stage1"]
+    assert report.final_eval == report.stage1_eval and report.stage2_gain == 0.0
+    assert "rejected_holdout_macro_f1" in selection and report.metrics()["stage2_kept"] == 0.0
+    after = model.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "stage-1 weights restored"
+    assert model.embedding_model_id == report.initial_backbone_model_id
+    head = {k: v for k, v in model.head.state_dict().items()}
+    assert all(torch.equal(head[k], report.stage1_head[k]) for k in head)
+
+
+def test_a_stage2_that_holds_on_withheld_rows_is_kept_and_they_train_neither_stage(
+    larger_pattern_data
+):
+    train_images, train_labels, train_embeddings, eval_images, eval_labels = larger_pattern_data
+    model = ClassifierModel(build_backbone(seed=0), CLASSES, seed=FAST.seed)
+    report = train_two_stage(model, train_embeddings, train_images, train_labels, eval_images,
+                             eval_labels, FAST)
+    selection = report.stage2_selection
+    assert report.stage2_kept == (
+        selection["validation_macro_f1_stage2"] >= selection["validation_macro_f1_stage1"])
+    assert report.stage2_kept, "a gentle stage 2 on well-separated patterns holds up"
+    # The 12 withheld rows train neither stage: stage 1 is the head fitted on the other 48.
+    withheld = np.zeros(len(train_labels), dtype=bool)
+    withheld[np.random.default_rng(FAST.seed).permutation(len(train_labels))[:12]] = True
+    head = fit_embedding_head(train_embeddings[~withheld], list(np.array(train_labels)[~withheld]),
+                              CLASSES, FAST, model.embedding_model_id or "")
+    np.testing.assert_allclose(head.weight, report.stage1_head["weight"].double().numpy(),
+                               rtol=1e-5, atol=1e-6)
+    unchecked = train_two_stage(_model(), train_embeddings, train_images, train_labels,
+                                eval_images, eval_labels,
+                                TrainConfig(**{**FAST.__dict__, "stage2_validation_fraction": 0.0}))
+    assert unchecked.stage2_selection == {"validation_rows": 0, "kept": True}
