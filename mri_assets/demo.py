@@ -1,9 +1,11 @@
 """`mri-assets demo`: the whole loop on sample data from real scans, with a short summary.
 
-pilot wave (T1) -> manifest, slices, embeddings, PCA, clusters -> labeling queue -> simulated
-clinician labels -> expert labels, clusters with ARI (the drift baseline) -> pseudo-labels and
-their gate -> classifier vs supervised baseline -> costs; then a second wave of EPI-like scans
-whose clusters drift, and the drift sensor's verdict.
+pilot wave (T1) -> manifest, slices, self-supervised backbone, embeddings, PCA, clusters ->
+labeling queue -> simulated clinician labels -> expert labels, clusters with ARI (the drift
+baseline) -> pseudo-labels and their gate -> classifier vs supervised baseline -> costs; then two
+later waves embedded by the pilot's backbone: EPI-like scans (another contrast, whose ARI rises)
+and a site that starts sending T2-weighted series among its T1s (whose ARI falls), the drift
+sensor's verdict on each, and the active learning it requests.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import polars as pl
 from mri_assets.deployment import Deployment
 
 PILOT = "pilot"
-DRIFT_WAVE = "scale"
+EPI_WAVE = "scale"
+DRIFT_WAVE = "site-b"
 FIRST_PASS = "manifest slices backbone gpu_budget embeddings pca_model clusters labeling_queue"
 AFTER_LABELS = "expert_labels clusters pseudo_labels classifier wave_costs"
 SECOND_WAVE = "manifest slices backbone gpu_budget embeddings pca_model clusters labeling_queue"
@@ -77,14 +80,15 @@ def pseudo_label_precision(defs: dg.Definitions, instance: dg.DagsterInstance, w
     return checked.height, float((checked["label"] == checked["label_truth"]).mean())
 
 
-def drift_verdict(defs: dg.Definitions, instance: dg.DagsterInstance) -> list[str]:
-    """Evaluate `ari_drift_sensor` once, as the daemon would, and say what it asks for."""
-    sensor = defs.resolve_sensor_def("ari_drift_sensor")
-    with dg.build_sensor_context(instance=instance, resources=defs.resources,
-                                 definitions=defs) as context:
-        result = sensor(context)
-    requests = result.run_requests if isinstance(result, dg.SensorResult) else []
-    return [f"{r.run_key} -> active_learning[{r.partition_key}]" for r in requests or []]
+def drift_verdict(defs: dg.Definitions, instance: dg.DagsterInstance) -> tuple[list[str], list[str]]:
+    """What `ari_drift_sensor` decides from every `clusters` materialization so far: its latest
+    verdict on each wave, in words, and the waves it requests active learning for."""
+    from mri_assets.sensors import drift_decisions
+
+    decisions, _ = drift_decisions(instance, defs.resources["clustering"], None)
+    latest = {wave: decision for wave, decision, _ in decisions}
+    requested = [wave for wave, _, run_key in decisions if run_key is not None]
+    return [f"{wave}: {decision.reason}" for wave, decision in latest.items()], requested
 
 
 def run_demo(deployment: Deployment, slices: int, seed: int) -> int:
@@ -92,6 +96,7 @@ def run_demo(deployment: Deployment, slices: int, seed: int) -> int:
     from mri_assets.core.sample_data import build_sample_data
     from mri_assets.definitions import build_defs
     from mri_assets.operations import ingest_wave, instance_for, label_from_csv, run_wave
+    from mri_assets.resources.deployed import label_store_for
 
     deployment = deployment.with_defaults(**DEMO_SETTINGS)
     home = deployment.home
@@ -101,41 +106,73 @@ def run_demo(deployment: Deployment, slices: int, seed: int) -> int:
 
     started = time.perf_counter()
     pilot_dir = home.root / "sample" / PILOT
-    drift_dir = home.root / "sample" / DRIFT_WAVE
-    print(f"[1/7] sample data: {slices} T1 slices from real scans into {pilot_dir}")
+    print(f"[1/8] sample data: {slices} T1 slices from real scans into {pilot_dir}")
     build_sample_data(pilot_dir, n_slices=slices, seed=seed, wave_style="t1", progress=True)
-    print(f"[2/7] landing: {ingest_wave(deployment, PILOT, str(pilot_dir))}")
-    print(f"[3/7] wave {PILOT}: manifest -> slices -> backbone (self-supervised) -> embeddings -> "
+    print(f"[2/8] landing: {ingest_wave(deployment, PILOT, str(pilot_dir))}")
+    print(f"[3/8] wave {PILOT}: manifest -> slices -> backbone (self-supervised) -> embeddings -> "
           "PCA -> clusters -> queue")
     ok = run(PILOT, FIRST_PASS)
-    print("[4/7] simulated clinician labels the queue from labels.csv (demo only)")
+    print("[4/8] simulated clinician labels the queue from labels.csv (demo only)")
     labeled = label_from_csv(deployment, PILOT, pilot_dir / "labels.csv")
     print(f"      {labeled.labeled} labels, {labeled.qa_labeled} QA re-reads")
-    print(f"[5/7] wave {PILOT}: expert labels -> ARI -> pseudo-labels + gate -> classifier -> costs")
+    print(f"[5/8] wave {PILOT}: expert labels -> ARI -> pseudo-labels + gate -> classifier -> costs")
     ok = run(PILOT, AFTER_LABELS) and ok
-    n_drift = max(slices // 3, 200)
-    print(f"[6/7] second wave {DRIFT_WAVE}: {n_drift} EPI-like slices (a shifted distribution)")
-    build_sample_data(drift_dir, n_slices=n_drift, seed=seed + 1, wave_style="epi", progress=True)
-    print(f"      landing: {ingest_wave(deployment, DRIFT_WAVE, str(drift_dir))}")
-    ok = run(DRIFT_WAVE, SECOND_WAVE) and ok
-    label_from_csv(deployment, DRIFT_WAVE, drift_dir / "labels.csv")
-    ok = run(DRIFT_WAVE, "expert_labels clusters") and ok
+    later = (
+        (EPI_WAVE, "epi", max(slices // 3, 200), "EPI-like slices (another contrast)"),
+        (DRIFT_WAVE, "t1_t2_mix", max(slices // 4, 300),
+         "slices of a site that starts sending T2-weighted series among its T1s"),
+    )
+    for step, (wave, style, n, what) in enumerate(later, start=6):
+        print(f"[{step}/8] wave {wave}: {n} {what}; embedded by the pilot's backbone")
+        wave_dir = home.root / "sample" / wave
+        build_sample_data(wave_dir, n_slices=n, seed=seed + step - 5, wave_style=style,
+                          progress=True)
+        print(f"      landing: {ingest_wave(deployment, wave, str(wave_dir))}")
+        ok = run(wave, SECOND_WAVE) and ok
+        label_from_csv(deployment, wave, wave_dir / "labels.csv")
+        ok = run(wave, "expert_labels clusters") and ok
     defs = build_defs(deployment)
     instance = instance_for(deployment)
-    print("[7/7] drift sensor, evaluated once:")
-    requests = drift_verdict(defs, instance)
-    print("      " + ("; ".join(requests) if requests else "no drift request"))
-    for request in requests:
-        wave = request.split("[")[-1].rstrip("]")
+    print("[8/8] ari_drift_sensor, evaluated once as the daemon would:")
+    verdicts, requests = drift_verdict(defs, instance)
+    for line in verdicts:
+        print(f"      {line}")
+    drift_lines = []
+    labels = label_store_for(deployment)
+    for wave in requests:
+        before = labels.wave_progress(wave)["open"]
         ok = run(wave, "labeling_queue") and ok
-    print(_summary(defs, instance, deployment, pilot_dir, started))
+        after = labels.wave_progress(wave)["open"]
+        drift_lines.append(f"  drift: ari_drift_sensor requested active_learning[{wave}]; its "
+                           f"queue grew from {before} to {after} open items")
+        print(drift_lines[-1].strip())
+    if not requests:
+        drift_lines.append("  drift: ari_drift_sensor requested nothing")
+    print(_summary(defs, instance, deployment, pilot_dir, started, drift_lines))
     print(cost_line(defs, PILOT, instance))
     return 0 if ok else 1
 
 
-def _summary(defs, instance, deployment: Deployment, pilot_dir, started: float) -> str:
-    pilot_clusters = _latest_metadata(instance, "clusters", PILOT)
-    drift_clusters = _latest_metadata(instance, "clusters", DRIFT_WAVE)
+def _ari(instance: dg.DagsterInstance, wave: str) -> str:
+    clusters = _latest_metadata(instance, "clusters", wave)
+    ari, nmi = clusters.get("ari_k4"), clusters.get("nmi_k4")
+    if not isinstance(ari, float):
+        return f"{wave} {ari}"
+    return f"{wave} {ari:.3f} (NMI {nmi:.3f})"
+
+
+def _stage2_line(model: dict) -> str:
+    moved = (f"layer4 moved {model.get('layer4_relative_change')} (relative L2), holdout "
+             f"embedding cosine {model.get('holdout_embedding_cosine')}")
+    if model.get("stage2_kept", True):
+        return f"stage 1 {model.get('stage1_macro_f1')} -> stage 2 {model.get('macro_f1')}, {moved}"
+    rejected = (model.get("stage2_selection") or {}).get("rejected_holdout_macro_f1")
+    return (f"stage 1 {model.get('stage1_macro_f1')}; stage 2 rejected on withheld training "
+            f"rows (holdout would have been {rejected}; {moved})")
+
+
+def _summary(defs, instance, deployment: Deployment, pilot_dir, started: float,
+             drift_lines: list[str]) -> str:
     pseudo = _latest_metadata(instance, "pseudo_labels", PILOT)
     model = _latest_metadata(instance, "classifier", PILOT)
     backbone = _latest_metadata(instance, "backbone", PILOT)
@@ -143,11 +180,9 @@ def _summary(defs, instance, deployment: Deployment, pilot_dir, started: float) 
     lines = [
         "",
         "summary",
-        _manifest_summary(defs, instance, PILOT),
-        _manifest_summary(defs, instance, DRIFT_WAVE),
-        (f"  ARI k=4: {PILOT} {pilot_clusters.get('ari_k4')}, {DRIFT_WAVE} "
-        f"{drift_clusters.get('ari_k4')} (NMI {pilot_clusters.get('nmi_k4')} / "
-        f"{drift_clusters.get('nmi_k4')})"),
+        *(_manifest_summary(defs, instance, wave) for wave in (PILOT, EPI_WAVE, DRIFT_WAVE)),
+        "  ARI k=4: " + ", ".join(_ari(instance, wave) for wave in (PILOT, EPI_WAVE, DRIFT_WAVE)),
+        *drift_lines,
         (f"  pseudo-labels: {pseudo.get('promoted')} promoted of {pseudo.get('unlabeled')} "
         f"unlabeled; gate {_check_status(instance, 'pseudo_labels', 'pseudo_label_gate')}; "
         f"precision vs ground truth {precision if precision is None else round(precision, 4)} "
@@ -156,9 +191,7 @@ def _summary(defs, instance, deployment: Deployment, pilot_dir, started: float) 
         f"{model.get('baseline_macro_f1')} ({model.get('expert_labels')} expert + "
         f"{model.get('pseudo_labels_used')} pseudo-labels; stage 2 on {model.get('stage2_images')} images)"),
         (f"  backbone: {backbone.get('model_id')} ({backbone.get('source')}, "
-        f"{backbone.get('cpu_minutes')} CPU min); stage 1 {model.get('stage1_macro_f1')} -> stage 2 "
-        f"{model.get('macro_f1')}, layer4 moved {model.get('layer4_relative_change')} (relative L2), "
-        f"holdout embedding cosine {model.get('holdout_embedding_cosine')}"),
+        f"{backbone.get('cpu_minutes')} CPU min); {_stage2_line(model)}"),
         f"  state: {deployment.home.root} (store, Dagster instance, MLflow, DVC, labels)",
         ("  look: `make dev` -> http://127.0.0.1:3000 (assets, waves partitions, sensors, checks);"
         " `MRI_ASSETS_TRIAGE_DEMO=1 mri-assets triage serve` for the labeling page (a real"

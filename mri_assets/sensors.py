@@ -5,6 +5,7 @@ import json
 
 import dagster as dg
 
+from mri_assets.core.clustering import DriftDecision
 from mri_assets.core.drift_watch import ClustersObservation, DriftWatch
 from mri_assets.core.expert_labels import label_counts_by_wave
 from mri_assets.core.manifest import READY_MARKER, WaveKeyError, validate_wave_key
@@ -74,30 +75,42 @@ def clusters_observation(record, drift_k: int) -> ClustersObservation | None:
     )
 
 
-@dg.sensor(job_name=ACTIVE_LEARNING_JOB, minimum_interval_seconds=60,
-           default_status=dg.DefaultSensorStatus.RUNNING)
-def ari_drift_sensor(context: dg.SensorEvaluationContext, clustering: ClusteringSettings):
-    """Requests active learning for a wave whose ARI at k drops > 10 % below the baseline's."""
+def drift_decisions(
+    instance: dg.DagsterInstance, clustering: ClusteringSettings, cursor: str | None
+) -> tuple[list[tuple[str, DriftDecision, str | None]], str]:
+    """What `ari_drift_sensor` decides from the `clusters` materializations after `cursor`:
+    (wave, decision, run key to request or None) in storage order, and the new cursor."""
     settings = clustering.checked()
-    watch = DriftWatch.from_cursor(context.cursor)
-    result = context.instance.fetch_materializations(
+    watch = DriftWatch.from_cursor(cursor)
+    result = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=dg.AssetKey("clusters"),
                               after_storage_id=watch.after_storage_id or None),
         limit=200, ascending=True,
     )
-    requests = []
+    decisions = []
     for record in result.records:
         seen = clusters_observation(record, settings.drift_k)
         if seen is None:
             continue
         decision, run_key = watch.observe(seen, settings.drift_threshold, settings.baseline_wave)
-        context.log.info(f"clusters[{seen.wave}]: {decision.status}: {decision.reason}")
+        decisions.append((seen.wave, decision, run_key))
+    return decisions, watch.to_cursor()
+
+
+@dg.sensor(job_name=ACTIVE_LEARNING_JOB, minimum_interval_seconds=60,
+           default_status=dg.DefaultSensorStatus.RUNNING)
+def ari_drift_sensor(context: dg.SensorEvaluationContext, clustering: ClusteringSettings):
+    """Requests active learning for a wave whose ARI at k drops > 10 % below the baseline's."""
+    decisions, cursor = drift_decisions(context.instance, clustering, context.cursor)
+    requests = []
+    for wave, decision, run_key in decisions:
+        context.log.info(f"clusters[{wave}]: {decision.status}: {decision.reason}")
         if run_key is not None:
             requests.append(dg.RunRequest(
-                run_key=run_key, partition_key=seen.wave,
+                run_key=run_key, partition_key=wave,
                 tags={"mri_assets/trigger": "ari_drift", "mri_assets/drift": decision.reason[:200]},
             ))
-    return dg.SensorResult(run_requests=requests, cursor=watch.to_cursor())
+    return dg.SensorResult(run_requests=requests, cursor=cursor)
 
 
 @dg.sensor(job_name=LABEL_REFRESH_JOB, minimum_interval_seconds=120,

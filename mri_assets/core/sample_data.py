@@ -41,7 +41,10 @@ from tqdm import tqdm
 CLASSES = ("axial_inferior", "axial_superior", "coronal", "sagittal")
 ORIENTATIONS = ("axial", "coronal", "sagittal")
 FORMATS = ("nifti", "dicom", "png16", "jpeg")
-WAVE_STYLES = ("t1", "epi", "mixed")
+# `t1_t2_mix`: a site that starts sending T2-weighted series with its T1s. Half of the patients
+# (drawn per patient) get T2-like contrast: intensities inverted inside the head, so fluid is
+# bright and white matter dark. The anatomy and its labels are the same; the features are not.
+WAVE_STYLES = ("t1", "epi", "mixed", "t1_t2_mix")
 
 GRID_BITS = 16
 AXIAL_BORDER_HALF_WIDTH = 2
@@ -207,7 +210,7 @@ def _choose_source(
     if wave_style == "mixed":
         kind = "t1" if rng.random() < 0.5 else "epi"
     else:
-        kind = wave_style
+        kind = "t1" if wave_style == "t1_t2_mix" else wave_style
     if kind == "t1":
         return volumes["t1"][0] if rng.random() < 0.85 else volumes["t1"][1]
     return volumes["epi"][int(rng.integers(len(volumes["epi"])))]
@@ -273,6 +276,12 @@ def augment_volume(unit: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarr
     real = moved + sigma * rng.standard_normal(moved.shape)
     imaginary = sigma * rng.standard_normal(moved.shape)
     return np.sqrt(real * real + imaginary * imaginary), foreground
+
+
+def t2_like(volume: np.ndarray, foreground: np.ndarray) -> np.ndarray:
+    """T2-like contrast from a T1-like volume: inside the head `1.1 - value` (floored at 0), so
+    dark fluid turns bright and bright white matter dark; background stays as it is."""
+    return np.where(foreground, np.clip(1.1 - volume, 0.0, None), volume)
 
 
 def usable_slice_positions(foreground: np.ndarray, orientation: str) -> np.ndarray:
@@ -506,6 +515,8 @@ def build_sample_data(
         rng = np.random.default_rng([seed, patient_number])
         source = _choose_source(volumes, wave_style, rng)
         volume, foreground = augment_volume(source.voxels, rng)
+        if wave_style == "t1_t2_mix" and rng.random() < 0.5:
+            volume = t2_like(volume, foreground)
         patient_folder = f"patient-{patient_number:04d}"
         patient_dir = out_dir / patient_folder
         phi = planted_phi(patient_number, patient_folder, rng)

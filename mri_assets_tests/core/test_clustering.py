@@ -161,6 +161,17 @@ def test_drift_only_when_ari_drops_by_more_than_ten_percent(current_ari, drifted
     assert decision.relative_drop == pytest.approx((0.8 - current_ari) / 0.8)
 
 
+@pytest.mark.parametrize(
+    ("current_ari", "words"),
+    [(0.5, "ARI at k=4 0.500 fell 38% from 0.800 (baseline wave pilot): drift, more than the 10% allowed"),
+     (0.95, "ARI at k=4 0.950 rose from 0.800 (baseline wave pilot): no drift"),
+     (0.8, "ARI at k=4 0.800 equals 0.800 (baseline wave pilot): no drift"),
+     (0.75, "ARI at k=4 0.750 fell 6% from 0.800 (baseline wave pilot): no drift")],
+)
+def test_the_drift_decision_says_in_words_what_happened(current_ari, words):
+    assert evaluate_drift(BASELINE, current_ari, "resnet18:none:abc", k=4).reason.startswith(words)
+
+
 def test_drift_between_different_models_is_refused_with_the_reason():
     decision = evaluate_drift(BASELINE, 0.1, "resnet50:imagenet:def", k=4)
     assert not decision.drifted

@@ -9,7 +9,7 @@ from scipy.stats import ks_2samp
 
 from mri_assets.core.deid import deidentify_dicom
 from mri_assets.core.imaging import UnreadableImage, process_object
-from mri_assets.core.sample_data import CLASSES, FORMATS, build_sample_data
+from mri_assets.core.sample_data import CLASSES, FORMATS, build_sample_data, t2_like
 
 N_SLICES = 80
 SEED = 5
@@ -174,3 +174,22 @@ def test_progress_bar_is_printed_when_asked(tmp_path, capsys):
 def test_unknown_wave_style_is_refused_with_the_allowed_values(tmp_path):
     with pytest.raises(ValueError, match="t1"):
         build_sample_data(tmp_path, 40, SEED, wave_style="flair")
+
+
+def test_t2_like_contrast_inverts_the_head_and_keeps_the_background():
+    volume = np.array([[0.05, 0.2], [0.9, 1.2]])
+    foreground = volume > 0.15
+    np.testing.assert_allclose(t2_like(volume, foreground), [[0.05, 0.9], [0.2, 0.0]])
+
+
+def test_a_t1_t2_mix_wave_turns_about_half_of_the_patients_t2_like(t1_wave, tmp_path):
+    mixed = build_sample_data(tmp_path, N_SLICES, SEED, wave_style="t1_t2_mix", include_bad=False)
+    assert {row["label"] for row in _labels(mixed)} == set(CLASSES)
+    t1_digests, mixed_digests = _file_digests(t1_wave.out_dir), _file_digests(mixed.out_dir)
+    same, changed = set(), set()
+    for name, digest in mixed_digests.items():
+        # Same seed, same source volume and augmentation per patient; DICOM files also carry
+        # per-patient PHI drawn after the contrast, so only the other formats compare.
+        if name.startswith("patient-") and not name.endswith(".dcm") and name in t1_digests:
+            (same if digest == t1_digests[name] else changed).add(name.split("/")[0])
+    assert same and changed and not same & changed, "some patients kept T1, others turned T2"
