@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mri_assets.assets.backbone import PretrainSettings
 from mri_assets.core.backbone import Backbone, build_backbone
 from mri_assets.core.clustering import cluster_scores, cluster_wave
 from mri_assets.core.embed import cpu_has_native_bf16
@@ -53,7 +54,6 @@ from mri_assets.core.learning_curve import (
 )
 from mri_assets.core.pretrain import (
     IndexedSlices,
-    PretrainConfig,
     plan_pretraining,
     pretrain_backbone,
 )
@@ -114,7 +114,7 @@ def main() -> dict:
     truth = sample.labels
     holdout = sample.patient_split(0.25, seed=0)
 
-    config = PretrainConfig()
+    config = PretrainSettings().config()  # the `backbone` asset's defaults
     pretrain_seconds = pretrain_cpu_minutes = None
     if args.backbone is not None:
         checkpoint = args.backbone.read_bytes()
@@ -162,7 +162,7 @@ def main() -> dict:
         BUDGETS, curves, f"pilot {len(sample)} slices, {args.seeds} seeds, holdout {int(holdout.sum())}",
         reference=target))
 
-    gpu_config = PretrainConfig()
+    gpu_config = config
     gpu_plan = plan_pretraining(100_000, gpu_config, input_size=256)
     figures = {
         "labels_to_match_random_500": round(needed, 1) if needed is not None else None,

@@ -89,5 +89,5 @@ def resources_for(deployment: Deployment) -> dict:
         "retrain": RetrainSettings(every_slices=loop.retrain_every),
         "metrics": MetricsResource(pushgateway_url=deployment.pushgateway_url or ""),
         "cost": CostSettings(),
-        "pretrain": backbone.PretrainSettings(),
+        "pretrain": backbone.PretrainSettings(policy=deployment.compute.backbone_policy),
     }

@@ -178,6 +178,10 @@ class ComputeSettings:
     backbone_checkpoint: str | None = field(
         default=None, metadata=env("MRI_ASSETS_BACKBONE_CHECKPOINT", parse=_optional)
     )
+    backbone_policy: str = field(
+        default="first",
+        metadata=env("MRI_ASSETS_BACKBONE_POLICY", parse=_choice("first", "every", "off")),
+    )
 
 
 @dataclass(frozen=True)

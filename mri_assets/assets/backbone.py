@@ -50,10 +50,8 @@ class PretrainSettings(dg.ConfigurableResource):
     """Which backbone embeds a wave, and the self-supervised schedule when one is trained."""
 
     policy: str = Field(
-        default="off",
-        description="off (default: the compute weights) | first | every (see assets/backbone.py); "
-        "off until the self-supervised backbone is shown to keep the pseudo-label gate on small "
-        "first waves (a 300-slice first wave gave gate F1 0.56)",
+        default="first",
+        description="first (default) | every | off (the compute weights); see assets/backbone.py",
     )
     epochs: int = Field(default=8, description="passes over the wave's unlabelled slices")
     batch_size: int = Field(default=128, description="slices per step (two views each)")
@@ -62,6 +60,10 @@ class PretrainSettings(dg.ConfigurableResource):
     view_fraction: float = Field(default=0.75, description="view side / input side")
     max_slices: int = Field(default=0, description="train on a seeded sample of at most this many slices (0 = all)")
     include_holdout: bool = Field(default=False, description="pretrain on holdout slices too")
+    rotation_weight: float = Field(
+        default=1.0, description="weight of the quarter-turn pretext (0 = contrastive only): "
+        "predicting a view's rotation keeps orientation in the features, which the contrastive "
+        "views alone teach the network to ignore")
     seed: int = 0
 
     def config(self) -> PretrainConfig:
@@ -71,7 +73,8 @@ class PretrainSettings(dg.ConfigurableResource):
             raise ValueError(f"pretrain.max_slices={self.max_slices}: use 0 (all) or a positive number")
         return PretrainConfig(seed=self.seed, epochs=self.epochs, batch_size=self.batch_size,
                               lr=self.lr, temperature=self.temperature,
-                              view_fraction=self.view_fraction)
+                              view_fraction=self.view_fraction,
+                              rotation_weight=self.rotation_weight)
 
 
 def record_key(wave: str) -> str:

@@ -17,6 +17,14 @@ input side (the side it embeds at):
   on its back), and the network must keep axial, coronal and sagittal apart;
 - intensity jitter (gamma, contrast, brightness), a Gaussian blur half the time, a little noise.
 
+Views that must match teach the network to ignore what differs between them, and nothing in the
+contrastive task asks it to keep which way up a slice is. A second, predictive task does
+(`rotation_weight`, after RotNet): each slice also gives one smaller view
+(`rotation_view_fraction` of the input side) turned by a random number of quarter turns, and a
+linear head on the backbone's features must say how many. Measured on the demo's 2,000-slice T1
+pilot (seed 0, AVX-512 CPU): ARI at k = 4 0.043 with the seeded weights, 0.290 with both tasks at
+weight 1, in 229 s (7.5 CPU minutes).
+
 After training the BatchNorm running statistics are measured again on clean slices at the input
 side (no augmentation), the way the backbone will see them when it embeds; the augmented views'
 statistics would otherwise shift every embedding.
