@@ -42,7 +42,6 @@ import torch
 from mri_assets.assets.backbone import PretrainSettings
 from mri_assets.core.backbone import Backbone, build_backbone
 from mri_assets.core.clustering import cluster_scores, cluster_wave
-from mri_assets.core.embed import cpu_has_native_bf16
 from mri_assets.core.learning_curve import (
     STRATEGIES,
     curves_png,
@@ -52,6 +51,7 @@ from mri_assets.core.learning_curve import (
     probe_macro_f1,
     run_strategy,
 )
+from mri_assets.core.precision import cpu_has_native_bf16
 from mri_assets.core.pretrain import (
     IndexedSlices,
     plan_pretraining,

@@ -44,9 +44,9 @@ from mri_assets.core.embed import (
     embed_shard,
     make_loader,
     resolve_device,
-    resolve_precision,
     write_embeddings,
 )
+from mri_assets.core.precision import PRECISIONS, resolve_precision
 
 SIDE = 256
 NAIVE_SIDE = 224
@@ -179,7 +179,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--batch-size", type=int, default=0, help="0: CPU 64, CUDA 1024")
     parser.add_argument("--num-workers", type=int, default=-1, help="-1: CPU 0, CUDA 8")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS)
     parser.add_argument(
         "--naive-slices", type=int, default=0, help="naive baseline subset; 0: CPU 256, CUDA 8192"
     )
@@ -200,7 +200,7 @@ def main() -> None:
     input_size = args.input_size or (SIDE if on_cuda else 128)
     batch_size = args.batch_size or (1024 if on_cuda else 64)
     num_workers = args.num_workers if args.num_workers >= 0 else (8 if on_cuda else 0)
-    precision = resolve_precision(args.precision, device)
+    precision = resolve_precision(device, args.precision, purpose="inference")
     print(
         f"device {device} ({note}); threads {torch.get_num_threads()}; precision {precision}; "
         f"input {input_size} px; batch {batch_size}; workers {num_workers}",

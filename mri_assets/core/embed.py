@@ -2,12 +2,11 @@
 
 The loader ships the stored uint8 pixels (one byte per pixel, pinned on CUDA) in whole batches;
 the backbone scales, normalises and (optionally) resizes them on the device; the network runs in
-inference mode, channels_last, under autocast (fp16 on CUDA, bf16 on CPUs with native bf16).
+inference mode, channels_last, under autocast (the inference policy of `core/precision.py`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -20,14 +19,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from mri_assets.core.precision import autocast_for
 from mri_assets.core.slice_shards import payload_crc32
 
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 INDEX_COLUMNS = ("image_id", "row", "payload_crc32")
 SLICE_SIDE = 256
-
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class CorruptSliceError(ValueError):
@@ -137,29 +134,6 @@ def resolve_device(requested: str) -> tuple[torch.device, str]:
     if has_cuda:
         return torch.device("cuda"), f"{requested}: CUDA device {torch.cuda.get_device_name(0)}"
     return torch.device("cpu"), "auto: no CUDA device, fell back to CPU"
-
-
-def cpu_has_native_bf16() -> bool:
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    """`auto` -> fp16 on CUDA, bf16 on CPUs with native bf16 (AVX512-BF16/AMX), else fp32."""
-    if requested not in PRECISIONS:
-        raise ValueError(f"unknown precision {requested!r}: allowed values are {list(PRECISIONS)}")
-    if requested == "auto":
-        if device.type == "cuda":
-            return "fp16"
-        return "bf16" if cpu_has_native_bf16() else "fp32"
-    if requested == "fp16" and device.type == "cpu":
-        raise ValueError("precision='fp16' is for CUDA; on a CPU use 'bf16', 'fp32' or 'auto'")
-    return requested
-
-
-def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=_AUTOCAST_DTYPES[precision])
 
 
 def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:

@@ -62,7 +62,7 @@ from mri_assets.core.backbone import (
     backbone_checkpoint_bytes,
     build_backbone,
 )
-from mri_assets.core.train import autocast_for, resolve_precision
+from mri_assets.core.precision import autocast_for, resolve_precision
 
 ORIGIN = "ssl"
 PROJECTION_HIDDEN = 512
@@ -517,7 +517,7 @@ def pretrain_backbone(
     """
     n = len(slices)
     device = torch.device(device)
-    precision = resolve_precision(device, config.precision)
+    precision = resolve_precision(device, config.precision, purpose="training")
     plan = plan_pretraining(n, config, arch, input_size)
     started, cpu_started = time.perf_counter(), time.process_time()
     history: list[dict[str, float]] = []

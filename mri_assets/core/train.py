@@ -33,7 +33,6 @@ into ``model.class_names``.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import math
@@ -47,8 +46,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from mri_assets.core.precision import (
+    PRECISIONS,
+    PrecisionError,
+    autocast_for,
+    resolve_precision,
+)
+
 CHECKPOINT_FORMAT = "mri_assets.classifier/1"
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STAGE2_PARTS = ("head", "layer4", "layer3")
 
 
@@ -201,43 +206,6 @@ def relative_change(before: dict[str, torch.Tensor], after: dict[str, torch.Tens
     delta = sum(float((after[k] - before[k]).pow(2).sum()) for k in names)
     base = sum(float(before[k].pow(2).sum()) for k in names)
     return math.sqrt(delta) / max(math.sqrt(base), 1e-12)
-
-
-# --------------------------------------------------------------------------- precision
-
-
-def cpu_supports_bf16() -> bool:
-    """True when oneDNN has native bf16 kernels here (AVX-512 BF16 / AMX); else bf16 is emulated
-    and slower than fp32."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(device: torch.device | str, requested: str = "auto") -> str:
-    """``auto`` -> bf16 on CUDA with bf16 (fp16 on older cards), bf16 on CPUs with native bf16,
-    else fp32. An explicit choice is kept; fp16 is CUDA-only."""
-    device = torch.device(device)
-    if requested not in PRECISIONS:
-        raise TrainingError(f"precision must be one of {PRECISIONS}, got {requested!r}")
-    if requested == "fp16" and device.type != "cuda":
-        raise TrainingError(f"precision fp16 needs a CUDA device, got {device}; use bf16 or fp32")
-    if requested != "auto":
-        return requested
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device.type == "cpu" and cpu_supports_bf16():
-        return "bf16"
-    return "fp32"
-
-
-def autocast_for(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
-    device = torch.device(device)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device.type, dtype=dtype)
 
 
 # --------------------------------------------------------------------------- data
@@ -879,7 +847,10 @@ def train_two_stage(
         )
 
     device = torch.device(device)
-    precision = resolve_precision(device, config.precision)
+    try:
+        precision = resolve_precision(device, config.precision, purpose="training")
+    except PrecisionError as error:
+        raise TrainingError(f"TrainConfig.precision: {error}") from error
     channels_last = config.channels_last and device.type in ("cpu", "cuda")
     model.to(device)
     if channels_last:

@@ -6,7 +6,8 @@ import dagster as dg
 import torch
 
 from mri_assets.core.backbone import ARCHS, WEIGHTS, Backbone, build_backbone
-from mri_assets.core.embed import DEVICES, PRECISIONS, resolve_device, resolve_precision
+from mri_assets.core.embed import DEVICES, resolve_device
+from mri_assets.core.precision import PRECISIONS, resolve_precision
 
 MAX_BATCH_SIZE = 65536
 
@@ -62,7 +63,7 @@ class ComputeResource(dg.ConfigurableResource):
         """(device, precision, note); the note says when `auto` fell back to the CPU."""
         self.validate()
         device, note = resolve_device(self.device)
-        return device, resolve_precision(self.precision, device), note
+        return device, resolve_precision(device, self.precision, purpose="inference"), note
 
     def build_backbone(self, checkpoint: bytes | None = None) -> Backbone:
         self.validate()

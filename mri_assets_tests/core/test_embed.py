@@ -23,7 +23,6 @@ from mri_assets.core.embed import (
     make_loader,
     read_embeddings,
     resolve_device,
-    resolve_precision,
     write_embeddings,
 )
 from mri_assets.core.imaging import resize_to_square
@@ -236,12 +235,3 @@ def test_auto_device_falls_back_to_cpu_and_says_so(monkeypatch):
 def test_unknown_device_names_the_allowed_values():
     with pytest.raises(ValueError, match="'auto', 'cpu', 'cuda'"):
         resolve_device("tpu")
-
-
-def test_auto_precision_is_fp16_on_cuda_and_fp16_on_cpu_is_refused():
-    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
-    assert resolve_precision("auto", CPU) in ("bf16", "fp32")
-    with pytest.raises(ValueError, match="fp16' is for CUDA"):
-        resolve_precision("fp16", CPU)
-    with pytest.raises(ValueError, match="'auto', 'fp32', 'bf16', 'fp16'"):
-        resolve_precision("int8", CPU)

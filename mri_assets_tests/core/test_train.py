@@ -336,6 +336,16 @@ def test_no_expert_labels_is_rejected(pattern_data):
         )
 
 
+def test_a_precision_the_policy_refuses_is_a_training_error(pattern_data):
+    with pytest.raises(TrainingError, match="'auto', 'fp32', 'bf16', 'fp16'"):
+        TrainConfig(precision="int8")
+    train_images, train_labels, train_embeddings, eval_images, eval_labels = pattern_data
+    fp16 = TrainConfig(seed=3, head_epochs=1, finetune_epochs=0, precision="fp16")
+    with pytest.raises(TrainingError, match="TrainConfig.precision: precision 'fp16' is for CUDA"):
+        train_two_stage(_model(), train_embeddings, train_images, train_labels, eval_images,
+                        eval_labels, fp16, device="cpu")
+
+
 def test_embeddings_from_another_backbone_are_rejected(pattern_data):
     train_images, train_labels, train_embeddings, eval_images, eval_labels = pattern_data
     with pytest.raises(TrainingError, match="re-embed"):
