@@ -34,7 +34,7 @@ from mri_assets.core.backbone import Backbone, build_backbone
 from mri_assets.core.embed import SliceShard
 from mri_assets.core.pretrain import IndexedSlices, PretrainConfig, pretrain_backbone
 from mri_assets.core.slice_shards import slice_keys
-from mri_assets.core.train import backbone_checkpoint
+from mri_assets.core.training.checkpoint import backbone_checkpoint
 from mri_assets.core.wave_layout import wave_shard_count
 from mri_assets.partitions import wave_partitions
 from mri_assets.resources.compute import ComputeResource

@@ -17,7 +17,7 @@ from mri_assets.core.selection import (
     select_for_labeling,
 )
 from mri_assets.core.slice_shards import manifest_key
-from mri_assets.core.train import embedding_head_from_checkpoint
+from mri_assets.core.training.checkpoint import embedding_head_from_checkpoint
 from mri_assets.partitions import wave_partitions
 from mri_assets.resources.label_store import LabelStore
 from mri_assets.resources.metrics import MetricsResource

@@ -25,13 +25,15 @@ from mri_assets.core.pseudo import (
     promote,
 )
 from mri_assets.core.slice_shards import locate, read_npy, slice_keys, slice_locations
-from mri_assets.core.train import (
-    ClassifierModel,
-    SliceRows,
+from mri_assets.core.training.checkpoint import save_checkpoint
+from mri_assets.core.training.embedding_head import fit_embedding_head
+from mri_assets.core.training.errors import TrainingError
+from mri_assets.core.training.inputs import SliceRows
+from mri_assets.core.training.model import ClassifierModel
+from mri_assets.core.training.two_stage import (
+    LabeledSlices,
     TrainConfig,
-    TrainingError,
-    fit_embedding_head,
-    save_checkpoint,
+    TrainingData,
     train_two_stage,
 )
 from mri_assets.core.wave_layout import wave_shard_count
@@ -139,14 +141,17 @@ def pseudo_labels(
     device, _, _ = compute.device_and_precision()
     teacher = ClassifierModel(embedding_backbone(object_store, compute, wave)[0], classes,
                               seed=training.seed)
-    report = train_two_stage(
-        teacher, embeddings[reference], rows_of(list(id_array[reference])),
-        [classes[c] for c in codes[reference]], rows_of(list(id_array[evaluation])),
-        [classes[c] for c in codes[evaluation]], train_config(training), device, model_id,
+    data = TrainingData(
+        train=LabeledSlices(rows_of(list(id_array[reference])),
+                            [classes[c] for c in codes[reference]], embeddings[reference]),
+        holdout=LabeledSlices(rows_of(list(id_array[evaluation])),
+                              [classes[c] for c in codes[evaluation]]),
+        embeddings_model_id=model_id,
     )
+    config = train_config(training)
+    report = train_two_stage(teacher, data, config, device)
     object_store.put_bytes(baseline_key(wave), json.dumps(report.as_dict(), default=float).encode())
-    head = fit_embedding_head(embeddings[reference], [classes[c] for c in codes[reference]],
-                              classes, train_config(training), model_id)
+    head = fit_embedding_head(data.train.embeddings, data.train.labels, classes, config, model_id)
     queries = unlabeled | evaluation
     probs = np.zeros((len(ids), len(classes)), dtype=np.float32)
     probs[queries] = head.predict_proba(embeddings[queries], model_id)
@@ -255,17 +260,19 @@ def classifier(
                                          training.seed))
     stage2_rows = list(range(len(expert_ids))) + [
         len(expert_ids) + n for n, i in enumerate(pseudo_ids) if i in finetune_pseudo]
-    eval_labels = [classes[codes[position[i]]] for i in eval_ids]
     rows_of = wave_slice_rows(object_store, wave)
-    train_images = rows_of(train_ids)
-    eval_images = rows_of(eval_ids)
-    train_embeddings = embeddings[[position[i] for i in train_ids]]
+    data = TrainingData(
+        train=LabeledSlices(rows_of(train_ids), train_labels,
+                            embeddings[[position[i] for i in train_ids]]),
+        holdout=LabeledSlices(rows_of(eval_ids), [classes[codes[position[i]]] for i in eval_ids]),
+        embeddings_model_id=model_id,
+        stage2_rows=stage2_rows,
+    )
     device, _, _ = compute.device_and_precision()
     model = ClassifierModel(embedding_backbone(object_store, compute, wave)[0], classes,
                             seed=training.seed)
     config = train_config(training)
-    semi = train_two_stage(model, train_embeddings, train_images, train_labels, eval_images,
-                           eval_labels, config, device, model_id, stage2_rows=stage2_rows)
+    semi = train_two_stage(model, data, config, device)
     baseline = json.loads(object_store.get_bytes(baseline_key(wave)))
     baseline_f1 = float(baseline["final_eval"]["macro_f1"])
     seconds = time.perf_counter() - started

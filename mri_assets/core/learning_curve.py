@@ -2,9 +2,9 @@
 
 A simulated clinician labels the slices a strategy picks, `batch` at a time, from the labelled
 pool (the truth is known for every slice of the sample, so a pick is labelled at once). After
-each batch a linear probe — the classifier's stage 1, `core.train.train_head_on_embeddings`, on
-the cached embeddings — is fitted on the labels so far and scored on a fixed holdout (whole
-patients, never picked). Strategies:
+each batch a linear probe — the classifier's stage 1,
+`core.training.loops.train_head_on_embeddings`, on the cached embeddings — is fitted on the
+labels so far and scored on a fixed holdout (whole patients, never picked). Strategies:
 
 - `random`: a seeded random order of the pool;
 - `cluster_entropy`: entropy of the k-means soft assignment (`CLUSTER_ENTROPY`) + k-center
@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from mri_assets.core.selection import queue_uncertainty, select_for_labeling
-from mri_assets.core.train import eval_result_from_predictions, train_head_on_embeddings
+from mri_assets.core.training.loops import train_head_on_embeddings
+from mri_assets.core.training.metrics import eval_result_from_predictions
 
 STRATEGIES = ("random", "cluster_entropy", "model_entropy")
 

@@ -292,8 +292,8 @@ class IndexedSlices:
     """Slices seen as one array: `slices[index_array]` -> uint8 (B, H, W) or (B, 1, H, W).
 
     Wraps anything that reads rows by an integer array (an in-memory array, a memmap,
-    `core.train.SliceRows`) or a list of `core.embed.SliceShard`s (crc32-checked reads) with the
-    positions of each shard to use.
+    `core.training.inputs.SliceRows`) or a list of `core.embed.SliceShard`s (crc32-checked
+    reads) with the positions of each shard to use.
     """
 
     def __init__(self, source: Any, positions: Sequence[np.ndarray] | None = None):
