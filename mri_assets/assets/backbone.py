@@ -53,7 +53,7 @@ class PretrainSettings(dg.ConfigurableResource):
         default="first",
         description="first (default) | every | off (the compute weights); see assets/backbone.py",
     )
-    epochs: int = Field(default=8, description="passes over the wave's unlabelled slices")
+    epochs: int = Field(default=12, description="passes over the wave's unlabelled slices")
     batch_size: int = Field(default=128, description="slices per step (two views each)")
     lr: float = Field(default=2e-3, description="AdamW peak learning rate (warm-up, cosine decay)")
     temperature: float = 0.2

@@ -22,8 +22,10 @@ contrastive task asks it to keep which way up a slice is. A second, predictive t
 (`rotation_weight`, after RotNet): each slice also gives one smaller view
 (`rotation_view_fraction` of the input side) turned by a random number of quarter turns, and a
 linear head on the backbone's features must say how many. Measured on the demo's 2,000-slice T1
-pilot (seed 0, AVX-512 CPU): ARI at k = 4 0.043 with the seeded weights, 0.290 with both tasks at
-weight 1, in 229 s (7.5 CPU minutes).
+pilot (seed 0, AVX-512 CPU, ARI at k = 4 against every slice's ground truth, as
+`benchmarks/active_learning.py` scores it): 0.017 with the seeded weights; 0.266 with both tasks
+at weight 1 for 8 epochs (205 s), 0.332 at weight 2 (246 s), 0.428 at weight 1 for 12 epochs
+(294 s, the default).
 
 After training the BatchNorm running statistics are measured again on clean slices at the input
 side (no augmentation), the way the backbone will see them when it embeds; the augmented views'
@@ -35,10 +37,11 @@ so one seed gives the same weights on the same device type and thread count. The
 that `build_backbone(checkpoint=...)` loads; its model id reads `resnet18:ssl:<sha12>@128`.
 
 Cost: one step embeds 2B views forward and backward, about 3x the forward FLOPs of a view
-(`view_training_flops` counts them with torch's FLOP counter). The default schedule (8 epochs,
-B = 128, 96 px views for the 128 px input) is sized so the demo's 2,000-slice pilot trains in a
-few CPU minutes on two cores; `PretrainResult` records the measured seconds, CPU seconds and
-FLOPs so the same figure can be projected to a GPU.
+(`view_training_flops` counts them with torch's FLOP counter). The `backbone` asset's schedule
+(12 epochs, B = 128, 96 px views for the 128 px input, quarter-turn weight 1) trains the demo's
+2,000-slice pilot in about 5 minutes on two cores (9.7 CPU minutes, bf16); `PretrainResult`
+records the measured seconds, CPU seconds and FLOPs so the same figure can be projected to a
+GPU.
 """
 
 from __future__ import annotations
