@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", required=True)
     sample.add_argument("--slices", type=int, default=2000)
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--wave-style", choices=["t1", "epi", "mixed", "t1_t2_mix"],
+    sample.add_argument("--wave-style", choices=["t1", "epi", "mixed", "t1_new_site"],
                         default="t1")
     sample.add_argument("--no-bad", action="store_true", help="leave out the broken files")
     sample.set_defaults(func=cmd_sample_data)

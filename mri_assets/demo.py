@@ -4,8 +4,8 @@ pilot wave (T1) -> manifest, slices, self-supervised backbone, embeddings, PCA, 
 labeling queue -> simulated clinician labels -> expert labels, clusters with ARI (the drift
 baseline) -> pseudo-labels and their gate -> classifier vs supervised baseline -> costs; then two
 later waves embedded by the pilot's backbone: EPI-like scans (another contrast, whose ARI rises)
-and a site that starts sending T2-weighted series among its T1s (whose ARI falls), the drift
-sensor's verdict on each, and the active learning it requests.
+and a wave half of which comes from a new site with its own scanner and exporter (whose ARI
+falls), the drift sensor's verdict on each, and the active learning it requests.
 """
 
 from __future__ import annotations
@@ -119,8 +119,8 @@ def run_demo(deployment: Deployment, slices: int, seed: int) -> int:
     ok = run(PILOT, AFTER_LABELS) and ok
     later = (
         (EPI_WAVE, "epi", max(slices // 3, 200), "EPI-like slices (another contrast)"),
-        (DRIFT_WAVE, "t1_t2_mix", max(slices // 4, 300),
-         "slices of a site that starts sending T2-weighted series among its T1s"),
+        (DRIFT_WAVE, "t1_new_site", max(slices // 2, 600),
+         "slices, half of them from a new site (T2-weighted, rows and columns swapped on export)"),
     )
     for step, (wave, style, n, what) in enumerate(later, start=6):
         print(f"[{step}/8] wave {wave}: {n} {what}; embedded by the pilot's backbone")

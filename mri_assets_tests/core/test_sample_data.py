@@ -2,6 +2,7 @@ import csv
 import hashlib
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
@@ -182,14 +183,19 @@ def test_t2_like_contrast_inverts_the_head_and_keeps_the_background():
     np.testing.assert_allclose(t2_like(volume, foreground), [[0.05, 0.9], [0.2, 0.0]])
 
 
-def test_a_t1_t2_mix_wave_turns_about_half_of_the_patients_t2_like(t1_wave, tmp_path):
-    mixed = build_sample_data(tmp_path, N_SLICES, SEED, wave_style="t1_t2_mix", include_bad=False)
+def test_a_new_site_wave_changes_about_half_of_the_patients(t1_wave, tmp_path):
+    mixed = build_sample_data(tmp_path, N_SLICES, SEED, wave_style="t1_new_site", include_bad=False)
     assert {row["label"] for row in _labels(mixed)} == set(CLASSES)
     t1_digests, mixed_digests = _file_digests(t1_wave.out_dir), _file_digests(mixed.out_dir)
     same, changed = set(), set()
     for name, digest in mixed_digests.items():
         # Same seed, same source volume and augmentation per patient; DICOM files also carry
-        # per-patient PHI drawn after the contrast, so only the other formats compare.
+        # per-patient PHI drawn after the site, so only the other formats compare.
         if name.startswith("patient-") and not name.endswith(".dcm") and name in t1_digests:
             (same if digest == t1_digests[name] else changed).add(name.split("/")[0])
-    assert same and changed and not same & changed, "some patients kept T1, others turned T2"
+    assert same and changed and not same & changed, "some patients as before, others new-site"
+    nifti = next(name for name in sorted(mixed_digests) if name.endswith(".nii.gz")
+                 and name.split("/")[0] in changed and name in t1_digests)
+    before = np.asanyarray(nib.load(t1_wave.out_dir / nifti).dataobj)
+    after = np.asanyarray(nib.load(mixed.out_dir / nifti).dataobj)
+    assert after.shape == (before.shape[1], before.shape[0], *before.shape[2:]), "rows and columns swapped"
