@@ -60,6 +60,10 @@ class PretrainSettings(dg.ConfigurableResource):
     view_fraction: float = Field(default=0.75, description="view side / input side")
     max_slices: int = Field(default=0, description="train on a seeded sample of at most this many slices (0 = all)")
     include_holdout: bool = Field(default=False, description="pretrain on holdout slices too")
+    min_slices: int = Field(
+        default=1000, description="a wave with fewer training slices does not train a backbone: "
+        "it embeds with the compute weights and a later, larger wave trains (on a 300-slice "
+        "first wave the self-supervised backbone failed the pseudo-label gate in fp32, F1 0.24)")
     rotation_weight: float = Field(
         default=1.0, description="weight of the quarter-turn pretext (0 = contrastive only): "
         "predicting a view's rotation keeps orientation in the features, which the contrastive "
@@ -189,6 +193,14 @@ def backbone(
             "source": "adopted", "model_id": adopted["model_id"],
             "checkpoint_key": adopted["checkpoint_key"], "trained_on": adopted["trained_on"],
             "reason": f"policy first: wave {adopted['trained_on']} trained the backbone"})
+    elif (n := len(wave_training_slices(object_store, wave, pretrain.include_holdout,
+                                        pretrain.max_slices, pretrain.seed))) < pretrain.min_slices:
+        model = compute.build_backbone()
+        record = _write_record(object_store, wave, {
+            "source": "compute", "model_id": model.model_id, "checkpoint_key": None,
+            "trained_on": None,
+            "reason": f"only {n} training slices, fewer than pretrain.min_slices="
+                      f"{pretrain.min_slices}: the compute weights; a larger wave trains"})
     else:
         return _train(context, object_store, compute, pretrain, mlflow, config)
     context.log.info(f"{wave}: {record['reason']} -> {record['model_id']}")

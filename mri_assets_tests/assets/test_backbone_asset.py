@@ -20,7 +20,7 @@ from mri_assets.core.wave_layout import wave_shard_count
 from mri_assets.partitions import wave_shard_key
 from mri_assets_tests.assets.wave_fixtures import land_sample_wave, local_defs, materialize
 
-TINY = PretrainSettings(policy="first", epochs=1, batch_size=8)
+TINY = PretrainSettings(policy="first", epochs=1, batch_size=8, min_slices=0)
 
 
 @pytest.fixture

@@ -275,7 +275,7 @@ def test_a_wave_dropped_into_the_bucket_reaches_a_registered_classifier_hands_of
         "DVC_NO_ANALYTICS": "1",
         "MLFLOW_ENABLE_TELEMETRY": "false",
         "MRI_ASSETS_DAGSTER_URL": ui,
-        # The users' default (the suite's is off): the first wave trains its own backbone.
+        # The users' default (the suite's is off): policy first, min_slices 1000.
         "MRI_ASSETS_BACKBONE_POLICY": "first",
         **LOOP,
     }
@@ -371,9 +371,10 @@ def test_a_wave_dropped_into_the_bucket_reaches_a_registered_classifier_hands_of
         pseudo = watch.latest("pseudo_labels").asset_materialization.metadata
         assert pseudo["promoted"].value > 0
         backbone = watch.latest("backbone").asset_materialization.metadata
-        assert backbone["source"].value == "trained", "the first wave trains its own backbone"
+        # The users' default policy: a first wave this small does not train one (min_slices).
+        assert backbone["source"].value == "compute", backbone["reason"].value
+        assert "pretrain.min_slices" in backbone["reason"].value
         assert pseudo["model_id"].value == backbone["model_id"].value
-        assert backbone["model_id"].value.startswith("resnet18:ssl:")
         # The queue was built once for the wave: new labels refresh clusters, they never spend
         # the labeling budget on another batch by themselves.
         assert watch.count("labeling_queue") == 1
