@@ -193,8 +193,9 @@ def backbone(
             "source": "adopted", "model_id": adopted["model_id"],
             "checkpoint_key": adopted["checkpoint_key"], "trained_on": adopted["trained_on"],
             "reason": f"policy first: wave {adopted['trained_on']} trained the backbone"})
-    elif (n := len(wave_training_slices(object_store, wave, pretrain.include_holdout,
-                                        pretrain.max_slices, pretrain.seed))) < pretrain.min_slices:
+    elif (n := len(training := wave_training_slices(
+            object_store, wave, pretrain.include_holdout, pretrain.max_slices,
+            pretrain.seed))) < pretrain.min_slices:
         model = compute.build_backbone()
         record = _write_record(object_store, wave, {
             "source": "compute", "model_id": model.model_id, "checkpoint_key": None,
@@ -202,7 +203,7 @@ def backbone(
             "reason": f"only {n} training slices, fewer than pretrain.min_slices="
                       f"{pretrain.min_slices}: the compute weights; a larger wave trains"})
     else:
-        return _train(context, object_store, compute, pretrain, mlflow, config)
+        return _train(context, object_store, compute, pretrain, mlflow, config, training)
     context.log.info(f"{wave}: {record['reason']} -> {record['model_id']}")
     return dg.Output(record, metadata={
         "model_id": record["model_id"], "source": record["source"], "reason": record["reason"],
@@ -211,11 +212,10 @@ def backbone(
 
 
 def _train(context: dg.AssetExecutionContext, store: ObjectStore, compute: ComputeResource,
-           pretrain: PretrainSettings, mlflow: MlflowTracking, config: PretrainConfig) -> dg.Output[dict]:
+           pretrain: PretrainSettings, mlflow: MlflowTracking, config: PretrainConfig,
+           training: IndexedSlices) -> dg.Output[dict]:
     wave = context.partition_key
     device, _, device_note = compute.device_and_precision()
-    training = wave_training_slices(store, wave, pretrain.include_holdout, pretrain.max_slices,
-                                    pretrain.seed)
     context.log.info(f"{wave}: self-supervised pretraining on {len(training)} slices on {device}")
     result = pretrain_backbone(
         training, config, device, arch=compute.arch, input_size=compute.input_size,
