@@ -20,8 +20,14 @@ extensions, where converters may store the whole DICOM header): `deidentify_nift
 
 Legacy objects without preamble and file meta are read the same way (after `imaging` has seen a
 run of well-formed data elements) and written back in the encoding they came in. After cleaning,
-the output is searched for the original patient name, ID and birth date; where one is still found
-(copied into an element the profile does not list) the object is refused, never passed on.
+the output's header (pixel data left out) is searched for the original patient name, ID and birth
+date; where one is still found (copied into an element the profile does not list) the object is
+refused, never passed on. Values that identify nobody are not searched for (`is_placeholder`):
+an export that was already anonymised (`Anonymous`, `19000101`, ...) passes.
+
+A Siemens MOSAIC keeps one private element, (0019,xx0A) NumberOfImagesInMosaic of the
+`SIEMENS MR HEADER` block: a count of slices, no patient data, without which the mosaic could not
+be cut into its slices once the CSA headers (private) are gone.
 
 An object that cannot be de-identified is never stored: the landing keeps a *withheld record* in
 its place (`withheld_record`: a short text naming its sha256, size and the reason), which the
@@ -32,10 +38,17 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import struct
 
-from mri_assets.core.imaging import UnreadableImage, is_dicom
+from mri_assets.core.imaging import (
+    SIEMENS_MR_HEADER,
+    UnreadableImage,
+    is_dicom,
+    is_mosaic,
+    mosaic_count,
+)
 
 EMPTY_KEYWORDS = (
     "AccessionNumber",
@@ -175,15 +188,85 @@ def _mark_deidentified(ds) -> None:
 
 _CHECKED_IDENTIFIERS = ("PatientName", "PatientID", "PatientBirthDate")
 
+# Values anonymisers and PACS exports put in place of a name or ID, compared case-insensitively
+# with the whole value or with each component of a person name (`Anon^Anon`); `anon...` is a prefix
+PLACEHOLDER_WORDS = frozenset({
+    "anonymous", "unknown", "none", "null", "nil", "n/a", "na", "removed", "redacted",
+    "deidentified", "de-identified", "withheld", "not available", "patient", "blank", "empty",
+})
+PLACEHOLDER_PREFIX = "anon"
+MIN_IDENTIFYING_CHARACTERS = 4  # letters and digits; fewer identify nobody
+MIN_IDENTIFYING_DIGITS = 6  # an ID of digits only, shorter than this, is a counter, not a person
+_PROFILE_VALUES = frozenset({"yes", "no", "removed", "modified", DEIDENTIFICATION_METHOD.lower()})
 
-def _identifying_values(ds) -> list[bytes]:
-    """The patient's name, ID and birth date as they may appear in the encoded bytes."""
+
+def _is_pseudonym(value: str) -> bool:
+    """A patient key this pipeline writes (20 hex digits): an object landed before."""
+    return len(value) == 20 and all(c in "0123456789abcdef" for c in value)
+
+
+def _is_placeholder_date(value: str) -> bool:
+    """`19000101`, `00000000` and other dates no one living was born on (year 1900 or before)."""
+    digits = value.replace("-", "").replace(".", "")
+    return len(digits) == 8 and digits.isdigit() and int(digits[:4]) <= 1900
+
+
+def _is_placeholder_word(value: str) -> bool:
+    word = " ".join(value.lower().replace("_", " ").split())
+    return not word or word in PLACEHOLDER_WORDS or word.startswith(PLACEHOLDER_PREFIX)
+
+
+def is_placeholder(value: str, pseudonym: str = "") -> bool:
+    """True for a value that identifies no one, so finding it after cleaning is no leak: empty,
+    the profile's own replacements (the pseudonym, a patient key, YES/REMOVED), a placeholder
+    word in any case (`anon...`, `Anonymous`, `unknown`, `none`, `n/a`, `removed`, ... also per
+    person-name component), a placeholder date (year 1900 or before), fewer than 4 letters or
+    digits, one character repeated (`XXXX`, `0000`), or fewer than 6 digits alone, or a run of
+    consecutive digits (`123456`)."""
+    value = value.strip()
+    lowered = value.lower()
+    if not value or value == pseudonym or lowered in _PROFILE_VALUES or _is_pseudonym(lowered):
+        return True
+    components = [part for part in value.replace("=", "^").split("^") if part.strip()]
+    if all(_is_placeholder_word(part) for part in components):
+        return True
+    if _is_placeholder_date(value):
+        return True
+    characters = [c for c in lowered if c.isalnum()]
+    if len(characters) < MIN_IDENTIFYING_CHARACTERS or len(set(characters)) == 1:
+        return True
+    text = "".join(characters)
+    if text.isdigit():
+        steps = {int(b) - int(a) for a, b in itertools.pairwise(text)}
+        return len(text) < MIN_IDENTIFYING_DIGITS or steps in ({1}, {-1})
+    return False
+
+
+def _identifying_values(ds, pseudonym: str = "") -> list[bytes]:
+    """The patient's name, ID and birth date as they may appear in the encoded bytes, leaving
+    out placeholders (`is_placeholder`)."""
     values = []
     for keyword in _CHECKED_IDENTIFIERS:
         value = str(ds.get(keyword, "") or "").strip()
-        if len(value) >= 4:
+        if not is_placeholder(value, pseudonym):
             values.append(value.encode("utf-8", "ignore"))
     return values
+
+
+def _header_bytes(ds) -> bytes:
+    """The encoded data set without its pixel data: what a leaked identifier could be in."""
+    from pydicom.dataset import Dataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    header = Dataset()
+    for element in ds:
+        if element.tag not in (0x7FE00010, 0x7FE00008, 0x7FE00009):
+            header.add(element)
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = True, True
+    write_dataset(out, header)
+    return out.getvalue()
 
 
 def deidentify_dicom(data: bytes, pseudonym: str) -> bytes:
@@ -200,10 +283,13 @@ def deidentify_dicom(data: bytes, pseudonym: str) -> bytes:
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
-        identifying = _identifying_values(ds)
+        identifying = _identifying_values(ds, pseudonym)
+        mosaic_slices = mosaic_count(ds) if is_mosaic(ds) else None
     except (InvalidDicomError, EOFError, ValueError, OSError, KeyError, struct.error) as exc:
         raise UnreadableImage(f"unreadable DICOM header, cannot de-identify: {exc}") from exc
     ds.remove_private_tags()
+    if mosaic_slices is not None:
+        ds.private_block(0x0019, SIEMENS_MR_HEADER, create=True).add_new(0x0A, "US", mosaic_slices)
     _clean_dataset(ds, pseudonym)
     for keyword in REPLACED_KEYWORDS:
         setattr(ds, keyword, pseudonym)
@@ -225,7 +311,11 @@ def deidentify_dicom(data: bytes, pseudonym: str) -> bytes:
     except (ValueError, TypeError, AttributeError, OverflowError, struct.error) as exc:
         raise UnreadableImage(f"DICOM header cannot be written back, cannot de-identify: {exc}") from exc
     cleaned = out.getvalue()
-    left = [value for value in identifying if value in cleaned and value != pseudonym.encode()]
+    try:
+        header = _header_bytes(ds) if identifying else b""
+    except (ValueError, TypeError, AttributeError, OverflowError, struct.error):
+        header = cleaned
+    left = [value for value in identifying if value in header and value != pseudonym.encode()]
     if left:
         raise UnreadableImage(
             f"de-identification left {len(left)} patient identifier(s) in the object (copied "

@@ -1,10 +1,16 @@
-"""Decode one raw object (PNG, JPEG, DICOM, NIfTI, FreeSurfer MGH) into windowed, 256 px uint8 slices.
+"""Decode one raw object (PNG, JPEG, DICOM, NIfTI, FreeSurfer MGH, MINC, and the paired formats
+Analyze, PAR/REC and AFNI) into windowed, 256 px uint8 slices.
 
 The format comes from the content (PNG/JPEG signatures, the DICM preamble or a run of
-well-formed data elements for legacy DICOM without one, the NIfTI and MGH headers), never from
-the name alone; the name's extension is only checked against it. A 2-D file is one slice windowed
-on its own; a volume (NIfTI, MGH, multi-frame DICOM) is windowed once over all its voxels so its
-slices keep their relative contrast. DICOM objects must be of an allowed modality (MR by default).
+well-formed data elements for legacy DICOM without one, the NIfTI, MGH and MINC headers, a pair
+bundle's head), never from the name alone; the name's extension is only checked against it. A
+gzip-compressed object is recognised by what it holds once unpacked, up to a bound on its
+unpacked size. A 2-D file is one slice windowed on its own; a volume (NIfTI, MGH, MINC, the
+paired formats, multi-frame DICOM, a Siemens MOSAIC unpacked into its slices) is windowed once
+over all its voxels so its slices keep their relative contrast. A 4-D volume gives every
+volume's slices, volume-major, up to a bound on slices per object. DICOM objects must be of an
+allowed modality (MR by default). Objects that are not images (CIFTI, GIFTI, tractography,
+spectroscopy, PET) are refused with a reason of their own.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import math
 import struct
 import warnings
 import zlib
@@ -20,12 +27,32 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from mri_assets.core.unreadable import UnreadableImage
+from mri_assets.core.volume_formats import (
+    DEFAULT_MAX_SLICES,
+    DEFAULT_MAX_UNPACKED_BYTES,
+    GZIP_SIGNATURE,
+    NON_IMAGE_REASONS,
+    PAIR_SUFFIXES,
+    bundle_kind,
+    check_slice_count,
+    gunzip_bounded,
+    gunzip_head,
+    is_minc,
+    missing_partner_reason,
+    nifti_non_image_kind,
+    non_image_kind,
+    pair_role,
+    read_minc,
+    read_pair,
+    slice_count,
+)
+
 MIN_SIDE = 32
 MAX_SIDE = 8192
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
-GZIP_SIGNATURE = b"\x1f\x8b"
 
 _EXTENSION_FORMATS = (
     (".nii.gz", "nifti"),
@@ -39,25 +66,25 @@ _EXTENSION_FORMATS = (
     (".ima", "dicom"),
     (".mgz", "mgh"),
     (".mgh", "mgh"),
+    (".mnc", "minc"),
+    (".hdr", "analyze"),
+    (".par", "parrec"),
+    (".head", "afni"),
 )
 
 _SUGGESTED_EXTENSION = {"png": ".png", "jpeg": ".jpg", "dicom": ".dcm", "nifti": ".nii / .nii.gz",
-                        "mgh": ".mgz / .mgh"}
+                        "mgh": ".mgz / .mgh", "minc": ".mnc", "analyze": ".hdr + .img",
+                        "parrec": ".PAR + .REC", "afni": ".HEAD + .BRIK"}
+IMAGE_FORMATS = ("png", "jpeg", "dicom", "nifti", "mgh", "minc", "analyze", "parrec", "afni")
 
 DEFAULT_MODALITIES = ("MR",)
 # Secondary Capture SOP classes: screen grabs and scanned films, which may show burned-in text
 _SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+# MR Spectroscopy Storage, Siemens CSA Non-Image (spectroscopy raw data and other non-images)
+_SPECTROSCOPY_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.4.2", "1.3.12.2.1107.5.9.1")
 
 _INTEGER_HISTOGRAM_MAX_RANGE = 1 << 20
 _HISTOGRAM_RANGE_ALWAYS = 1 << 17
-
-
-class UnreadableImage(ValueError):
-    """Raised when an object cannot be decoded into slices; `reason` says what is wrong."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -92,10 +119,13 @@ class _DecodedStack:
 
 
 def format_from_extension(name: str) -> str | None:
+    """The format a name claims; `X.gz` claims what `X` does (`.nii.gz` and `.mgz` included)."""
     lower = name.lower()
     for suffix, fmt in _EXTENSION_FORMATS:
         if lower.endswith(suffix):
             return fmt
+    if lower.endswith(".gz"):
+        return format_from_extension(lower[:-3])
     return None
 
 
@@ -167,22 +197,28 @@ def is_headerless_dicom(data: bytes) -> bool:
 
 
 def detect_format(data: bytes) -> str | None:
-    """The format the bytes hold: "png", "jpeg", "dicom", "nifti", "mgh" or None."""
+    """The format the bytes hold: one of `IMAGE_FORMATS`, a non-image kind of
+    `NON_IMAGE_REASONS` ("cifti", "trk", ...), or None. Gzip is looked through."""
+    if data.startswith(GZIP_SIGNATURE):
+        head = gunzip_head(data, 64 * 1024)
+        if not head or head.startswith(GZIP_SIGNATURE):
+            return None
+        return detect_format(head)
     if data.startswith(PNG_SIGNATURE):
         return "png"
     if data.startswith(JPEG_SIGNATURE):
         return "jpeg"
     if len(data) >= 132 and data[128:132] == b"DICM":
         return "dicom"
-    if data.startswith(GZIP_SIGNATURE):
-        head = _gunzip_head(data, 24)
-        if head is not None and _nifti_sizeof_hdr(head):
-            return "nifti"
-        return "mgh" if head is not None and _is_mgh_header(head) else None
     if _nifti_sizeof_hdr(data):
-        return "nifti"
+        return nifti_non_image_kind(data[:4096]) or "nifti"
     if _is_mgh_header(data[:24]):
         return "mgh"
+    if is_minc(data):
+        return "minc"
+    kind = bundle_kind(data) or non_image_kind(data)
+    if kind is not None:
+        return kind
     if is_headerless_dicom(data):
         return "dicom"
     return None
@@ -190,13 +226,6 @@ def detect_format(data: bytes) -> str | None:
 
 def is_dicom(data: bytes) -> bool:
     return detect_format(data) == "dicom"
-
-
-def _gunzip_head(data: bytes, n: int) -> bytes | None:
-    try:
-        return zlib.decompressobj(31).decompress(data[: 64 * 1024], n)
-    except zlib.error:
-        return None
 
 
 def _check_side_lengths(rows: int, cols: int, what: str) -> None:
@@ -264,6 +293,9 @@ def _transfer_syntax(ds, has_preamble: bool):
 def check_dicom_admissible(ds, modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> None:
     """Refuse (with what to do) a DICOM object that is not an acquired image of an allowed modality."""
     allowed = " or ".join(modalities)
+    if str(ds.get("SOPClassUID", "") or "") in _SPECTROSCOPY_SOP_CLASSES:
+        raise UnreadableImage(NON_IMAGE_REASONS["spectroscopy"] + " (DICOM spectroscopy or "
+                              "non-image SOP class)")
     modality = str(ds.get("Modality", "") or "").strip().upper()
     if not modality:
         raise UnreadableImage(
@@ -289,7 +321,8 @@ def check_dicom_admissible(ds, modalities: tuple[str, ...] = DEFAULT_MODALITIES)
         )
 
 
-def _decode_dicom(data: bytes, modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> _DecodedStack:
+def _decode_dicom(data: bytes, modalities: tuple[str, ...] = DEFAULT_MODALITIES,
+                  max_slices: int = DEFAULT_MAX_SLICES) -> _DecodedStack:
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import get_decoder
@@ -318,6 +351,11 @@ def _decode_dicom(data: bytes, modalities: tuple[str, ...] = DEFAULT_MODALITIES)
             )
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    check_slice_count(frames, max_slices, "DICOM object")
+    mosaic = is_mosaic(ds) and frames == 1
+    if mosaic:
+        tiles = mosaic_tiles(ds, rows, cols)
+        check_slice_count(tiles, max_slices, "Siemens MOSAIC")
     arr = _native_little_endian_pixels(ds, tsuid, rows, cols, frames, samples)
     if arr is None:
         arr = _pydicom_pixels(ds)
@@ -327,10 +365,76 @@ def _decode_dicom(data: bytes, modalities: tuple[str, ...] = DEFAULT_MODALITIES)
             arr = arr[np.newaxis]
     if ds.get("PhotometricInterpretation") == "MONOCHROME1":
         arr = arr.max() - arr
+    if mosaic:
+        arr = unpack_mosaic(arr[0], tiles)
     patient_id = str(ds.get("PatientID", "") or "").strip() or None
     return _DecodedStack(
-        _native(arr), is_volume=frames > 1, patient_id=patient_id, nifti_display=False
+        _native(arr), is_volume=frames > 1 or mosaic, patient_id=patient_id, nifti_display=False
     )
+
+
+SIEMENS_MR_HEADER = "SIEMENS MR HEADER"  # private creator of (0019,xx0A) NumberOfImagesInMosaic
+
+
+def is_mosaic(ds) -> bool:
+    image_type = ds.get("ImageType", None)
+    values = [image_type] if isinstance(image_type, str) else list(image_type or [])
+    return any(str(value).strip().upper() == "MOSAIC" for value in values)
+
+
+def mosaic_count(ds) -> int | None:
+    """NumberOfImagesInMosaic: from the CSA image header (read by nibabel's `nicom`), else from
+    the Siemens private element (0019,xx0A) that de-identification keeps; None when neither
+    gives a positive whole number."""
+    candidates = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from nibabel.nicom import csareader
+
+            csa = csareader.get_csa_header(ds, "image")
+            if csa is not None:
+                candidates.append(csareader.get_n_mosaic(csa))
+    except Exception:  # noqa: BLE001,S110 - a broken CSA header: the private element may remain
+        pass
+    try:
+        candidates.append(ds.private_block(0x0019, SIEMENS_MR_HEADER)[0x0A].value)
+    except (KeyError, ValueError, AttributeError):
+        pass
+    for value in candidates:
+        try:
+            count = int(value)
+        except (TypeError, ValueError):
+            continue
+        if count > 0:
+            return count
+    return None
+
+
+def mosaic_tiles(ds, rows: int, cols: int) -> int:
+    """How many slices a Siemens MOSAIC frame tiles (checked against its size), or why not."""
+    count = mosaic_count(ds)
+    if count is None:
+        raise UnreadableImage(
+            f"Siemens MOSAIC ({rows}x{cols} px frame tiling many slices) whose number of slices "
+            "cannot be read (no NumberOfImagesInMosaic in its CSA header or (0019,xx0A)): it "
+            "cannot be cut into its slices; export the series again with its Siemens header")
+    grid = math.ceil(math.sqrt(count))
+    if rows % grid or cols % grid or rows // grid < MIN_SIDE or cols // grid < MIN_SIDE:
+        raise UnreadableImage(
+            f"Siemens MOSAIC of {count} slices cannot tile its {rows}x{cols} px frame on a "
+            f"{grid}x{grid} grid: NumberOfImagesInMosaic does not fit the image; export the "
+            "series again")
+    return count
+
+
+def unpack_mosaic(frame: np.ndarray, count: int) -> np.ndarray:
+    """(count, rows/grid, cols/grid) slices of a MOSAIC frame, read row by row of tiles from
+    the top left, grid = ceil(sqrt(count))."""
+    grid = math.ceil(math.sqrt(count))
+    tile_rows, tile_cols = frame.shape[0] // grid, frame.shape[1] // grid
+    tiles = frame.reshape(grid, tile_rows, grid, tile_cols).swapaxes(1, 2)
+    return np.ascontiguousarray(tiles.reshape(grid * grid, tile_rows, tile_cols)[:count])
 
 
 _UNCOMPRESSED_LITTLE_ENDIAN = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
@@ -383,7 +487,7 @@ def _luminance(rgb: np.ndarray) -> np.ndarray:
     return (rgb[..., :3].astype(np.float32) @ weights).astype(np.float32)
 
 
-def _decode_nifti(data: bytes) -> _DecodedStack:
+def _decode_nifti(data: bytes, max_slices: int = DEFAULT_MAX_SLICES) -> _DecodedStack:
     import nibabel as nib
 
     if data.startswith(GZIP_SIGNATURE):
@@ -403,30 +507,38 @@ def _decode_nifti(data: bytes) -> _DecodedStack:
     magic = data[344:348] if size == 348 else data[4:8]
     if magic[:3] in (b"ni1", b"ni2"):
         raise UnreadableImage(
-            "NIfTI header of a .hdr/.img pair: upload a single-file .nii or .nii.gz"
+            "NIfTI header of a .hdr/.img pair: land it beside its .img (same name), or upload "
+            "a single-file .nii or .nii.gz"
         )
     image_class = nib.Nifti1Image if size == 348 else nib.Nifti2Image
     try:
         img = image_class.from_bytes(data)
+        slice_dim = img.header.get_dim_info()[2] if len(img.shape) > 2 else None
+        check_slice_count(slice_count(img.shape, slice_dim), max_slices, "NIfTI volume")
         arr = np.asanyarray(img.dataobj)
+    except UnreadableImage:
+        raise
     except (ValueError, EOFError, OSError, nib.filebasedimages.ImageFileError, TypeError) as exc:
         detail = " ".join(str(exc).split())
         raise UnreadableImage(
             f"unreadable or truncated NIfTI: {detail}; copy or export the volume again"
         ) from exc
+    return _voxel_stack(arr, slice_dim, "NIfTI")
+
+
+def _voxel_stack(arr: np.ndarray, slice_dim: int | None, what: str) -> _DecodedStack:
     if arr.ndim < 2:
         raise UnreadableImage(
-            f"NIfTI data has {arr.ndim} dimension(s); an image needs at least 2: leave it out"
+            f"{what} data has {arr.ndim} dimension(s); an image needs at least 2: leave it out"
         )
     if arr.dtype.kind not in "uifb":
         raise UnreadableImage(
-            f"NIfTI data type {arr.dtype} (complex or RGB) is not a scalar intensity image; "
+            f"{what} data type {arr.dtype} (complex or RGB) is not a scalar intensity image; "
             "store magnitude or grey values"
         )
     if arr.dtype.kind == "b":
         arr = arr.astype(np.uint8)
-    slice_dim = img.header.get_dim_info()[2] if arr.ndim > 2 else None
-    return _volume_stack(arr, slice_dim, "NIfTI slice")
+    return _volume_stack(arr, slice_dim, f"{what} slice")
 
 
 def _volume_stack(arr: np.ndarray, slice_dim: int | None, what: str) -> _DecodedStack:
@@ -445,7 +557,7 @@ def _volume_stack(arr: np.ndarray, slice_dim: int | None, what: str) -> _Decoded
     return _DecodedStack(stack, is_volume=stack.shape[0] > 1, patient_id=None, nifti_display=True)
 
 
-def _decode_mgh(data: bytes) -> _DecodedStack:
+def _decode_mgh(data: bytes, max_slices: int = DEFAULT_MAX_SLICES) -> _DecodedStack:
     """A FreeSurfer `.mgh` volume, or `.mgz` (the same, gzip-compressed), through nibabel."""
     from nibabel.freesurfer.mghformat import MGHImage
 
@@ -458,7 +570,10 @@ def _decode_mgh(data: bytes) -> _DecodedStack:
             ) from exc
     try:
         img = MGHImage.from_bytes(data)
+        check_slice_count(slice_count(img.shape), max_slices, "MGH volume")
         arr = np.asanyarray(img.dataobj)
+    except UnreadableImage:
+        raise
     except (ValueError, EOFError, OSError, TypeError, struct.error) as exc:
         detail = " ".join(str(exc).split())
         raise UnreadableImage(
@@ -467,14 +582,31 @@ def _decode_mgh(data: bytes) -> _DecodedStack:
     return _volume_stack(arr, None, "MGH slice")
 
 
-def _decode(data: bytes, fmt: str, modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> _DecodedStack:
+def _decode(data: bytes, fmt: str, modalities: tuple[str, ...] = DEFAULT_MODALITIES,
+            max_slices: int = DEFAULT_MAX_SLICES,
+            max_unpacked: int = DEFAULT_MAX_UNPACKED_BYTES) -> tuple[_DecodedStack, str]:
+    """The decoded slices and the format they were read as (a .hdr/.img pair may be NIfTI)."""
     if fmt in ("png", "jpeg"):
-        return _decode_pil(data, fmt)
+        return _decode_pil(data, fmt), fmt
     if fmt == "dicom":
-        return _decode_dicom(data, modalities)
+        return _decode_dicom(data, modalities, max_slices), fmt
     if fmt == "mgh":
-        return _decode_mgh(data)
-    return _decode_nifti(data)
+        return _decode_mgh(data, max_slices), fmt
+    if fmt == "minc":
+        volume = read_minc(data, max_slices)
+    elif fmt in ("analyze", "parrec", "afni"):
+        volume = read_pair(data, max_unpacked, max_slices)
+    else:
+        return _decode_nifti(data, max_slices), fmt
+    return _voxel_stack(volume.voxels, volume.slice_dim, _FORMAT_WORDS[volume.format]), volume.format
+
+
+_FORMAT_WORDS = {"mgh": "MGH (.mgz)", "dicom": "DICOM", "minc": "MINC", "analyze": "Analyze", "nifti": "NIfTI", "parrec": "PAR/REC",
+                 "afni": "AFNI"}
+
+
+UNRECOGNISED = ("the content matches no PNG, JPEG, DICOM, NIfTI, Analyze, MGH, MINC, PAR/REC or "
+                "AFNI signature")
 
 
 def _resolve_format(data: bytes, name: str) -> str:
@@ -482,6 +614,11 @@ def _resolve_format(data: bytes, name: str) -> str:
         raise UnreadableImage(f"empty object (0 bytes): {name}; copy it again from its source")
     claimed = format_from_extension(name)
     found = detect_format(data)
+    if found in NON_IMAGE_REASONS:
+        raise UnreadableImage(NON_IMAGE_REASONS[found])
+    role = pair_role(name)
+    if role is not None and found not in PAIR_SUFFIXES and (role[1] == "header" or found is None):
+        raise UnreadableImage(missing_partner_reason(name, role[0], role[1]))
     if found is None:
         if claimed == "nifti":
             size = struct.unpack("<i", data[:4])[0] if len(data) >= 4 else None
@@ -496,10 +633,9 @@ def _resolve_format(data: bytes, name: str) -> str:
                 "leave it out of the wave"
             )
         raise UnreadableImage(
-            "not an image: the content matches no PNG, JPEG, DICOM, NIfTI or MGH signature "
-            f"(first bytes {data[:8]!r}); leave it out of the wave"
+            f"not an image: {UNRECOGNISED} (first bytes {data[:8]!r}); leave it out of the wave"
         )
-    if claimed is not None and claimed != found:
+    if claimed is not None and claimed != found and {claimed, found} != {"analyze", "nifti"}:
         raise UnreadableImage(
             f"wrong extension: the name says {claimed} but the content is {found}; "
             f"rename it to {_SUGGESTED_EXTENSION[found]}"
@@ -655,14 +791,20 @@ def process_object(
     size: int = 256,
     window: tuple[float, float] = (0.5, 99.5),
     modalities: tuple[str, ...] = DEFAULT_MODALITIES,
+    max_slices: int = DEFAULT_MAX_SLICES,
+    max_unpacked_bytes: int = DEFAULT_MAX_UNPACKED_BYTES,
 ) -> ProcessedObject:
     """Decode one raw object into windowed `size` px uint8 slices plus the slices it had to quarantine.
 
-    Raises `UnreadableImage` when the object as a whole cannot be read, or is a DICOM object of
-    a modality outside `modalities`.
+    Raises `UnreadableImage` when the object as a whole cannot be read, is not an image, is a
+    DICOM object of a modality outside `modalities`, gives more than `max_slices` slices, or is
+    gzip that unpacks to more than `max_unpacked_bytes`.
     """
     fmt = _resolve_format(data, name)
-    decoded = _decode(data, fmt, tuple(m.upper() for m in modalities))
+    if data.startswith(GZIP_SIGNATURE):
+        data = gunzip_bounded(data, max_unpacked_bytes, _FORMAT_WORDS.get(fmt, fmt.upper()))
+    decoded, fmt = _decode(data, fmt, tuple(m.upper() for m in modalities), max_slices,
+                           max_unpacked_bytes)
     stack = decoded.stack
     low_pct, high_pct = window
     lows, highs = stack.min(axis=(1, 2)), stack.max(axis=(1, 2))
