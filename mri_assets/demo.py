@@ -67,7 +67,7 @@ def pseudo_label_precision(defs: dg.Definitions, instance: dg.DagsterInstance, w
                            labels_csv) -> tuple[int, float | None]:
     """Promoted pseudo-labels checked against the sample's ground truth (never used to train)."""
     from mri_assets.core.sample_labels import ground_truth_for_wave
-    from mri_assets.core.slice_shards import manifest_key
+    from mri_assets.core.wave_keys import manifest_key
 
     store = defs.resources["object_store"]
     manifest = pl.read_parquet(io.BytesIO(store.get_bytes(manifest_key(wave))))

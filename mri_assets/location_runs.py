@@ -13,29 +13,19 @@ does: its steps use the definitions this process built from the deployment the c
 (`--home` and the demo's figures included), so nothing has to travel to a step process through
 the environment. A re-execution from the UI runs where the webserver's code location runs, with
 the deployment of that process (`make dev`'s environment) and the executor of its profile.
+
+The Dagster internals this takes live in `dagster_private` (the one module allowed them).
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
-from dagster._core.definitions.job_base import InMemoryJob
-from dagster._core.definitions.reconstruct import ReconstructableRepository
-from dagster._core.definitions.repository_definition import SINGLETON_REPOSITORY_NAME
-from dagster._core.execution.api import create_execution_plan, execute_run
-from dagster._core.execution.execute_in_process import merge_run_tags
-from dagster._core.origin import JobPythonOrigin
-from dagster._core.remote_origin import (
-    ManagedGrpcPythonEnvCodeLocationOrigin,
-    RemoteJobOrigin,
-    RemoteRepositoryOrigin,
-)
-from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 
+from mri_assets.dagster_private import execute_as_location_run, job_origins
 from mri_assets.jobs import STAGE_JOBS
 
 # The code location as workspace.yaml declares it (`make dev`, the webserver, the daemon).
@@ -43,25 +33,6 @@ LOCATION_NAME = "mri_assets"
 LOCATION_MODULE = "mri_assets.definitions"
 DEFINITIONS_ATTRIBUTE = "defs"
 WORKING_DIRECTORY = str(Path(__file__).resolve().parent.parent)
-
-
-def location_origin() -> ManagedGrpcPythonEnvCodeLocationOrigin:
-    """The origin the webserver gives the workspace's code location."""
-    return ManagedGrpcPythonEnvCodeLocationOrigin(
-        loadable_target_origin=LoadableTargetOrigin(
-            executable_path=sys.executable, module_name=LOCATION_MODULE,
-            working_directory=WORKING_DIRECTORY),
-        location_name=LOCATION_NAME,
-    )
-
-
-def job_origins(job_name: str) -> tuple[RemoteJobOrigin, JobPythonOrigin]:
-    """(remote origin, code origin) of the code location's job `job_name`."""
-    remote = RemoteJobOrigin(RemoteRepositoryOrigin(location_origin(), SINGLETON_REPOSITORY_NAME),
-                             job_name)
-    repository = ReconstructableRepository.for_module(
-        LOCATION_MODULE, DEFINITIONS_ATTRIBUTE, WORKING_DIRECTORY).get_python_origin()
-    return remote, JobPythonOrigin(job_name, repository)
 
 
 @dataclass(frozen=True)
@@ -88,20 +59,12 @@ class LocationStage:
     ):
         """What `JobDefinition.execute_in_process` does (same arguments; a result with `success`
         and `run_id`), but the run is created as a run of the code location's job."""
-        here = self.job.as_ephemeral_job(resource_defs={}, input_values={})
-        subset = here.get_subset(asset_selection=set(self.keys))
-        run_tags = merge_run_tags(job_def=subset, partition_key=partition_key, tags=tags,
-                                  asset_selection=list(self.keys), instance=instance,
-                                  run_config=run_config)
-        plan = create_execution_plan(InMemoryJob(subset), run_config=run_config,
-                                     instance_ref=instance.get_ref(), tags=run_tags)
-        remote_origin, code_origin = job_origins(self.job.name)
-        run = instance.create_run_for_job(
-            job_def=subset, execution_plan=plan, run_id=run_id, run_config=run_config,
-            tags={**subset.run_tags, **run_tags}, asset_selection=self.keys,
-            remote_job_origin=remote_origin, job_code_origin=code_origin,
-        )
-        return execute_run(InMemoryJob(here), run, instance, raise_on_error=raise_on_error)
+        origins = job_origins(module=LOCATION_MODULE, attribute=DEFINITIONS_ATTRIBUTE,
+                              working_directory=WORKING_DIRECTORY, location_name=LOCATION_NAME,
+                              job_name=self.job.name)
+        return execute_as_location_run(
+            self.job, self.keys, origins, run_config=run_config, instance=instance,
+            partition_key=partition_key, raise_on_error=raise_on_error, run_id=run_id, tags=tags)
 
 
 def location_stage(defs: dg.Definitions, kind: str,

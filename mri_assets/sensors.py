@@ -8,22 +8,19 @@ import dagster as dg
 from mri_assets.core.clustering import DriftDecision
 from mri_assets.core.drift_watch import ClustersObservation, DriftWatch
 from mri_assets.core.expert_labels import label_counts_by_wave
-from mri_assets.core.manifest import READY_MARKER, WaveKeyError, validate_wave_key
+from mri_assets.core.manifest import WaveKeyError, validate_wave_key
 from mri_assets.core.retrain_watch import RetrainWatch
 from mri_assets.jobs import ACTIVE_LEARNING_JOB, LABEL_REFRESH_JOB, RETRAIN_JOB, ingest_wave_job
 from mri_assets.partitions import WAVES, wave_partitions
 from mri_assets.resources.label_store import LabelStore
 from mri_assets.resources.object_store import ObjectStore
 from mri_assets.resources.settings import ClusteringSettings, RetrainSettings
+from mri_assets.resources.wave_store import WaveStore
 
 
 def ready_waves(store: ObjectStore) -> list[str]:
     """Waves whose landing area holds a `raw/WAVE/_READY` marker."""
-    return sorted(
-        info.key.split("/")[1]
-        for info in store.list("raw/")
-        if info.key.count("/") == 2 and info.key.endswith("/" + READY_MARKER)
-    )
+    return WaveStore(store).landed_waves()
 
 
 @dg.sensor(job=ingest_wave_job, minimum_interval_seconds=30,

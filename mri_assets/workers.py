@@ -110,9 +110,10 @@ def materialize_partition(select: str, partition: str | None, instance) -> str:
     run id; raises RuntimeError naming the run when it failed.
     """
     import dagster as dg
-    from dagster._core.definitions.reconstruct import ReconstructableRepository
 
-    recon_repo = ReconstructableRepository.for_module(DEFINITIONS_MODULE, "defs", os.getcwd())
+    from mri_assets.dagster_private import reconstructable_repository
+
+    recon_repo = reconstructable_repository(DEFINITIONS_MODULE, "defs", os.getcwd())
     repository = recon_repo.get_definition()
     wanted = [dg.AssetKey.from_user_string(name.strip()) for name in select.split(",")]
     keys = dg.AssetSelection.assets(*wanted).resolve(repository.asset_graph)

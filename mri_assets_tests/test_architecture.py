@@ -7,6 +7,7 @@ an import hidden inside a function cannot hide a cycle or a layer breach.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mri_assets"
@@ -20,19 +21,21 @@ LAYERS = {
     "assets": {"assets"},
     "triage": {"triage"},
     "wiring": {"partitions", "executors", "jobs", "sensors", "schedules", "code_location",
-               "location_runs", "local_run", "smoke_run", "definitions"},
+               "location_runs", "local_run", "smoke_run", "definitions", "dagster_private",
+               "automation"},
     "entry": {"operations", "simulated_clinician", "demo", "workers", "cli"},
 }
 MAY_IMPORT = {
     "core": {"core"},
     "deployment": {"deployment", "core"},
     "resources": {"resources", "deployment", "core"},
-    "assets": {"assets", "resources", "core"},  # and `partitions`, see ASSETS_MAY_IMPORT
+    "assets": {"assets", "resources", "core"},  # and ASSETS_MAY_IMPORT
     "triage": {"triage", "resources", "deployment", "core"},
     "wiring": {"wiring", "assets", "resources", "deployment", "core"},
     "entry": {"entry", "wiring", "triage", "assets", "resources", "deployment", "core"},
 }
-ASSETS_MAY_IMPORT = {"mri_assets.partitions"}
+# Dagster fixes partitions and automation conditions where assets are declared.
+ASSETS_MAY_IMPORT = {"mri_assets.partitions", "mri_assets.automation"}
 
 
 def module_name(path: Path) -> str:
@@ -151,3 +154,146 @@ def test_core_imports_no_dagster():
 def test_the_deployment_edge_imports_no_dagster():
     _, others = GRAPH["mri_assets.deployment"]
     assert not others & DAGSTER_PACKAGES
+
+
+# One module builds object-store keys (docs/architecture.md, "A wave's storage").
+KEY_MODULE = "mri_assets.core.wave_keys"
+LAYOUT_ROOTS = ("raw/", "staging/", "slices/", "manifests/", "embeddings/", "models/", "clusters/")
+_KEY_MODULE_TREE = ast.parse(MODULES[KEY_MODULE].read_text())
+KEY_FUNCTIONS = {node.name for node in _KEY_MODULE_TREE.body
+                 if isinstance(node, ast.FunctionDef) and not node.name.startswith("_")}
+KEY_CONSTANTS = {target.id for node in _KEY_MODULE_TREE.body if isinstance(node, ast.Assign)
+                 for target in node.targets if isinstance(target, ast.Name)}
+
+
+def _names(node: ast.AST) -> set[str]:
+    return ({n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+            | {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)})
+
+
+def _names_a_wave(node: ast.AST) -> bool:
+    return any(re.search(r"wave|shard|trained_on", name, re.IGNORECASE) for name in _names(node))
+
+
+def _callee(node: ast.AST) -> str:
+    if isinstance(node, ast.Call):
+        node = node.func
+    return node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else ""
+
+
+def _literal_text(node: ast.JoinedStr) -> str:
+    return "".join(part.value for part in node.values if isinstance(part, ast.Constant))
+
+
+def _is_key_part(node: ast.AST) -> bool:
+    """A call of a key builder, a key constant, or a name that holds a prefix."""
+    if isinstance(node, ast.Call):
+        return _callee(node) in KEY_FUNCTIONS
+    return isinstance(node, ast.Name) and (node.id in KEY_CONSTANTS or node.id.endswith("prefix"))
+
+
+def key_building(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, code) of every place in `tree` that builds an object-store key of a wave itself:
+    - an f-string shaped like a key ('/' in its text, no blank, not a URL or a route) that puts a
+      wave or shard in, or starts with a layout root (`models/`, `raw/`, ...);
+    - a string that starts with a layout root;
+    - a `+` onto a key builder's result, a key constant or a prefix (`prefix + name`);
+    - a path join (`'/'.join`, `posixpath.join`, `os.path.join`) that makes a name of a wave or
+      shard in its arguments."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.JoinedStr):
+            text = _literal_text(node)
+            starts_with_slash = isinstance(node.values[0], ast.Constant) and text.startswith("/")
+            if ("/" in text and not re.search(r"\s", text) and "://" not in text
+                    and not starts_with_slash
+                    and (text.startswith(LAYOUT_ROOTS)
+                         or any(isinstance(part, ast.FormattedValue) and _names_a_wave(part.value)
+                                for part in node.values))):
+                found.append((node.lineno, ast.unparse(node)))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if node.value.startswith(LAYOUT_ROOTS):
+                found.append((node.lineno, repr(node.value)))
+        elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+            sides = (node.left, node.right)
+            if (not any(isinstance(side, ast.Constant) and side.value == "/" for side in sides)
+                    and any(_is_key_part(side) for side in sides)):
+                found.append((node.lineno, ast.unparse(node)))
+        elif isinstance(node, ast.Call) and _callee(node) == "join":
+            owner = node.func.value if isinstance(node.func, ast.Attribute) else None
+            slash_join = isinstance(owner, ast.Constant) and owner.value == "/"
+            path_join = _callee(owner) in {"posixpath", "path"} if owner is not None else False
+            made_here = any(isinstance(n, ast.JoinedStr | ast.BinOp)
+                            for arg in node.args for n in ast.walk(arg))
+            if (slash_join or path_join) and _names_a_wave(node) and (slash_join or made_here):
+                found.append((node.lineno, ast.unparse(node)))
+    return sorted(set(found))
+
+
+def test_the_key_finder_finds_keys_built_by_hand():
+    code = '\n'.join([
+        'a = f"models/pca/{wave}.npz"',
+        'b = f"{wave}/labels.csv"',
+        'c = store.list("raw/")',
+        'd = raw_prefix(wave) + relative',
+        'e = "/".join(["embeddings", wave, name])',
+        'f = os.path.join(folder, f"{shard_name(shard)}.npy")',
+        'g = prefix + READY_MARKER',
+    ])
+    assert sorted({line for line, _ in key_building(ast.parse(code))}) == [1, 2, 3, 4, 5, 6, 7]
+    fine = '\n'.join([
+        'a = f"wave {wave}/{shard:02d}: {n} slices"',  # a message
+        'b = f"/admin/users?done={code}"',  # a route
+        'c = f"s3://{bucket}/{wave}"',  # a URI
+        'd = os.path.join(folder, staged_file_name(shard))',  # a local file named by the owner
+        'e = prefix.strip("/") + "/"',
+    ])
+    assert key_building(ast.parse(fine)) == []
+
+
+def test_one_module_builds_object_store_keys():
+    builders = {}
+    for module, path in sorted(MODULES.items()):
+        if module == KEY_MODULE:
+            continue
+        found = key_building(ast.parse(path.read_text(), str(path)))
+        if found:
+            builders[module] = found
+    assert builders == {}, f"keys built outside {KEY_MODULE} (use its builders): {builders}"
+
+
+# Dagster's private API (`dagster._…`) is used in one module, checked by its own test.
+DAGSTER_PRIVATE_MODULE = "mri_assets.dagster_private"
+
+
+def _private_dagster_uses(tree: ast.AST) -> list[str]:
+    uses = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            uses += [alias.name for alias in node.names
+                     if alias.name.split(".")[0] in DAGSTER_PACKAGES and "._" in alias.name]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            if node.module.split(".")[0] in DAGSTER_PACKAGES:
+                if "._" in node.module or node.module.startswith("_"):
+                    uses.append(node.module)
+                uses += [f"{node.module}.{alias.name}" for alias in node.names
+                         if alias.name.startswith("_")]
+        elif (isinstance(node, ast.Attribute) and node.attr.startswith("_")
+              and not node.attr.startswith("__")
+              and isinstance(node.value, ast.Name) and node.value.id in {"dg", "dagster"}):
+            uses.append(f"{node.value.id}.{node.attr}")
+    return uses
+
+
+def test_the_private_api_finder_finds_every_form():
+    code = ("from dagster._core.origin import JobPythonOrigin\nimport dagster._config\n"
+            "from dagster import _check\nx = dg._core\nfrom dagster import asset\n")
+    assert _private_dagster_uses(ast.parse(code)) == [
+        "dagster._core.origin", "dagster._config", "dagster._check", "dg._core"]
+
+
+def test_only_one_module_uses_dagsters_private_api():
+    users = {module: uses for module, path in sorted(MODULES.items())
+             if module != DAGSTER_PRIVATE_MODULE
+             and (uses := _private_dagster_uses(ast.parse(path.read_text(), str(path))))}
+    assert users == {}, f"private Dagster API outside {DAGSTER_PRIVATE_MODULE}: {users}"

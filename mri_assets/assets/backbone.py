@@ -35,6 +35,8 @@ from mri_assets.core.embed import SliceShard
 from mri_assets.core.pretrain import IndexedSlices, PretrainConfig, pretrain_backbone
 from mri_assets.core.slice_shards import slice_keys
 from mri_assets.core.training.checkpoint import backbone_checkpoint
+from mri_assets.core.wave_keys import backbone_key
+from mri_assets.core.wave_keys import backbone_record_key as record_key
 from mri_assets.core.wave_layout import wave_shard_count
 from mri_assets.partitions import wave_partitions
 from mri_assets.resources.compute import ComputeResource
@@ -79,14 +81,6 @@ class PretrainSettings(dg.ConfigurableResource):
                               lr=self.lr, temperature=self.temperature,
                               view_fraction=self.view_fraction,
                               rotation_weight=self.rotation_weight)
-
-
-def record_key(wave: str) -> str:
-    return f"models/backbone/{wave}.json"
-
-
-def backbone_key(wave: str) -> str:
-    return f"models/backbone/{wave}.pt"
 
 
 def read_record(store: ObjectStore, wave: str) -> dict | None:

@@ -6,7 +6,7 @@ import io
 import dagster as dg
 import polars as pl
 
-from mri_assets.assets.embeddings import embeddings, embeddings_key
+from mri_assets.assets.embeddings import embeddings
 from mri_assets.assets.locations import stored_at
 from mri_assets.assets.monitoring import cluster_gauges, push_figures
 from mri_assets.assets.provenance import dagster_tags, mlflow_run_metadata
@@ -14,6 +14,7 @@ from mri_assets.core.clustering import PcaModel, cluster_scores, cluster_wave, f
 from mri_assets.core.embed import read_embedding_ids, read_embeddings
 from mri_assets.core.expert_labels import align_labels, expert_label_per_image
 from mri_assets.core.plots import projection_png
+from mri_assets.core.wave_keys import clusters_key, embeddings_key, pca_key
 from mri_assets.core.wave_layout import wave_shard_count
 from mri_assets.partitions import wave_partitions
 from mri_assets.resources.label_store import LabelStore
@@ -23,14 +24,6 @@ from mri_assets.resources.object_store import ObjectStore
 from mri_assets.resources.settings import ClusteringSettings
 
 KS = (2, 3, 4)
-
-
-def pca_key(wave: str) -> str:
-    return f"models/pca/{wave}.npz"
-
-
-def clusters_key(wave: str) -> str:
-    return f"clusters/{wave}/clusters.parquet"
 
 
 def wave_embeddings(store: ObjectStore, wave: str):

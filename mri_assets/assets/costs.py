@@ -16,7 +16,7 @@ from mri_assets.assets.monitoring import push_figures
 from mri_assets.assets.provenance import dagster_tags, mlflow_run_metadata
 from mri_assets.core.costs import CostLedger
 from mri_assets.core.costs_plot import burndown_png
-from mri_assets.core.slice_shards import manifest_key
+from mri_assets.core.wave_keys import bytes_by_wave, manifest_key
 from mri_assets.partitions import WAVES, wave_partitions, wave_shard_partitions
 from mri_assets.resources.cost_settings import CostSettings
 from mri_assets.resources.label_store import LabelStore
@@ -60,18 +60,11 @@ def _number(metadata: Mapping, name: str) -> float:
 
 
 def storage_bytes_by_wave(infos: Iterable[ObjectInfo], waves: Iterable[str]) -> dict[str, int]:
-    """Bytes per wave: a key belongs to the wave named by one of its folders or its file stem.
-
-    Keys that name no known wave (the DVC cache, MLflow artifacts) count under "".
+    """Bytes per wave: a key belongs to the wave its place in the layout names
+    (`core.wave_keys.wave_of_key`); keys of no known wave (the DVC cache, MLflow artifacts, the IO
+    manager's pickles) count under "".
     """
-    known = set(waves)
-    totals: dict[str, int] = {}
-    for info in infos:
-        parts = info.key.split("/")
-        names = [*parts[:-1], parts[-1].split(".")[0]]
-        wave = next((name for name in names if name in known), "")
-        totals[wave] = totals.get(wave, 0) + info.size
-    return totals
+    return bytes_by_wave(((info.key, info.size) for info in infos), waves)
 
 
 def measured_ledger(

@@ -11,16 +11,12 @@ from mri_assets.assets.ingest import slices
 from mri_assets.assets.locations import stored_at
 from mri_assets.assets.monitoring import push_figures, throughput_gauges
 from mri_assets.core.embed import embed_shard, write_embeddings
-from mri_assets.core.slice_shards import shard_name, slice_keys
+from mri_assets.core.wave_keys import embeddings_key, slice_keys
 from mri_assets.partitions import wave_and_shard, wave_shard_partitions
 from mri_assets.resources.compute import ComputeResource
 from mri_assets.resources.dvc_tracking import DvcTracking
 from mri_assets.resources.metrics import MetricsResource
 from mri_assets.resources.object_store import ObjectStore
-
-
-def embeddings_key(wave: str, shard: int) -> str:
-    return f"embeddings/{wave}/{shard_name(shard)}.arrow"
 
 
 @dg.asset(

@@ -6,8 +6,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from mri_assets.assets.clustering import pca_key, pca_model, wave_embeddings
-from mri_assets.assets.locations import checkpoint_key
+from mri_assets.assets.clustering import pca_model, wave_embeddings
 from mri_assets.assets.monitoring import push_figures, queue_gauges
 from mri_assets.core.clustering import PcaModel
 from mri_assets.core.expert_labels import expert_label_per_image
@@ -16,8 +15,8 @@ from mri_assets.core.selection import (
     queue_uncertainty,
     select_for_labeling,
 )
-from mri_assets.core.slice_shards import manifest_key
 from mri_assets.core.training.checkpoint import embedding_head_from_checkpoint
+from mri_assets.core.wave_keys import checkpoint_key, manifest_key, pca_key
 from mri_assets.partitions import wave_partitions
 from mri_assets.resources.label_store import LabelStore
 from mri_assets.resources.metrics import MetricsResource

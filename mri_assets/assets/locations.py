@@ -11,8 +11,3 @@ from mri_assets.resources.object_store import LocalObjectStore, ObjectStore
 
 def stored_at(store: ObjectStore, key: str) -> str:
     return key if isinstance(store, LocalObjectStore) else store.uri(key)
-
-
-def checkpoint_key(wave: str) -> str:
-    """The store key of the wave's classifier checkpoint."""
-    return f"models/classifier/{wave}.pt"

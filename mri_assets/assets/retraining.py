@@ -9,10 +9,10 @@ import numpy as np
 import polars as pl
 
 from mri_assets.assets.backbone import embedding_backbone
-from mri_assets.assets.clustering import pca_key, wave_embeddings
+from mri_assets.assets.clustering import wave_embeddings
 from mri_assets.assets.gpu import GPU_POOL, gpu_step_tags
 from mri_assets.assets.labeling import split_of
-from mri_assets.assets.locations import checkpoint_key, stored_at
+from mri_assets.assets.locations import stored_at
 from mri_assets.assets.provenance import dagster_tags, mlflow_run_metadata
 from mri_assets.core.clustering import PcaModel
 from mri_assets.core.expert_labels import expert_label_per_image
@@ -36,6 +36,7 @@ from mri_assets.core.training.two_stage import (
     TrainingData,
     train_two_stage,
 )
+from mri_assets.core.wave_keys import baseline_key, checkpoint_key, pca_key
 from mri_assets.core.wave_layout import wave_shard_count
 from mri_assets.partitions import wave_partitions
 from mri_assets.resources.compute import ComputeResource
@@ -72,10 +73,6 @@ def neighbour_space(store: ObjectStore, wave: str, embeddings: np.ndarray, space
     pca = PcaModel.from_bytes(store.get_bytes(pca_key(wave)))
     return np.concatenate([pca.transform(embeddings[s : s + 65_536])
                            for s in range(0, len(embeddings), 65_536)])
-
-
-def baseline_key(wave: str) -> str:
-    return f"models/baseline/{wave}.json"
 
 
 def wave_slice_rows(store: ObjectStore, wave: str):

@@ -18,7 +18,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from mri_assets.assets.clustering import KS, clusters, clusters_key, wave_embeddings
+from mri_assets.assets.clustering import KS, clusters, wave_embeddings
 from mri_assets.core.clustering import cluster_scores
 from mri_assets.core.fingerprint import (
     compare_fingerprints,
@@ -27,7 +27,7 @@ from mri_assets.core.fingerprint import (
     keyed_embeddings,
     smoke_fingerprint,
 )
-from mri_assets.core.slice_shards import manifest_key
+from mri_assets.core.wave_keys import clusters_key, manifest_key, raw_prefix, truth_key
 from mri_assets.resources.compute import ComputeResource
 from mri_assets.resources.object_store import ObjectStore
 
@@ -36,7 +36,7 @@ SMOKE_SLICES = 1000
 SMOKE_SEED = 0
 SMOKE_CHECK = "smoke_reproduces"
 REFERENCE_DIR = Path(__file__).resolve().parent.parent / "smoke"
-TRUTH_KEY = f"{SMOKE_WAVE}/labels.csv"
+TRUTH_KEY = truth_key(SMOKE_WAVE)
 MAX_ITEMS_SHOWN = 20
 
 
@@ -85,7 +85,7 @@ def ground_truth(store: ObjectStore, wave: str, manifest: pl.DataFrame) -> pl.Da
     """`image_id` and the sample's class `label` per manifest row (`labels.csv` joined by raw key and slice index)."""
     truth = pl.read_csv(io.BytesIO(store.get_bytes(TRUTH_KEY)), schema_overrides={"label": pl.String})
     keyed = truth.select(
-        (pl.lit(f"raw/{wave}/") + pl.col("relative_path")).alias("source_key"),
+        (pl.lit(raw_prefix(wave)) + pl.col("relative_path")).alias("source_key"),
         pl.col("slice_index").cast(manifest["slice_index"].dtype),
         "label",
     )

@@ -31,8 +31,8 @@ from mri_assets.core.slice_shards import (
     create_staged_shard,
     finish_staged_shard,
     payload_crc32,
-    shard_name,
 )
+from mri_assets.core.wave_keys import staged_file_name
 
 SLICE_SIZE = 256
 
@@ -161,7 +161,7 @@ def decode_source(source: SourceObject, settings: DecodeSettings) -> tuple[list[
 
 
 def staged_shard_path(directory: Path | str, shard: int) -> str:
-    return os.path.join(directory, f"{shard_name(shard)}.npy")
+    return os.path.join(directory, staged_file_name(shard))
 
 
 class _ShardAppender:

@@ -8,17 +8,23 @@ its results into manifest rows and finishes the manifest with polars expressions
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 
+# Wave keys and the raw prefix belong to `core.wave_keys` (still importable from here).
+from mri_assets.core.wave_keys import (  # noqa: F401
+    READY_MARKER,
+    WAVE_KEY_MAX_LENGTH,
+    WAVE_KEY_PATTERN,
+    WaveKeyError,
+    raw_prefix,
+    validate_wave_key,
+)
+
 SPLITS = ("train", "val", "holdout")
 STATUSES = ("ok", "duplicate", "quarantined")
-WAVE_KEY_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
-WAVE_KEY_MAX_LENGTH = 64
-READY_MARKER = "_READY"
 
 MANIFEST_SCHEMA: dict[str, pl.DataType] = {
     "image_id": pl.String,
@@ -46,10 +52,6 @@ MANIFEST_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
-class WaveKeyError(ValueError):
-    """A wave key that Dagster partitions and store paths cannot carry."""
-
-
 class ManifestError(ValueError):
     """A manifest that cannot be built or does not reconcile."""
 
@@ -73,24 +75,6 @@ class ManifestSettings:
         if self.n_shards < 1:
             raise ManifestError(
                 f"n_shards must be at least 1 (MRI_ASSETS_SHARDS), got {self.n_shards}")
-
-
-def validate_wave_key(wave: str) -> str:
-    if wave and len(wave) > WAVE_KEY_MAX_LENGTH:
-        raise WaveKeyError(
-            f"invalid wave key {wave[:20]!r}… of {len(wave)} characters: at most "
-            f"{WAVE_KEY_MAX_LENGTH}, lower-case letters, digits, '.', '_' or '-' (e.g. 'full-1')"
-        )
-    if not WAVE_KEY_PATTERN.match(wave or ""):
-        raise WaveKeyError(
-            f"invalid wave key {wave!r}: use lower-case letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit (for example 'pilot' or 'full-1'); no commas"
-        )
-    return wave
-
-
-def raw_prefix(wave: str) -> str:
-    return f"raw/{validate_wave_key(wave)}/"
 
 
 def image_id_for(source_sha256: str, slice_index: int) -> str:
@@ -149,7 +133,7 @@ def patient_identifier(source_key: str, wave: str, dicom_patient_id: str | None)
     """DICOM PatientID when present, else the first folder below the wave, else the file stem."""
     if dicom_patient_id and dicom_patient_id.strip():
         return f"dicom:{dicom_patient_id.strip()}"
-    prefix = f"raw/{wave}/"
+    prefix = raw_prefix(wave)
     if not source_key.startswith(prefix):
         raise ValueError(f"{source_key!r} is not below {prefix!r}")
     parts = [part for part in source_key[len(prefix):].split("/") if part]

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import polars as pl
 
+from mri_assets.core.wave_keys import raw_prefix
+
 
 def ground_truth_for_wave(labels_csv: Path, manifest: pl.DataFrame, wave: str) -> pl.DataFrame:
     """`image_id`, `label` for every manifest slice that `labels.csv` labels.
@@ -14,7 +16,7 @@ def ground_truth_for_wave(labels_csv: Path, manifest: pl.DataFrame, wave: str) -
     `raw/WAVE/relative_path`, so the two join on that key and `slice_index`.
     """
     truth = pl.read_csv(labels_csv, schema_overrides={"slice_index": pl.Int32}).with_columns(
-        (pl.lit(f"raw/{wave}/") + pl.col("relative_path")).alias("source_key")
+        (pl.lit(raw_prefix(wave)) + pl.col("relative_path")).alias("source_key")
     )
     return (
         manifest.select("image_id", "source_key", "slice_index")

@@ -20,6 +20,15 @@ import numpy as np
 import polars as pl
 from isal import isal_zlib
 
+# The shards' keys are built in `core.wave_keys` (still importable from here).
+from mri_assets.core.wave_keys import (  # noqa: F401
+    manifest_key,
+    shard_name,
+    slice_keys,
+    staged_pixels_key,
+    staging_prefix,
+)
+
 INDEX_COLUMNS = ("image_id", "row", "payload_crc32", "split", "slice_index", "source_uri")
 # The staging file's `.npy` header is reserved at this fixed length before any slice is appended,
 # and rewritten in place with the final row count once the workers are done.
@@ -30,19 +39,6 @@ def payload_crc32(pixels: np.ndarray | bytes) -> int:
     """`zlib.crc32` of a slice's bytes (same polynomial, same value) through ISA-L, several times
     faster: the decoding workers and the embedding loader checksum every slice."""
     return isal_zlib.crc32(pixels)
-
-
-def shard_name(shard: int) -> str:
-    return f"shard-{shard:02d}"
-
-
-def staging_prefix(wave: str) -> str:
-    return f"staging/{wave}/"
-
-
-def staged_pixels_key(wave: str, shard: int) -> str:
-    """The shard's staged `.npy`: every decoded `ok` slice, in arrival order."""
-    return f"{staging_prefix(wave)}{shard_name(shard)}.npy"
 
 
 def npy_header(n_rows: int, size: int) -> bytes:
@@ -82,14 +78,6 @@ def finish_staged_shard(path: Path, size: int) -> int:
 def staged_rows(n_bytes: int, size: int) -> int:
     """Rows in a finished staging file of `n_bytes` bytes."""
     return max(0, n_bytes - HEADER_BYTES) // (size * size)
-
-
-def slice_keys(wave: str, shard: int) -> tuple[str, str]:
-    return f"slices/{wave}/{shard_name(shard)}.npy", f"slices/{wave}/{shard_name(shard)}.parquet"
-
-
-def manifest_key(wave: str) -> str:
-    return f"manifests/{wave}/manifest.parquet"
 
 
 def manifest_shard_rows(manifest_path: Path, shard: int) -> pl.DataFrame:

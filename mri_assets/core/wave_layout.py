@@ -15,7 +15,7 @@ from typing import Protocol
 
 import polars as pl
 
-from mri_assets.core.slice_shards import manifest_key
+from mri_assets.core.wave_keys import layout_key, manifest_key
 
 LAYOUT_FORMAT = 1
 
@@ -50,10 +50,6 @@ class WaveLayout:
             raise WaveLayoutError(f"wave layout of {layout.wave!r} has format {raw.get('format')!r} "
                                   f"and {layout.n_shards} shards: expected format {LAYOUT_FORMAT}")
         return layout
-
-
-def layout_key(wave: str) -> str:
-    return f"manifests/{wave}/layout.json"
 
 
 def write_wave_layout(store: ReadableStore, layout: WaveLayout) -> str:

@@ -32,10 +32,16 @@ from mri_assets.core.deid import (
     withheld_record,
 )
 from mri_assets.core.imaging import UnreadableImage, detect_format, format_from_extension
-from mri_assets.core.manifest import READY_MARKER, patient_key_for, raw_prefix
+from mri_assets.core.manifest import patient_key_for
+from mri_assets.core.wave_keys import (
+    LANDED_LISTING,
+    READY_MARKER,
+    landing_keys,
+    raw_key,
+    raw_prefix,
+)
 from mri_assets.resources.object_store import LocalObjectStore, ObjectStore
 
-LANDED_LISTING = "_LANDED.parquet"
 MARKER_FORMAT = "mri_assets.landing/2"
 LISTING_SCHEMA = {"key": pl.String, "size": pl.Int64, "sha256": pl.String}
 
@@ -128,12 +134,6 @@ def _describe_source(source: ObjectStore, prefix: str) -> str:
     return f"{base.rstrip('/')}/{prefix.strip('/')}".rstrip("/")
 
 
-def landing_keys(wave: str) -> tuple[str, str]:
-    """(marker key, listing key) of a wave's landing."""
-    prefix = raw_prefix(wave)
-    return prefix + READY_MARKER, prefix + LANDED_LISTING
-
-
 def land_wave(
     source: ObjectStore,
     source_prefix: str,
@@ -166,7 +166,7 @@ def land_wave(
     for info in infos:
         relative = info.key[len(base):].lstrip("/") if base else info.key
         data, changed = landing_bytes(source.get_bytes(info.key), salt, relative)
-        key = prefix + relative
+        key = raw_key(wave, relative)
         digest = hashlib.sha256(data).hexdigest()
         if existing.get(key) == len(data) and target.sha256(key) == digest:
             skipped += 1

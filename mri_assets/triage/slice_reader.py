@@ -18,7 +18,8 @@ import polars as pl
 from PIL import Image
 
 from mri_assets.core.manifest import shard_for
-from mri_assets.core.slice_shards import read_npy, slice_keys
+from mri_assets.core.slice_shards import read_npy
+from mri_assets.core.wave_keys import slice_keys
 from mri_assets.core.wave_layout import WaveLayoutError, wave_shard_count
 from mri_assets.resources.object_store import ObjectStore, ObjectStoreError
 
