@@ -160,7 +160,7 @@ def checkpoint_key(wave: str) -> str:
 
 
 def baseline_key(wave: str) -> str:
-    """The wave's baseline report (linear probe on frozen embeddings, JSON)."""
+    """The wave's supervised baseline report (expert labels only, JSON)."""
     return _model_key("baseline", wave, ".json")
 
 
