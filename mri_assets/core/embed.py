@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from mri_assets.core.precision import autocast_for
+from mri_assets.core.progress import ProgressHook
 from mri_assets.core.slice_shards import payload_crc32
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -142,16 +143,25 @@ def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def embed_loader(
-    model: nn.Module, loader: DataLoader, device: torch.device, precision: str
+    model: nn.Module, loader: DataLoader, device: torch.device, precision: str,
+    progress: ProgressHook | None = None,
 ) -> np.ndarray:
-    """Run every batch through the model; float16 (N, dim) embeddings in loader order."""
+    """Run every batch through the model; float16 (N, dim) embeddings in loader order.
+    `progress` is called after each batch with the images embedded so far."""
     prepare_model(model, device)
     non_blocking = device.type == "cuda"
     outputs = []
+    done = 0
+    total = len(loader.dataset) if hasattr(loader.dataset, "__len__") else None
+    if progress is not None:
+        progress(0, total)
     with torch.inference_mode(), autocast_for(device, precision):
         for pixels in loader:
             features = model(pixels.to(device, non_blocking=non_blocking))
             outputs.append(features.to(torch.float16))
+            done += len(pixels)
+            if progress is not None:
+                progress(done, total)
     if not outputs:
         return np.zeros((0, model.dim), dtype=np.float16)
     return torch.cat(outputs).cpu().numpy()
@@ -177,12 +187,14 @@ def embed_shard(
     precision: str,
     batch_size: int,
     num_workers: int,
+    progress: ProgressHook | None = None,
 ) -> EmbeddingResult:
-    """Embed one slices shard; `seconds` covers opening the shard to the last embedding on the host."""
+    """Embed one slices shard; `seconds` covers opening the shard to the last embedding on the host.
+    `progress` is called after each batch with the images embedded so far and the shard's count."""
     start = time.perf_counter()
     dataset = SliceShard(npy_path, index_path)
     loader = make_loader(dataset, batch_size, num_workers, pin_memory=device.type == "cuda")
-    embeddings = embed_loader(model, loader, device, precision)
+    embeddings = embed_loader(model, loader, device, precision, progress)
     return EmbeddingResult(dataset.image_ids, embeddings, time.perf_counter() - start, len(dataset))
 
 

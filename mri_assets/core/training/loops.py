@@ -115,12 +115,15 @@ def train_one_epoch(
     first_step: int = 0,
     flip_generator: torch.Generator | None = None,
     max_grad_norm: float | None = None,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader`` (uint8 image batches).
 
     ``lr_factor(step)`` (steps counted from ``first_step``) scales every group's ``initial_lr``
     before each step; ``flip_generator`` mirrors a random half of each batch left/right;
-    ``max_grad_norm`` clips the gradient norm of the trainable parameters."""
+    ``max_grad_norm`` clips the gradient norm of the trainable parameters; ``on_step(steps,
+    loss)`` is called after each step with the steps finished so far (``first_step`` plus this
+    pass's) and the step's loss."""
     device = torch.device(device)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -155,6 +158,8 @@ def train_one_epoch(
         correct += int((logits.argmax(1) == labels).sum())
         seen += len(labels)
         step += 1
+        if on_step is not None:
+            on_step(step, value)
     if seen == 0:
         raise TrainingError(f"epoch {epoch}: the loader gave no batches")
     return {"stage": 2, "epoch": epoch, "loss": loss_sum / seen, "accuracy": correct / seen,

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from mri_assets.core.precision import PRECISIONS, PrecisionError, resolve_precision
+from mri_assets.core.progress import ProgressHook
 from mri_assets.core.training.errors import TrainingError
 from mri_assets.core.training.inputs import (
     ImageBatches,
@@ -225,9 +226,11 @@ def train_two_stage(
     data: TrainingData,
     config: TrainConfig,
     device: torch.device | str = "cpu",
+    progress: ProgressHook | None = None,
 ) -> TrainReport:
     """Stage 1 (head on cached embeddings, ``config.head_epochs``), then stage 2 (layer3 + layer4
     + head on the images, ``config.finetune_epochs``); holdout metrics after each stage.
+    ``progress`` is called after every stage-2 step (steps done of all stage-2 steps, loss).
 
     Stage 2 has to earn its place: a seeded ``config.stage2_validation_fraction`` of its rows
     (at least ``config.stage2_min_validation``, else no check) is withheld from both stages and
@@ -349,6 +352,9 @@ def train_two_stage(
                 channels_last,
                 lr_factor=lambda i: stage2_lr_factor(i, total_steps, config.warmup_fraction),
                 first_step=step, flip_generator=flips, max_grad_norm=config.max_grad_norm,
+                on_step=None if progress is None else (
+                    lambda done, loss, epoch=epoch: progress(done, total_steps, loss=loss,
+                                                            epoch=epoch + 1)),
             )
             step += int(entry.pop("steps"))
             stage2_history.append(entry)
