@@ -155,7 +155,7 @@ def manifest(context: dg.AssetExecutionContext, object_store: ObjectStore, inges
     try:
         settings = ingest.manifest_settings(n_shards)
         decode = DecodeSettings(wave=wave, n_shards=n_shards, window=ingest.window(),
-                                modalities=ingest.modalities())
+                                modalities=ingest.modalities(), max_slices=ingest.max_slices())
         workers = ingest.workers()
         sources = list_raw_sources(object_store, wave)
     except (LandingError, ValueError) as error:
@@ -311,7 +311,8 @@ def _rebuild_rows(store: ObjectStore, wave: str, staged_key: str, bad: pl.DataFr
     rows = (pl.scan_parquet(store.local_path(manifest_key(wave)))
             .filter(pl.col("image_id").is_in(bad["image_id"].implode()))
             .select(REDECODE_COLUMNS).collect())
-    decode = DecodeSettings(wave=wave, window=ingest.window(), modalities=ingest.modalities())
+    decode = DecodeSettings(wave=wave, window=ingest.window(), modalities=ingest.modalities(),
+                            max_slices=ingest.max_slices())
     slice_bytes = SLICE_SIZE * SLICE_SIZE
     advice = (f"re-materialize the wave's manifest and its shards (`mri-assets run {wave} "
               "--select manifest+`) to decode the whole wave again")

@@ -32,6 +32,7 @@ from mri_assets.core.slice_shards import (
     finish_staged_shard,
     payload_crc32,
 )
+from mri_assets.core.volume_formats import DEFAULT_MAX_SLICES
 from mri_assets.core.wave_keys import staged_file_name
 
 SLICE_SIZE = 256
@@ -76,6 +77,7 @@ class DecodeSettings:
     size: int = SLICE_SIZE
     window: tuple[float, float] = (0.5, 99.5)
     modalities: tuple[str, ...] = DEFAULT_MODALITIES
+    max_slices: int = DEFAULT_MAX_SLICES
 
 
 @dataclass
@@ -124,7 +126,7 @@ def decode_source(source: SourceObject, settings: DecodeSettings) -> tuple[list[
         return [_quarantine_row(source, withheld["sha256"], settings, withheld["reason"])], empty
     try:
         decoded = process_object(data, source.key, size=settings.size, window=settings.window,
-                                 modalities=settings.modalities)
+                                 modalities=settings.modalities, max_slices=settings.max_slices)
     except UnreadableImage as error:
         return [_quarantine_row(source, sha, settings, str(error))], empty
     except Exception as error:  # noqa: BLE001 - a decoder library failing on a broken file is still a broken file
@@ -345,7 +347,8 @@ def redecode_slices(
                                f"{found[:16]}…, manifest {sha[:16]}…)")
         try:
             decoded = process_object(data, key, size=settings.size, window=settings.window,
-                                     modalities=settings.modalities)
+                                     modalities=settings.modalities,
+                                     max_slices=settings.max_slices)
         except UnreadableImage as error:
             raise RebuildError(f"raw object {key} no longer decodes: {error}") from error
         by_index = {item.slice_index: item.pixels for item in decoded.slices}

@@ -7,13 +7,20 @@ object is in place and can check each object's bytes against the landing. A land
 an old marker, so a wave being landed again is never taken for complete; an interrupted landing is
 resumed by running it again (objects already landed with the same checksum are not copied again).
 
-DICOM is de-identified on the way in. An object that cannot be de-identified (a DICOM header that
-cannot be read or cleaned, or content that is no known image format and so cannot be checked for
-patient data) is never stored: a withheld record with its sha256 and the reason stands in its place.
+Every object is de-identified on the way in: DICOM headers (PS3.15 basic profile), the free text
+of NIfTI, Analyze, MINC 1, PAR and AFNI headers, PNG text chunks and JPEG EXIF/XMP/comment
+segments; a `.gz` object is unpacked (up to a bound), cleaned and packed again. A format written
+as two files (`.hdr` + `.img`, `.PAR` + `.REC`, `.HEAD` + `.BRIK[.gz]`) is landed as one object
+under the header's name (a pair bundle, `core.volume_formats`). An object that cannot be
+de-identified (a DICOM header that cannot be read or cleaned, content that is no known image
+format and so cannot be checked for patient data, a gzip bomb, a pair missing its partner, a
+recognised non-image such as tractography or PET) is never stored: a withheld record with its
+sha256 and the reason stands in its place.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -31,8 +38,32 @@ from mri_assets.core.deid import (
     read_withheld,
     withheld_record,
 )
-from mri_assets.core.imaging import UnreadableImage, detect_format, format_from_extension
+from mri_assets.core.header_deid import (
+    deidentify_afni_head,
+    deidentify_analyze_header,
+    deidentify_minc1,
+    deidentify_par,
+)
+from mri_assets.core.image_metadata import scrub_jpeg, scrub_png
+from mri_assets.core.imaging import (
+    UNRECOGNISED,
+    UnreadableImage,
+    detect_format,
+    format_from_extension,
+)
 from mri_assets.core.manifest import patient_key_for
+from mri_assets.core.volume_formats import (
+    DEFAULT_MAX_UNPACKED_BYTES,
+    GZIP_SIGNATURE,
+    HDF5_SIGNATURE,
+    NON_IMAGE_REASONS,
+    PairedFiles,
+    gunzip_bounded,
+    missing_partner_reason,
+    pack_pair,
+    pair_role,
+    unpack_pair,
+)
 from mri_assets.core.wave_keys import (
     LANDED_LISTING,
     READY_MARKER,
@@ -65,7 +96,8 @@ class LandingReport:
                     "and reason are stored)" if self.withheld else "")
         return (
             f"wave {self.wave}: {self.listed} files listed, {self.copied} copied "
-            f"({self.bytes_copied / 1e6:.1f} MB, {self.deidentified} DICOM de-identified), "
+            f"({self.bytes_copied / 1e6:.1f} MB, {self.deidentified} de-identified or cleaned "
+            "of metadata), "
             f"{self.skipped_same_checksum} already there with the same checksum{withheld}"
         )
 
@@ -81,25 +113,54 @@ def _withheld(data: bytes, why: str) -> tuple[bytes, bool]:
 def _unrecognised(name: str) -> str:
     claimed = format_from_extension(name)
     said = f" although its name says {claimed.upper()}" if claimed else ""
-    return (f"not an image: the content matches no PNG, JPEG, DICOM, NIfTI or MGH signature{said}, "
-            "and unrecognised content may hold patient data")
+    return (f"not an image: {UNRECOGNISED}{said}, and unrecognised content may hold patient "
+            "data")
 
 
-def landing_bytes(data: bytes, salt: str, name: str = "") -> tuple[bytes, bool]:
-    """The bytes to store for one raw object, and whether DICOM was de-identified.
+def _cleaned(data: bytes, clean: Callable[[bytes], bytes]) -> tuple[bytes, bool]:
+    try:
+        cleaned = clean(data)
+    except UnreadableImage as error:
+        return _withheld(data, error.reason)
+    return cleaned, cleaned is not data
 
-    DICOM (with or without preamble) is de-identified, NIfTI free-text header fields and
-    extensions are blanked; PNG, JPEG and MGH pass as they are;
-    an empty object stays empty. Anything that cannot be de-identified becomes a withheld record.
+
+def landing_bytes(data: bytes, salt: str, name: str = "",
+                  max_unpacked_bytes: int = DEFAULT_MAX_UNPACKED_BYTES) -> tuple[bytes, bool]:
+    """The bytes to store for one raw object, and whether they were de-identified or cleaned.
+
+    DICOM (with or without preamble) is de-identified; the free text of NIfTI, MINC 1 and pair
+    bundle headers is blanked; PNG text chunks and JPEG EXIF/XMP/comments are dropped; MGH passes
+    as it is; gzip is unpacked (at most `max_unpacked_bytes`), cleaned and packed again; an
+    empty object stays empty. Anything that cannot be de-identified becomes a withheld record.
     """
     if not data or read_withheld(data) is not None:
         return data, False
     fmt = detect_format(data)
     if fmt is None:
         return _withheld(data, _unrecognised(name))
+    if fmt in NON_IMAGE_REASONS:
+        return _withheld(data, NON_IMAGE_REASONS[fmt])
+    if data.startswith(GZIP_SIGNATURE):
+        return _landing_gunzipped(data, salt, name, max_unpacked_bytes)
+    role = pair_role(name)
+    if role is not None and role[1] == "header" and fmt not in ("analyze", "parrec", "afni"):
+        return withheld_record(data, missing_partner_reason(name, role[0], role[1])), False
     if fmt == "nifti":
-        cleaned = deidentify_nifti(data)
-        return cleaned, cleaned is not data
+        return _cleaned(data, deidentify_nifti)
+    if fmt == "png":
+        return _cleaned(data, scrub_png)
+    if fmt == "jpeg":
+        return _cleaned(data, scrub_jpeg)
+    if fmt == "minc":
+        if data.startswith(HDF5_SIGNATURE):
+            return _withheld(data, "MINC 2 (HDF5) volume: its header cannot be checked for "
+                                   "patient data here (h5py is not installed); convert it to "
+                                   "MINC 1 or NIfTI (mnc2nii)")
+        return _cleaned(data, deidentify_minc1)
+    if fmt in ("analyze", "parrec", "afni"):
+        return _cleaned(data, lambda bundle: _deidentified_pair(unpack_pair(bundle),
+                                                                max_unpacked_bytes))
     if fmt != "dicom":
         return data, False
     has_preamble = len(data) >= 132 and data[128:132] == b"DICM"
@@ -117,6 +178,93 @@ def landing_bytes(data: bytes, salt: str, name: str = "") -> tuple[bytes, bool]:
         if isinstance(error, UnreadableImage) and error.reason.startswith("de-identification left"):
             return _withheld(data, error.reason)  # names no value
         return _withheld(data, f"DICOM header cannot be de-identified ({type(cause).__name__})")
+
+
+def _landing_gunzipped(data: bytes, salt: str, name: str, limit: int) -> tuple[bytes, bool]:
+    """A `.gz` object: unpacked within the bound, its content cleaned, packed again."""
+    try:
+        inner = gunzip_bounded(data, limit)
+    except UnreadableImage as error:
+        return _withheld(data, error.reason)
+    inner_name = name[:-3] if name.lower().endswith(".gz") else name
+    cleaned, changed = landing_bytes(inner, salt, inner_name, limit)
+    if read_withheld(cleaned) is not None:
+        return withheld_record(data, read_withheld(cleaned)["reason"]), False
+    if not changed:
+        return data, False
+    return gzip.compress(cleaned, compresslevel=6, mtime=0), True
+
+
+def _deidentified_pair(pair: PairedFiles, limit: int) -> bytes:
+    """The pair bundle of `pair` with its header de-identified (the same object when clean)."""
+    header = pair.header
+    wrapped = header[:2] == GZIP_SIGNATURE
+    raw = gunzip_bounded(header, limit, "header") if wrapped else header
+    if pair.kind == "parrec":
+        cleaned = deidentify_par(raw)
+    elif pair.kind == "afni":
+        cleaned = deidentify_afni_head(raw)
+    elif raw[344:347] == b"ni1" or raw[4:7] == b"ni2":
+        cleaned = deidentify_nifti(raw)
+    else:
+        cleaned = deidentify_analyze_header(raw)
+    if cleaned is raw:
+        return pack_pair(pair)
+    if wrapped:
+        cleaned = gzip.compress(cleaned, compresslevel=6, mtime=0)
+    return pack_pair(PairedFiles(pair.kind, pair.header_name, cleaned, pair.image_name,
+                                 pair.image))
+
+
+@dataclass(frozen=True)
+class _LandingUnit:
+    """What becomes one landed object: a file, or the two files of a pair (header first)."""
+
+    relative: str
+    keys: tuple[str, ...]
+    kind: str | None = None
+
+
+def _landing_units(infos: list, base: str) -> list[_LandingUnit]:
+    """Files grouped into landing units: each header of a paired format with the image file of the
+    same stem in the same folder (names compared case-insensitively); a file whose partner is
+    missing stays alone and is withheld saying so."""
+    relative = {info.key: info.key[len(base):].lstrip("/") if base else info.key for info in infos}
+    by_stem: dict[tuple[str, str], dict[str, str]] = {}
+    for key, rel in relative.items():
+        role = pair_role(rel)
+        if role is not None:
+            by_stem.setdefault((role[0], role[2].lower()), {}).setdefault(role[1], key)
+    paired: dict[str, _LandingUnit] = {}
+    for (kind, _), roles in by_stem.items():
+        if "header" in roles and "image" in roles:
+            unit = _LandingUnit(relative[roles["header"]], (roles["header"], roles["image"]), kind)
+            paired[roles["header"]] = paired[roles["image"]] = unit
+    units, seen = [], set()
+    for info in infos:
+        unit = paired.get(info.key) or _LandingUnit(relative[info.key], (info.key,))
+        if unit.relative not in seen:
+            seen.add(unit.relative)
+            units.append(unit)
+    return units
+
+
+def _unit_bytes(source: ObjectStore, unit: _LandingUnit) -> bytes:
+    if unit.kind is None:
+        return source.get_bytes(unit.keys[0])
+    header_key, image_key = unit.keys
+    return pack_pair(PairedFiles(unit.kind, header_key.rsplit("/", 1)[-1],
+                                 source.get_bytes(header_key), image_key.rsplit("/", 1)[-1],
+                                 source.get_bytes(image_key)))
+
+
+def _lone_partner(data: bytes, name: str) -> bytes | None:
+    """A withheld record for the image file of a pair whose header is missing (an `.img`, `.REC`
+    or `.BRIK` that is no format of its own), None for anything else."""
+    role = pair_role(name)
+    if role is None or role[1] != "image" or detect_format(data) is not None:
+        return None
+    return withheld_record(data, missing_partner_reason(name, role[0], role[1]))
 
 
 NOT_RAW_NAMES = ("labels.csv", READY_MARKER, LANDED_LISTING)
@@ -141,8 +289,12 @@ def land_wave(
     wave: str,
     salt: str,
     on_file: Callable[[], None] | None = None,
+    max_unpacked_bytes: int = DEFAULT_MAX_UNPACKED_BYTES,
 ) -> LandingReport:
     """Copy every raw file below `source_prefix` into `raw/WAVE/`, skip identical ones, mark ready.
+
+    The two files of a paired format become one object (`listed` counts objects, not files);
+    `on_file` is called once per object.
 
     Raises `LandingError` when the source holds no raw object (a missing folder, a wrong prefix).
     """
@@ -163,9 +315,14 @@ def land_wave(
     existing = {info.key: info.size for info in target.list(prefix)}
     listing: list[tuple[str, int, str]] = []
     copied = skipped = deidentified = copied_bytes = withheld = 0
-    for info in infos:
-        relative = info.key[len(base):].lstrip("/") if base else info.key
-        data, changed = landing_bytes(source.get_bytes(info.key), salt, relative)
+    for unit in _landing_units(infos, base):
+        relative = unit.relative
+        raw = _unit_bytes(source, unit)
+        lone = _lone_partner(raw, relative) if unit.kind is None else None
+        if lone is not None:
+            data, changed = lone, False
+        else:
+            data, changed = landing_bytes(raw, salt, relative, max_unpacked_bytes)
         key = raw_key(wave, relative)
         digest = hashlib.sha256(data).hexdigest()
         if existing.get(key) == len(data) and target.sha256(key) == digest:

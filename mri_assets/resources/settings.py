@@ -23,6 +23,11 @@ class IngestSettings(ConfigurableResource):
     window_low_percentile: float = 0.5
     window_high_percentile: float = 99.5
     decode_workers: int = Field(default=0, description="0 = one per CPU core")
+    max_slices_per_object: int = Field(
+        default=4096,
+        description="most slices one object may give (a 4-D volume gives every volume's "
+                    "slices); an object with more is quarantined whole, saying so",
+    )
     allowed_modalities: list[str] = Field(
         default_factory=lambda: ["MR"],
         description="DICOM modalities ingested; any other is quarantined with its modality named",
@@ -57,6 +62,12 @@ class IngestSettings(ConfigurableResource):
             raise ValueError(f"ingest.allowed_modalities is {self.allowed_modalities!r}: list one "
                              "or more DICOM modality codes, e.g. ['MR'] or ['MR', 'CT']")
         return codes
+
+    def max_slices(self) -> int:
+        if self.max_slices_per_object < 1:
+            raise ValueError(f"ingest.max_slices_per_object is {self.max_slices_per_object}: "
+                             "use a positive number of slices, e.g. 4096")
+        return self.max_slices_per_object
 
     def uses_dev_salt(self) -> bool:
         return self.salt == DEV_SALT

@@ -75,6 +75,7 @@ def anonymised_export(**extra: str) -> bytes:
     ds.InstitutionName = "Anon"
     ds.PatientBirthDate = "19000101"
     ds.DerivationDescription = "Anon"
+    ds.PixelData = ds.pixel_array[::-1].tobytes()  # another slice than MR_small's own
     for keyword, value in extra.items():
         setattr(ds, keyword, value)
     return dicom_bytes(ds)
@@ -190,7 +191,7 @@ def write_site_exports(folder: Path) -> list[SiteCase]:
         "gz/bomb.dcm.gz": gzip_bomb(1024),
         "nifti1/anatomical.nii": ANATOMICAL.read_bytes(),
         "nifti2/anatomical.nii.gz": gzip.compress(
-            nib.Nifti2Image(volume, np.eye(4)).to_bytes(), mtime=0),
+            nib.Nifti2Image(volume[::-1], np.eye(4)).to_bytes(), mtime=0),
         "mgh/anatomical.mgz": gzip.compress(
             nib.MGHImage(volume.astype(np.float32), np.eye(4)).to_bytes(), mtime=0),
         "minc1/anatomical.mnc": minc1_bytes(volume, {"full_name": PLANTED_NAME,
@@ -215,9 +216,11 @@ def write_site_exports(folder: Path) -> list[SiteCase]:
         "viewer/slice.png": png_with_text(anatomical_u8()),
         "viewer/slice.jpg": jpeg_with_metadata(anatomical_u8()),
     }
-    files["analyze/anatomical.hdr"], files["analyze/anatomical.img"] = analyze_pair(volume)
+    # each format its own variant of the volume, so no slice is a duplicate of another format's
+    files["analyze/anatomical.hdr"], files["analyze/anatomical.img"] = analyze_pair(
+        volume[:, ::-1])
     files["niftipair/anatomical.hdr"], files["niftipair/anatomical.img"] = analyze_pair(
-        volume, nifti=True)
+        volume + 1, nifti=True)
     for relative, payload in files.items():
         (folder / relative).parent.mkdir(parents=True, exist_ok=True)
         (folder / relative).write_bytes(payload)

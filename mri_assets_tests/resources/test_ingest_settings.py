@@ -24,6 +24,7 @@ def test_a_300_character_wave_key_is_refused_before_any_path_is_made():
     ({"allowed_modalities": []}, "modalities", "ingest.allowed_modalities"),
     ({"allowed_modalities": ["MR", "not a code"]}, "modalities", "ingest.allowed_modalities"),
     ({"decode_workers": -2}, "workers", "ingest.decode_workers"),
+    ({"max_slices_per_object": 0}, "max_slices", "ingest.max_slices_per_object"),
     ({"window_low_percentile": 99.0, "window_high_percentile": 1.0}, "window",
      "ingest.window_low_percentile"),
 ])
