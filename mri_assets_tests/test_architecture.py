@@ -230,8 +230,12 @@ def key_building(tree: ast.AST) -> list[tuple[int, str]]:
     return sorted(set(found))
 
 
+def _lines(*lines: str) -> str:
+    return "\n".join(lines)
+
+
 def test_the_key_finder_finds_keys_built_by_hand():
-    code = '\n'.join([
+    code = _lines(
         'a = f"models/pca/{wave}.npz"',
         'b = f"{wave}/labels.csv"',
         'c = store.list("raw/")',
@@ -239,15 +243,15 @@ def test_the_key_finder_finds_keys_built_by_hand():
         'e = "/".join(["embeddings", wave, name])',
         'f = os.path.join(folder, f"{shard_name(shard)}.npy")',
         'g = prefix + READY_MARKER',
-    ])
+    )
     assert sorted({line for line, _ in key_building(ast.parse(code))}) == [1, 2, 3, 4, 5, 6, 7]
-    fine = '\n'.join([
+    fine = _lines(
         'a = f"wave {wave}/{shard:02d}: {n} slices"',  # a message
         'b = f"/admin/users?done={code}"',  # a route
         'c = f"s3://{bucket}/{wave}"',  # a URI
         'd = os.path.join(folder, staged_file_name(shard))',  # a local file named by the owner
         'e = prefix.strip("/") + "/"',
-    ])
+    )
     assert key_building(ast.parse(fine)) == []
 
 
