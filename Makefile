@@ -74,12 +74,14 @@ demo: install
 test: install-dev system-deps
 	$(BIN)/python -m pytest
 
-# The instance reads only DAGSTER_HOME/dagster.yaml: the template is copied there when missing.
+# DAGSTER_HOME is the repository, so `dg dev` reads the top-level dagster.yaml (and has no other
+# one to warn about); that file sends every record to $(MRI_ASSETS_HOME)/dagster through the two
+# variables below, the folders `mri-assets` uses too. Nothing is written into the repository.
 dev: install
-	mkdir -p $(MRI_ASSETS_HOME)/dagster
-	test -f $(MRI_ASSETS_HOME)/dagster/dagster.yaml || \
-	  cp deploy/local/dagster.yaml $(MRI_ASSETS_HOME)/dagster/dagster.yaml
-	DAGSTER_HOME=$(MRI_ASSETS_HOME)/dagster $(BIN)/dg dev -w workspace.yaml
+	mkdir -p $(MRI_ASSETS_HOME)/dagster/storage
+	DAGSTER_HOME=$(CURDIR) MRI_ASSETS_DAGSTER_DIR=$(MRI_ASSETS_HOME)/dagster \
+	  MRI_ASSETS_DAGSTER_LOGS=$(MRI_ASSETS_HOME)/dagster/storage \
+	  $(BIN)/dg dev -w workspace.yaml
 
 lint: install-dev
 	$(BIN)/ruff check mri_assets mri_assets_tests benchmarks

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dagster as dg
 
 from mri_assets.assets import backbone, clustering, costs, embeddings, ingest, labeling, retraining
+from mri_assets.dagster_private import PickledObjectFilesystemIOManager
 from mri_assets.deployment import Deployment
 from mri_assets.resources.compute import ComputeResource
 from mri_assets.resources.cost_settings import CostSettings
@@ -24,6 +25,31 @@ from mri_assets.resources.settings import (
     TrainingSettings,
 )
 
+
+class _RangePickledIOManager(PickledObjectFilesystemIOManager):
+    def handle_output(self, context: dg.OutputContext, obj) -> None:
+        if not (context.has_asset_partitions and len(context.asset_partition_keys) > 1):
+            return super().handle_output(context, obj)
+        paths = self._get_paths_for_partitions(context)
+        if not isinstance(obj, dict) or set(map(str, paths)) - set(map(str, obj)):
+            raise TypeError(f"an output over {len(paths)} partitions must be a dict by partition "
+                            f"key (`partitions.each_shard`), got {type(obj).__name__}")
+        by_key = {str(key): value for key, value in obj.items()}
+        for key, path in paths.items():
+            self.make_directory(path.parent)
+            self.dump_to_path(context=context, obj=by_key[str(key)], path=path)
+
+
+class RangeFilesystemIOManager(dg.FilesystemIOManager):
+    """Dagster's filesystem IO manager, which also stores the output of a run over a range of
+    partitions when it is a dict by partition key: each value where a one-partition run would
+    have put it (so a range run and per-shard runs leave the same files)."""
+
+    def create_io_manager(self, context) -> PickledObjectFilesystemIOManager:
+        manager = super().create_io_manager(context)
+        return _RangePickledIOManager(base_dir=manager.base_dir)
+
+
 ASSET_MODULES = [ingest, backbone, embeddings, clustering, labeling, retraining, costs]
 
 
@@ -40,7 +66,7 @@ def _io_manager(deployment: Deployment):
             s3_bucket=deployment.bucket,
             s3_prefix="dagster-io",
         )
-    return dg.FilesystemIOManager(base_dir=str(deployment.home.dagster / "storage"))
+    return RangeFilesystemIOManager(base_dir=str(deployment.home.dagster / "storage"))
 
 
 def _dvc(deployment: Deployment) -> DvcTracking:

@@ -12,7 +12,7 @@ import dagster as dg
 from mri_assets.code_location import resources_for, wave_assets
 from mri_assets.core.home import MriHome
 from mri_assets.deployment import Deployment
-from mri_assets.executors import executor_for
+from mri_assets.executors import executor_for, shard_runs_for
 from mri_assets.jobs import (
     active_learning_job,
     drift_check_job,
@@ -44,7 +44,8 @@ def build_defs(deployment: Deployment | str | None = None, home: MriHome | None 
         assets=assets,
         jobs=[ingest_wave_job, active_learning_job, drift_check_job, label_refresh_job, retrain_job,
               embed_wave_job, nightly_smoke_job(deployment), *stage_jobs(assets)],
-        sensors=[wave_sensor, ari_drift_sensor, labels_sensor, retrain_sensor, automation_sensor],
+        sensors=[wave_sensor, ari_drift_sensor, labels_sensor, retrain_sensor,
+                 automation_sensor(shard_runs_for(deployment))],
         schedules=[weekly_drift_check, monthly_retrain, nightly_smoke_schedule],
         resources=resources_for(deployment),
         executor=executor_for(deployment),

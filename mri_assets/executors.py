@@ -22,6 +22,7 @@ __all__ = [
     "gpu_run_tags",
     "gpu_step_tags",
     "k8s_executor_config",
+    "shard_runs_for",
 ]
 
 DEFAULT_QUEUE = "dagster"
@@ -90,7 +91,17 @@ def k8s_executor_config(deployment: Deployment | Mapping[str, str]) -> dict:
     return config
 
 
+def shard_runs_for(deployment: Deployment) -> str:
+    """How automation runs a wave's shard assets: `per_wave` (one run over the wave's shards,
+    stepping through them in one process) where one machine does the work, `per_shard` (a run
+    per shard partition, each retried on its own) where the executor fans steps out to a fleet."""
+    return "per_wave" if check_profile(deployment.profile) == "local" else "per_shard"
+
+
 def executor_for(deployment: Deployment) -> dg.ExecutorDefinition:
+    """Celery workers or Kubernetes pods per step; locally every step in the run's own process
+    (no second process start per step: a run's steps run one after another, and runs beside
+    each other are bounded by the instance's run queue and the `gpu` pool)."""
     profile = check_profile(deployment.profile)
     if profile == "celery":
         from dagster_celery import celery_executor
@@ -100,4 +111,4 @@ def executor_for(deployment: Deployment) -> dg.ExecutorDefinition:
         from dagster_k8s import k8s_job_executor
 
         return k8s_job_executor.configured(k8s_executor_config(deployment), name="k8s")
-    return dg.multiprocess_executor.configured({"max_concurrent": 2})
+    return dg.in_process_executor

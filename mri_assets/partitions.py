@@ -10,6 +10,8 @@ the upper shard partitions of older waves in the UI, but no reader loses their s
 
 from __future__ import annotations
 
+import functools
+
 import dagster as dg
 
 from mri_assets.deployment import shards_from_env
@@ -31,3 +33,71 @@ def wave_shard_key(wave: str, shard: int | str) -> dg.MultiPartitionKey:
 def wave_and_shard(context: dg.AssetExecutionContext) -> tuple[str, int]:
     keys = context.partition_key.keys_by_dimension
     return keys["wave"], int(keys["shard"])
+
+
+# The nightly smoke's wave: a partition of `waves` like any other, but only its own job
+# (`smoke_run`) materializes it; automation, the sensors and the queue leave it alone.
+SMOKE_WAVE = "smoke"
+
+
+def wave_of_partition(partition_key: str) -> str:
+    """The wave of a `waves` partition key ("w1") or of a wave x shard one ("03|w1")."""
+    if isinstance(partition_key, dg.MultiPartitionKey):
+        return partition_key.keys_by_dimension["wave"]
+    if "|" in partition_key:
+        return wave_shard_partitions.get_partition_key_from_str(partition_key).keys_by_dimension["wave"]
+    return partition_key
+
+
+def shard_range_tags(wave: str, first: int, last: int) -> dict[str, str]:
+    """Run tags of one run over shards `first`..`last` of `wave` (a partition key range)."""
+    return {
+        "dagster/asset_partition_range_start": str(wave_shard_key(wave, first)),
+        "dagster/asset_partition_range_end": str(wave_shard_key(wave, last)),
+    }
+
+
+class _OneShard:
+    """A shard asset's context seen for one partition of a range run: `partition_key` is that
+    shard's key, everything else is the run's context."""
+
+    def __init__(self, context: dg.AssetExecutionContext, key: dg.MultiPartitionKey) -> None:
+        self._context = context
+        self._key = key
+
+    @property
+    def partition_key(self) -> dg.MultiPartitionKey:
+        return self._key
+
+    @property
+    def has_partition_key_range(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str):
+        return getattr(self._context, name)
+
+
+def each_shard(compute):
+    """Let a per-shard asset run over a range of shard partitions in one step.
+
+    A run of one shard calls `compute` as it is. A run over a range (the local profile runs a
+    wave's shards in one run, `sensors.WaveAutomationSensor`) calls it once per shard, in shard
+    order, with a context whose `partition_key` is that shard's; each shard's metadata goes to its
+    own materialization and the output is `{partition key: value}` (`RangeFilesystemIOManager`
+    stores each value where a one-shard run would). A failing shard fails the step."""
+
+    @functools.wraps(compute)
+    def run(context: dg.AssetExecutionContext, *args, **kwargs):
+        if not context.has_partition_key_range:
+            return compute(context, *args, **kwargs)
+        values = {}
+        for key in context.partition_keys:
+            shard_key = wave_shard_partitions.get_partition_key_from_str(str(key))
+            output = compute(_OneShard(context, shard_key), *args, **kwargs)
+            if isinstance(output, dg.Output):
+                context.add_asset_metadata(dict(output.metadata or {}), partition_key=str(key))
+                output = output.value
+            values[str(key)] = output
+        return dg.Output(values)
+
+    return run

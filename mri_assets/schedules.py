@@ -3,11 +3,12 @@
 import dagster as dg
 
 from mri_assets.jobs import drift_check_job, retrain_job
-from mri_assets.partitions import WAVES
+from mri_assets.partitions import SMOKE_WAVE, WAVES
 
 
 def latest_wave(instance: dg.DagsterInstance) -> str | None:
-    waves = instance.get_dynamic_partitions(WAVES)
+    """The wave added last, never the nightly smoke's."""
+    waves = [wave for wave in instance.get_dynamic_partitions(WAVES) if wave != SMOKE_WAVE]
     return waves[-1] if waves else None
 
 

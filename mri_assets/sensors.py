@@ -2,6 +2,7 @@
 
 
 import json
+import warnings
 
 import dagster as dg
 
@@ -10,8 +11,15 @@ from mri_assets.core.drift_watch import ClustersObservation, DriftWatch
 from mri_assets.core.expert_labels import label_counts_by_wave
 from mri_assets.core.manifest import WaveKeyError, validate_wave_key
 from mri_assets.core.retrain_watch import RetrainWatch
+from mri_assets.dagster_private import wrap_sensor_evaluation
 from mri_assets.jobs import ACTIVE_LEARNING_JOB, LABEL_REFRESH_JOB, RETRAIN_JOB, ingest_wave_job
-from mri_assets.partitions import WAVES, wave_partitions
+from mri_assets.partitions import (
+    SMOKE_WAVE,
+    WAVES,
+    shard_range_tags,
+    wave_partitions,
+    wave_shard_partitions,
+)
 from mri_assets.resources.label_store import LabelStore
 from mri_assets.resources.object_store import ObjectStore
 from mri_assets.resources.settings import ClusteringSettings, RetrainSettings
@@ -23,7 +31,13 @@ def ready_waves(store: ObjectStore) -> list[str]:
     return WaveStore(store).landed_waves()
 
 
-@dg.sensor(job=ingest_wave_job, minimum_interval_seconds=30,
+def real_waves(instance: dg.DagsterInstance) -> list[str]:
+    """The `waves` partitions in the order they were added, without the smoke's (which only its
+    own job materializes)."""
+    return [wave for wave in instance.get_dynamic_partitions(WAVES) if wave != SMOKE_WAVE]
+
+
+@dg.sensor(job=ingest_wave_job, minimum_interval_seconds=10,
            default_status=dg.DefaultSensorStatus.RUNNING)
 def wave_sensor(context: dg.SensorEvaluationContext, object_store: ObjectStore):
     """The one way a landed wave starts: for every `raw/WAVE/_READY` marker whose wave has no
@@ -32,12 +46,13 @@ def wave_sensor(context: dg.SensorEvaluationContext, object_store: ObjectStore):
     A wave dropped into the bucket and one landed with `mri-assets ingest-wave` take this same
     path (the command also adds the partition, so the wave can be selected at once; the run
     still comes from here). The run key is the wave: Dagster launches it once per wave.
+    The smoke wave's landing (`raw/smoke/`) is left to the nightly smoke job.
     """
     known = set(context.instance.get_dynamic_partitions(WAVES))
     ingested = context.instance.get_materialized_partitions(dg.AssetKey("manifest"))
     waiting, refused = [], []
     for wave in ready_waves(object_store):
-        if wave in ingested:
+        if wave in ingested or wave == SMOKE_WAVE:
             continue
         try:
             waiting.append(validate_wave_key(wave))
@@ -87,7 +102,7 @@ def drift_decisions(
     decisions = []
     for record in result.records:
         seen = clusters_observation(record, settings.drift_k)
-        if seen is None:
+        if seen is None or seen.wave == SMOKE_WAVE:
             continue
         decision, run_key = watch.observe(seen, settings.drift_threshold, settings.baseline_wave)
         decisions.append((seen.wave, decision, run_key))
@@ -116,7 +131,7 @@ def labels_sensor(context: dg.SensorEvaluationContext, label_store: LabelStore):
     """New clinicians' labels in a wave request its refresh (snapshot, clusters' ARI, pseudo-labels)."""
     seen: dict[str, int] = json.loads(context.cursor) if context.cursor else {}
     counts = label_counts_by_wave(label_store.labels_snapshot(None))
-    known_waves = set(context.instance.get_dynamic_partitions(WAVES))
+    known_waves = set(real_waves(context.instance))
     requests = [
         dg.RunRequest(run_key=f"labels:{wave}:{count}", partition_key=wave,
                       tags={"mri_assets/trigger": "new_labels"})
@@ -156,11 +171,11 @@ def retrain_sensor(context: dg.SensorEvaluationContext, retrain: RetrainSettings
             watch.saw_classifier(trained_at)
             trained_at = None
         ok = _metadata_value(record, "ok")
-        if record.partition_key and isinstance(ok, int):
+        if record.partition_key and record.partition_key != SMOKE_WAVE and isinstance(ok, int):
             watch.saw_manifest(record.storage_id, record.partition_key, ok)
     if trained_at is not None:
         watch.saw_classifier(trained_at)
-    waves = context.instance.get_dynamic_partitions(WAVES)
+    waves = real_waves(context.instance)
     if not waves or not watch.due(retrain.every_slices):
         return dg.SensorResult(
             skip_reason=f"{watch.since_classifier()} slices since the last classifier, "
@@ -178,15 +193,107 @@ def retrain_sensor(context: dg.SensorEvaluationContext, retrain: RetrainSettings
     return dg.SensorResult(run_requests=[request], cursor=watch.to_cursor())
 
 
-# Dagster's own automation sensor is STOPPED unless declared: this one runs by default, so a
-# wave's shards and clustering follow its manifest (`AutomationCondition.eager()` on the assets
-# after `manifest`: a wave asset runs once every shard partition of its wave is materialized and
-# none is in progress).
-automation_sensor = dg.AutomationConditionSensorDefinition(
-    "default_automation_condition_sensor",
-    target=dg.AssetSelection.all(),
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    minimum_interval_seconds=30,
-    description="Materializes what the assets' automation conditions ask for (slices, "
-    "gpu_budget, embeddings, pca_model, clusters, labeling_queue after a wave's manifest).",
-)
+SHARD_RUNS = ("per_wave", "per_shard")
+
+
+def _contiguous(shards: list[int]) -> list[tuple[int, int]]:
+    """Sorted shard numbers as (first, last) runs of consecutive numbers."""
+    spans: list[tuple[int, int]] = []
+    for shard in sorted(set(shards)):
+        if spans and shard == spans[-1][1] + 1:
+            spans[-1] = (spans[-1][0], shard)
+        else:
+            spans.append((shard, shard))
+    return spans
+
+
+def group_shard_requests(requests: list[dg.RunRequest]) -> list[dg.RunRequest]:
+    """One run per wave, asset selection and span of consecutive shards instead of one run per
+    shard partition: the shard requests of one automation tick become partition-range runs (the
+    shard assets step through their shards in that run, `partitions.each_shard`). Every other
+    request is kept as it is."""
+    kept: list[dg.RunRequest] = []
+    groups: dict[tuple, list[tuple[int, dg.RunRequest]]] = {}
+    for request in requests:
+        key = request.partition_key
+        if key is None or "|" not in str(key):
+            kept.append(request)
+            continue
+        parts = wave_shard_partitions.get_partition_key_from_str(str(key)).keys_by_dimension
+        selection = tuple(sorted(request.asset_selection or [], key=lambda k: k.to_user_string()))
+        checks = tuple(sorted(request.asset_check_keys or [], key=str))
+        groups.setdefault((parts["wave"], selection, checks), []).append(
+            (int(parts["shard"]), request))
+    for (wave, selection, checks), members in groups.items():
+        by_shard = dict(members)
+        for first, last in _contiguous(list(by_shard)):
+            if first == last:
+                kept.append(by_shard[first])
+                continue
+            tags = {k: v for k, v in (by_shard[first].tags or {}).items()
+                    if not k.startswith("dagster/partition")}
+            kept.append(dg.RunRequest(
+                asset_selection=list(selection), asset_check_keys=list(checks),
+                tags={**tags, **shard_range_tags(wave, first, last)}))
+    return kept
+
+
+class WaveAutomationSensor(dg.AutomationConditionSensorDefinition):
+    """Dagster's automation sensor, evaluated in the code location (the conditions hold Python:
+    `automation.NOT_SMOKE`), that launches its runs itself rather than through backfills (the
+    backfill daemon's 30 s loop would add a wait to every stage of a wave).
+
+    `shard_runs="per_wave"` (the local profile) turns the shard requests of a tick into one run
+    per wave and shard asset over the range of its shards; `"per_shard"` (Celery, Kubernetes)
+    keeps a run per shard partition, whose steps the executor fans out to workers or pods.
+    """
+
+    def __init__(self, name: str, *, shard_runs: str, **kwargs) -> None:
+        if shard_runs not in SHARD_RUNS:
+            raise ValueError(f"shard_runs must be one of {SHARD_RUNS}, got {shard_runs!r}")
+        with warnings.catch_warnings():  # use_user_code_server is a beta parameter
+            warnings.simplefilter("ignore", dg.BetaWarning)
+            super().__init__(name, use_user_code_server=True, emit_backfills=False, **kwargs)
+        self._shard_runs = shard_runs
+        self._init_kwargs = kwargs
+        if shard_runs == "per_wave":
+            evaluate = self._raw_fn
+
+            def grouped(context: dg.SensorEvaluationContext):
+                result = evaluate(context)
+                return dg.SensorResult(
+                    run_requests=group_shard_requests(list(result.run_requests or [])),
+                    cursor=result.cursor,
+                    automation_condition_evaluations=result.automation_condition_evaluations,
+                )
+
+            self._raw_fn = grouped
+            self._evaluation_fn = wrap_sensor_evaluation(self._name, grouped)
+
+    @property
+    def shard_runs(self) -> str:
+        return self._shard_runs
+
+    def with_attributes(self, *, jobs=None, metadata=None) -> "WaveAutomationSensor":
+        kwargs = {**self._init_kwargs}
+        if metadata is not None:
+            kwargs["metadata"] = metadata
+        return WaveAutomationSensor(self.name, shard_runs=self._shard_runs, **kwargs)
+
+
+AUTOMATION_SENSOR = "default_automation_condition_sensor"
+
+
+def automation_sensor(shard_runs: str) -> WaveAutomationSensor:
+    """The sensor that carries a wave from its manifest to its first labeling queue; it runs by
+    default (Dagster's own is stopped unless declared) and looks every 5 s, the daemon's loop."""
+    return WaveAutomationSensor(
+        AUTOMATION_SENSOR,
+        shard_runs=shard_runs,
+        target=dg.AssetSelection.all(),
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        minimum_interval_seconds=5,
+        description="Materializes what the assets' automation conditions ask for (slices, "
+        "gpu_budget, backbone, embeddings, pca_model, clusters, labeling_queue after a wave's "
+        f"manifest), never for the smoke wave; shard runs: {shard_runs}.",
+    )

@@ -8,7 +8,7 @@ import pytest
 
 from mri_assets.core.home import MriHome
 from mri_assets.definitions import build_defs
-from mri_assets.partitions import WAVES, shard_partitions, wave_shard_key
+from mri_assets.partitions import SMOKE_WAVE, WAVES, shard_partitions, wave_shard_key
 
 WAVE = "w1"
 RUNNING = {"wave_sensor", "ari_drift_sensor", "labels_sensor", "retrain_sensor",
@@ -59,14 +59,32 @@ def test_shards_follow_the_manifest_and_the_wave_waits_for_every_shard(defs):
                                                    cursor=result.cursor)
         assert _requested(result, "pca_model") == set()
 
-        assert _requested(result, "clusters") == _requested(result, "labeling_queue") == set()
+        assert _requested(result, "clusters") == set()
 
         _materialized(instance, "embeddings", shards[-1])
         result = dg.evaluate_automation_conditions(defs=defs, instance=instance,
                                                    cursor=result.cursor)
         # The wave's assets are requested together, in one run, in dependency order.
-        for asset in ("pca_model", "clusters", "labeling_queue"):
+        for asset in ("pca_model", "clusters"):
             assert _requested(result, asset) == {WAVE}, asset
+
+
+def test_the_first_queue_follows_the_slices_beside_the_backbone(defs):
+    """The first labeling queue needs no learned feature: it is requested with the backbone
+    once every shard's slices are there, never after the embeddings or the clusters."""
+    shards = [wave_shard_key(WAVE, s) for s in shard_partitions.get_partition_keys()]
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions(WAVES, [WAVE])
+        result = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+        _materialized(instance, "manifest", WAVE)
+        _materialized(instance, "slices", *shards[:-1])
+        result = dg.evaluate_automation_conditions(defs=defs, instance=instance,
+                                                   cursor=result.cursor)
+        assert _requested(result, "labeling_queue") == set()
+        _materialized(instance, "slices", shards[-1])
+        result = dg.evaluate_automation_conditions(defs=defs, instance=instance,
+                                                   cursor=result.cursor)
+        assert _requested(result, "labeling_queue") == _requested(result, "backbone") == {WAVE}
 
 
 def test_a_clusters_refresh_does_not_queue_another_batch(defs):
@@ -95,3 +113,31 @@ def test_a_clusters_refresh_does_not_queue_another_batch(defs):
         result = dg.evaluate_automation_conditions(defs=defs, instance=instance,
                                                    cursor=result.cursor)
         assert _requested(result, "labeling_queue") == set()
+
+
+def test_automation_never_acts_on_the_smoke_wave(defs):
+    """The smoke wave is materialized by its own job only: whatever of it is materialized,
+    automation requests none of its partitions (and still carries a real wave beside it)."""
+    shards = [s for s in shard_partitions.get_partition_keys()]
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions(WAVES, [SMOKE_WAVE, WAVE])
+        result = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+        _materialized(instance, "manifest", SMOKE_WAVE, WAVE)
+        result = dg.evaluate_automation_conditions(defs=defs, instance=instance,
+                                                   cursor=result.cursor)
+        assert _requested(result, "slices") == {str(wave_shard_key(WAVE, s)) for s in shards}
+        assert _requested(result, "gpu_budget") == {WAVE}
+
+        # The smoke job materializes its own chain down to clusters: nothing follows it.
+        _materialized(instance, "slices", *(wave_shard_key(SMOKE_WAVE, s) for s in shards))
+        _materialized(instance, "gpu_budget", SMOKE_WAVE)
+        _materialized(instance, "embeddings", *(wave_shard_key(SMOKE_WAVE, s) for s in shards))
+        _materialized(instance, "pca_model", SMOKE_WAVE)
+        _materialized(instance, "clusters", SMOKE_WAVE)
+        result = dg.evaluate_automation_conditions(defs=defs, instance=instance,
+                                                   cursor=result.cursor)
+        requested: set[str] = set()
+        for asset in ("slices", "gpu_budget", "backbone", "embeddings", "pca_model", "clusters",
+                      "labeling_queue"):
+            requested |= {p for p in _requested(result, asset) if SMOKE_WAVE in p}
+        assert requested == set()

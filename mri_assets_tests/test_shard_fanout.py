@@ -1,4 +1,5 @@
-"""A wave fans out over wave x shard partitions: a corrupt shard fails and retries alone."""
+"""A wave fans out over wave x shard partitions: a corrupt shard fails and retries alone; the
+run plan of a wave per profile (one run over the shards locally, a run per shard on a fleet)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,20 @@ from mri_assets.assets.embeddings import embeddings_key
 from mri_assets.core.home import MriHome
 from mri_assets.core.sample_data import build_sample_data
 from mri_assets.core.slice_shards import manifest_key, slice_keys
+from mri_assets.core.wave_layout import wave_shard_count
 from mri_assets.definitions import build_defs
 from mri_assets.local_run import QUIET_CONSOLE
-from mri_assets.partitions import WAVES, wave_shard_key
+from mri_assets.partitions import (
+    SMOKE_WAVE,
+    WAVES,
+    shard_partitions,
+    shard_range_tags,
+    wave_shard_key,
+)
 from mri_assets.resources.landing import land_wave
 from mri_assets.resources.object_store import LocalObjectStore
 from mri_assets.resources.settings import IngestSettings
+from mri_assets.sensors import AUTOMATION_SENSOR, group_shard_requests
 
 WAVE = "wave-fanout"
 MAX_RETRIES = 2
@@ -82,3 +91,99 @@ def test_a_corrupt_shard_fails_and_retries_alone_while_the_other_shards_material
     assert {r.run_id for r in records} == {results[good_first].run_id, results[good_last].run_id}
     assert not store.exists(embeddings_key(WAVE, bad))
     assert store.local_path(embeddings_key(WAVE, good_first)).read_bytes() == first_bytes
+
+
+@pytest.mark.timeout(400)
+def test_a_range_run_materializes_every_shard_with_its_own_figures(mri_home, tmp_path):
+    """The local profile's shard runs: one run over a wave's shards steps through each shard and
+    records each one's own materialization (count) and stored output."""
+    landing = tmp_path / "landing"
+    build_sample_data(landing, n_slices=40, seed=0)
+    store = LocalObjectStore(root=str(mri_home / "store"))
+    land_wave(LocalObjectStore(root=str(landing)), "", store, WAVE, IngestSettings().salt)
+    defs = build_defs("local", MriHome(mri_home))
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(WAVES, [WAVE])
+    assert _materialize(defs, instance, "manifest", WAVE).success
+    n_shards = wave_shard_count(store, WAVE)
+    assert n_shards > 2
+
+    result = dg.materialize(
+        assets=list(defs.assets), selection=[dg.AssetKey("slices")], instance=instance,
+        resources=defs.resources, run_config=QUIET_CONSOLE,
+        tags=shard_range_tags(WAVE, 0, n_shards - 1),
+    )
+    assert result.success
+    records = instance.fetch_materializations(dg.AssetKey("slices"), limit=100).records
+    assert {r.run_id for r in records} == {result.run_id}
+    counts = {r.partition_key: r.asset_materialization.metadata["count"].value for r in records}
+    manifest = pl.read_parquet(store.local_path(manifest_key(WAVE)))
+    expected = manifest.filter(pl.col("status") == "ok").group_by("shard").len()
+    assert counts == {str(wave_shard_key(WAVE, s)): n for s, n in expected.iter_rows()
+                      } | {str(wave_shard_key(WAVE, s)): 0 for s in range(n_shards)
+                           if s not in set(expected["shard"].to_list())}
+    for shard in range(n_shards):
+        stored = mri_home / "dagster" / "storage" / "slices" / f"{shard:02d}" / WAVE
+        assert stored.exists(), stored
+
+
+def _automation(defs: dg.Definitions):
+    return defs.get_repository_def().get_sensor_def(AUTOMATION_SENSOR)
+
+
+def _tick(sensor, instance, repository, cursor):
+    context = dg.build_sensor_context(instance=instance, repository_def=repository, cursor=cursor)
+    return sensor.evaluate_tick(context)
+
+
+@pytest.mark.parametrize("profile, executor, per_shard", [
+    ("local", "in_process", False), ("celery", "celery", True), ("k8s", "k8s", True)])
+def test_the_run_plan_of_a_wave_per_profile(profile, executor, per_shard, tmp_path, monkeypatch):
+    """What a landed wave's shards make: locally one run over the wave's shards whose steps run
+    in the run's process; on Celery and Kubernetes a run per shard, each step a task or a pod."""
+    monkeypatch.setenv("MRI_ASSETS_S3_BUCKET", "mri-assets-test")
+    defs = build_defs(profile, MriHome(tmp_path / "home"))
+    repository = defs.get_repository_def()
+    sensor = _automation(defs)
+    assert sensor.shard_runs == ("per_shard" if per_shard else "per_wave")
+    assert repository.get_job("wave_shard_assets").executor_def.name == executor
+    shards = shard_partitions.get_partition_keys()
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions(WAVES, [WAVE, SMOKE_WAVE])
+        first = _tick(sensor, instance, repository, None)
+        for wave in (WAVE, SMOKE_WAVE):
+            instance.report_runless_asset_event(
+                dg.AssetMaterialization(asset_key="manifest", partition=wave))
+        plan = _tick(sensor, instance, repository, first.cursor).run_requests
+    slices = [r for r in plan if dg.AssetKey("slices") in (r.asset_selection or [])]
+    assert not any(SMOKE_WAVE in str(r.partition_key) + str(r.tags) for r in plan)
+    if per_shard:
+        assert sorted(r.partition_key for r in slices) == sorted(
+            str(wave_shard_key(WAVE, s)) for s in shards)
+    else:
+        assert len(slices) == 1 and slices[0].partition_key is None
+        assert slices[0].tags | shard_range_tags(WAVE, 0, len(shards) - 1) == slices[0].tags
+    assert [r.partition_key for r in plan if r not in slices] == [WAVE]  # gpu_budget
+
+
+def test_shard_requests_become_one_run_per_span_of_consecutive_shards():
+    def request(shard: int, asset: str = "embeddings") -> dg.RunRequest:
+        return dg.RunRequest(asset_selection=[dg.AssetKey(asset)],
+                             partition_key=str(wave_shard_key(WAVE, shard)),
+                             tags={"dagster/max_runtime": "60"})
+
+    wave_request = dg.RunRequest(asset_selection=[dg.AssetKey("pca_model")], partition_key=WAVE)
+    grouped = group_shard_requests([request(0), request(1), request(2), request(5), request(7),
+                                    request(8), request(4, "slices"), wave_request])
+    rows = [(r.asset_selection[0].to_user_string(), r.partition_key,
+             r.tags.get("dagster/asset_partition_range_start"),
+             r.tags.get("dagster/asset_partition_range_end"),
+             r.tags.get("dagster/max_runtime")) for r in grouped]
+    plan = sorted(rows, key=lambda row: tuple(value or "" for value in row))
+    assert plan == [
+        ("embeddings", None, f"00|{WAVE}", f"02|{WAVE}", "60"),
+        ("embeddings", None, f"07|{WAVE}", f"08|{WAVE}", "60"),
+        ("embeddings", f"05|{WAVE}", None, None, "60"),
+        ("pca_model", WAVE, None, None, None),
+        ("slices", f"04|{WAVE}", None, None, "60"),
+    ]

@@ -30,6 +30,7 @@ from mri_assets.assets.gpu import GPU_POOL, gpu_step_tags
 from mri_assets.assets.ingest import ISOLATED_WAVES, earlier_waves, slices
 from mri_assets.assets.locations import stored_at
 from mri_assets.assets.provenance import dagster_tags, mlflow_run_metadata
+from mri_assets.automation import EAGER
 from mri_assets.core.backbone import Backbone, build_backbone
 from mri_assets.core.embed import SliceShard
 from mri_assets.core.pretrain import IndexedSlices, PretrainConfig, pretrain_backbone
@@ -155,7 +156,7 @@ def wave_training_slices(store: ObjectStore, wave: str, include_holdout: bool, m
     kinds={"pytorch", "mlflow"},
     pool=GPU_POOL,
     op_tags=gpu_step_tags(),
-    automation_condition=dg.AutomationCondition.eager(),
+    automation_condition=EAGER,
 )
 def backbone(
     context: dg.AssetExecutionContext,

@@ -10,6 +10,7 @@ from mri_assets.assets.embeddings import embeddings
 from mri_assets.assets.locations import stored_at
 from mri_assets.assets.monitoring import cluster_gauges, push_figures
 from mri_assets.assets.provenance import dagster_tags, mlflow_run_metadata
+from mri_assets.automation import EAGER
 from mri_assets.core.clustering import PcaModel, cluster_scores, cluster_wave, fit_streaming_pca
 from mri_assets.core.embed import read_embedding_ids, read_embeddings
 from mri_assets.core.expert_labels import align_labels, expert_label_per_image
@@ -57,7 +58,7 @@ def wave_embeddings(store: ObjectStore, wave: str):
     deps=[embeddings],
     group_name="drift",
     kinds={"numpy", "mlflow"},
-    automation_condition=dg.AutomationCondition.eager(),
+    automation_condition=EAGER,
 )
 def pca_model(
     context: dg.AssetExecutionContext,
@@ -96,7 +97,7 @@ def pca_model(
     deps=[pca_model],
     group_name="drift",
     kinds={"polars", "mlflow"},
-    automation_condition=dg.AutomationCondition.eager(),
+    automation_condition=EAGER,
 )
 def clusters(
     context: dg.AssetExecutionContext,

@@ -14,6 +14,7 @@ import polars as pl
 from mri_assets.assets.ingest import manifest
 from mri_assets.assets.monitoring import push_figures
 from mri_assets.assets.provenance import dagster_tags, mlflow_run_metadata
+from mri_assets.automation import EAGER
 from mri_assets.core.costs import CostLedger
 from mri_assets.core.costs_plot import burndown_png
 from mri_assets.core.wave_keys import bytes_by_wave, manifest_key
@@ -111,7 +112,7 @@ def _images_to_embed(store: ObjectStore, wave: str) -> int:
     deps=[manifest],
     group_name="costs",
     kinds={"python"},
-    automation_condition=dg.AutomationCondition.eager(),
+    automation_condition=EAGER,
     check_specs=[
         dg.AssetCheckSpec(
             WITHIN_CAPS,

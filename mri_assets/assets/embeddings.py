@@ -10,9 +10,10 @@ from mri_assets.assets.gpu import GPU_POOL, gpu_step_tags
 from mri_assets.assets.ingest import slices
 from mri_assets.assets.locations import stored_at
 from mri_assets.assets.monitoring import push_figures, throughput_gauges
+from mri_assets.automation import EAGER_AFTER_CHECKS
 from mri_assets.core.embed import embed_shard, write_embeddings
 from mri_assets.core.wave_keys import embeddings_key, slice_keys
-from mri_assets.partitions import wave_and_shard, wave_shard_partitions
+from mri_assets.partitions import each_shard, wave_and_shard, wave_shard_partitions
 from mri_assets.resources.compute import ComputeResource
 from mri_assets.resources.dvc_tracking import DvcTracking
 from mri_assets.resources.metrics import MetricsResource
@@ -27,9 +28,9 @@ from mri_assets.resources.object_store import ObjectStore
     pool=GPU_POOL,
     op_tags=gpu_step_tags(),
     retry_policy=dg.RetryPolicy(max_retries=2, delay=5),
-    automation_condition=dg.AutomationCondition.eager()
-    & dg.AutomationCondition.all_deps_blocking_checks_passed(),
+    automation_condition=EAGER_AFTER_CHECKS,
 )
+@each_shard
 def embeddings(
     context: dg.AssetExecutionContext,
     object_store: ObjectStore,

@@ -12,6 +12,7 @@ import polars as pl
 
 from mri_assets.assets.locations import stored_at
 from mri_assets.assets.monitoring import manifest_gauges, push_figures
+from mri_assets.automation import EAGER
 from mri_assets.core.ingest import (
     REDECODE_COLUMNS,
     SLICE_SIZE,
@@ -43,6 +44,7 @@ from mri_assets.core.wave_layout import WaveLayout, wave_shard_count, write_wave
 from mri_assets.partitions import (
     N_SHARDS,
     WAVES,
+    each_shard,
     wave_and_shard,
     wave_partitions,
     wave_shard_partitions,
@@ -241,8 +243,9 @@ def manifest(context: dg.AssetExecutionContext, object_store: ObjectStore, inges
     deps=[manifest],
     group_name="ingest",
     kinds={"numpy"},
-    automation_condition=dg.AutomationCondition.eager(),
+    automation_condition=EAGER,
 )
+@each_shard
 def slices(context: dg.AssetExecutionContext, object_store: ObjectStore,
            ingest: IngestSettings) -> dg.Output[dict]:
     """The shard's `ok` slices, 256 px uint8, lossless, in a memmap-able `.npy` with an index.

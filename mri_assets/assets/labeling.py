@@ -8,6 +8,7 @@ import polars as pl
 
 from mri_assets.assets.clustering import pca_model, wave_embeddings
 from mri_assets.assets.monitoring import push_figures, queue_gauges
+from mri_assets.automation import apart_from_smoke
 from mri_assets.core.clustering import PcaModel
 from mri_assets.core.expert_labels import expert_label_per_image
 from mri_assets.core.selection import (
@@ -78,7 +79,7 @@ QUEUE_ONCE_PER_WAVE = (
     deps=[pca_model],
     group_name="labeling",
     kinds={"sqlalchemy"},
-    automation_condition=QUEUE_ONCE_PER_WAVE,
+    automation_condition=apart_from_smoke(QUEUE_ONCE_PER_WAVE),
 )
 def labeling_queue(
     context: dg.AssetExecutionContext,
