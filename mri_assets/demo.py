@@ -74,6 +74,8 @@ def pseudo_label_precision(defs: dg.Definitions, instance: dg.DagsterInstance, w
     truth = ground_truth_for_wave(labels_csv, manifest, wave)
     promoted = defs.load_asset_value("pseudo_labels", partition_key=wave,
                                      instance=instance).filter(pl.col("promoted"))
+    if promoted.height == 0:  # an empty frame's columns may have no type to join on
+        return 0, None
     checked = promoted.join(truth, on="image_id", suffix="_truth")
     if checked.height == 0:
         return 0, None
@@ -93,6 +95,7 @@ def drift_verdict(defs: dg.Definitions, instance: dg.DagsterInstance) -> tuple[l
 
 def run_demo(deployment: Deployment, slices: int, seed: int) -> int:
     from mri_assets.assets.costs import cost_line
+    from mri_assets.core.progress import Progress
     from mri_assets.core.sample_data import build_sample_data
     from mri_assets.definitions import build_defs
     from mri_assets.operations import ingest_wave, instance_for, label_from_csv, run_wave
@@ -102,18 +105,26 @@ def run_demo(deployment: Deployment, slices: int, seed: int) -> int:
     home = deployment.home
 
     def run(wave: str, selection: str) -> bool:
-        return run_wave(deployment, wave, selection).success
+        return run_wave(deployment, wave, selection).success  # a bar per stage (local_run)
+
+    def land(wave: str, folder) -> str:
+        with Progress(f"      landing {wave}", "files") as bar:
+            return ingest_wave(deployment, wave, str(folder), on_file=bar.advance)
+
+    def label(wave: str, folder):
+        with Progress(f"      simulated clinician labeling {wave}", "labels") as bar:
+            return label_from_csv(deployment, wave, folder / "labels.csv", on_item=bar.advance)
 
     started = time.perf_counter()
     pilot_dir = home.root / "sample" / PILOT
     print(f"[1/8] sample data: {slices} T1 slices from real scans into {pilot_dir}")
     build_sample_data(pilot_dir, n_slices=slices, seed=seed, wave_style="t1", progress=True)
-    print(f"[2/8] landing: {ingest_wave(deployment, PILOT, str(pilot_dir))}")
+    print(f"[2/8] landing: {land(PILOT, pilot_dir)}")
     print(f"[3/8] wave {PILOT}: manifest -> slices -> backbone (self-supervised) -> embeddings -> "
           "PCA -> clusters -> queue")
     ok = run(PILOT, FIRST_PASS)
     print("[4/8] simulated clinician labels the queue from labels.csv (demo only)")
-    labeled = label_from_csv(deployment, PILOT, pilot_dir / "labels.csv")
+    labeled = label(PILOT, pilot_dir)
     print(f"      {labeled.labeled} labels, {labeled.qa_labeled} QA re-reads")
     print(f"[5/8] wave {PILOT}: expert labels -> ARI -> pseudo-labels + gate -> classifier -> costs")
     ok = run(PILOT, AFTER_LABELS) and ok
@@ -127,9 +138,9 @@ def run_demo(deployment: Deployment, slices: int, seed: int) -> int:
         wave_dir = home.root / "sample" / wave
         build_sample_data(wave_dir, n_slices=n, seed=seed + step - 5, wave_style=style,
                           progress=True)
-        print(f"      landing: {ingest_wave(deployment, wave, str(wave_dir))}")
+        print(f"      landing: {land(wave, wave_dir)}")
         ok = run(wave, SECOND_WAVE) and ok
-        label_from_csv(deployment, wave, wave_dir / "labels.csv")
+        label(wave, wave_dir)
         ok = run(wave, "expert_labels clusters") and ok
     defs = build_defs(deployment)
     instance = instance_for(deployment)

@@ -35,6 +35,7 @@ import psutil
 
 from mri_assets.assets.gpu import GPU_POOL
 from mri_assets.core.home import MriHome
+from mri_assets.core.progress import Progress
 from mri_assets.core.temporaries import SweepReport, sweep
 from mri_assets.core.wave_layout import wave_shard_count
 from mri_assets.location_runs import location_stage
@@ -163,20 +164,68 @@ def materialize_wave(
                 # from the UI, see `location_runs`), else the job `dg.materialize` builds.
                 job = location_stage(defs, kind, keys) or _stage_job(defs, keys)
                 pooled = pooled_steps(defs, keys)
-                for partition_key in partition_keys:
-                    label = f"{','.join(k.to_user_string() for k in keys)} [{partition_key or 'all'}]"
-                    stop.check()
-                    result = _execute(job, instance, partition_key, pooled, stop)
-                    report.runs.append(result.run_id)
-                    stop.check()
-                    if not result.success:
-                        report.failed.append(label)
-                        return report
-                    if on_step is not None:
-                        on_step(label)
+                with _stage_bar(keys, wave, kind, len(partition_keys)) as shown:
+                    for partition_key in partition_keys:
+                        label = f"{','.join(k.to_user_string() for k in keys)} [{partition_key or 'all'}]"
+                        stop.check()
+                        result = _execute(job, instance, partition_key, pooled, stop)
+                        report.runs.append(result.run_id)
+                        stop.check()
+                        if not result.success:
+                            report.failed.append(label)
+                            return report
+                        shown.advance()
+                        if on_step is not None:
+                            on_step(label)
         except StopRequested as stopped:
             report.interrupted = stopped.signal.name
     return report
+
+
+def _stage_bar(keys: list[dg.AssetKey], wave: str, kind: str, runs: int) -> Progress:
+    """The terminal's line for a stage, when this process shows bars (`core.progress`): a bar of
+    its shards, or a timer for a single run. The assets' own bars show below it while they run."""
+    names = ", ".join(k.to_user_string() for k in keys)
+    if kind == "shard":
+        return Progress(f"  {names} [{wave}]", "shards", runs, leave=True)
+    return Progress(f"  {names} [{wave if kind == 'wave' else 'all'}]", None, leave=True)
+
+
+_QUIET_SINCE: list[int] = []  # the disable levels `without_debug_lines` replaced, innermost last
+
+
+@contextmanager
+def without_debug_lines() -> Iterator[None]:
+    """No DEBUG lines on the console while inside; the runs started here keep theirs in their
+    event log.
+
+    Dagster loads a stored asset value outside a run (`Definitions.load_asset_value`, what the
+    demo's summary reads) with a console logger of its own at DEBUG, which no instance setting
+    reaches: it printed `Loading partition pilot from ... using PickledObjectFilesystemIOManager...`
+    on the terminal. Python's `logging.disable(DEBUG)` silences that logger. A run started by
+    `_execute` lifts it while it runs, so its DEBUG records still reach the run's event log (the
+    console of those runs is at WARNING: `QUIET_CONSOLE`)."""
+    previous = logging.root.manager.disable
+    logging.disable(max(previous, logging.DEBUG))
+    _QUIET_SINCE.append(previous)
+    try:
+        yield
+    finally:
+        _QUIET_SINCE.pop()
+        logging.disable(previous)
+
+
+@contextmanager
+def _debug_in_run_log() -> Iterator[None]:
+    if not _QUIET_SINCE:
+        yield
+        return
+    now = logging.root.manager.disable
+    logging.disable(_QUIET_SINCE[0])
+    try:
+        yield
+    finally:
+        logging.disable(now)
 
 
 EPHEMERAL_JOB = "__ephemeral_asset_job__"  # the name `dg.materialize` gives its runs
@@ -360,7 +409,7 @@ def _execute(job: dg.JobDefinition, instance: dg.DagsterInstance, partition_key:
             owner.parent.mkdir(parents=True, exist_ok=True)
             owner.write_text(json.dumps(tags))
             claim_pool_slots(instance, run_id, pooled, stop.check)
-        with stop.during_run():
+        with stop.during_run(), _debug_in_run_log():
             return job.execute_in_process(
                 run_config=QUIET_CONSOLE, instance=instance, partition_key=partition_key,
                 raise_on_error=False, run_id=run_id, tags=tags,
