@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from tqdm import tqdm
-
+from mri_assets.core.progress import Progress, terminal_bars
 from mri_assets.deployment import Deployment
+
+# Commands a person watches: they draw progress bars on the terminal and print no DEBUG lines.
+WATCHED_COMMANDS = ("demo", "run", "ingest-wave", "label-from-csv", "smoke", "sample-data")
 
 
 def _deployment(args: argparse.Namespace) -> Deployment:
@@ -35,16 +39,17 @@ def cmd_sample_data(args: argparse.Namespace) -> int:
 def cmd_ingest_wave(args: argparse.Namespace) -> int:
     from mri_assets.operations import ingest_wave
 
-    with tqdm(desc=f"landing {args.wave}", unit="file") as bar:
-        print(ingest_wave(_deployment(args), args.wave, args.source, on_file=bar.update))
+    deployment = _deployment(args)
+    with Progress(f"landing {args.wave}", "files", leave=True) as bar:
+        landed = ingest_wave(deployment, args.wave, args.source, on_file=bar.advance)
+    print(landed)
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from mri_assets.operations import run_wave
 
-    with tqdm(desc=f"materializing {args.wave}", unit="step") as bar:
-        report = run_wave(_deployment(args), args.wave, args.select, on_step=lambda _: bar.update())
+    report = run_wave(_deployment(args), args.wave, args.select)  # a bar per stage (local_run)
     if report.interrupted:
         print(f"wave {args.wave}: stopped by {report.interrupted}; the same command continues "
               f"it (run ids: {report.runs[-1:]})", file=sys.stderr)
@@ -57,9 +62,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_label_from_csv(args: argparse.Namespace) -> int:
     from mri_assets.operations import label_from_csv
 
-    with tqdm(desc=f"simulated clinician labeling {args.wave}", unit="label") as bar:
-        result = label_from_csv(_deployment(args), args.wave, Path(args.labels), args.limit,
-                                on_item=bar.update)
+    deployment = _deployment(args)
+    with Progress(f"simulated clinician labeling {args.wave}", "labels", leave=True) as bar:
+        result = label_from_csv(deployment, args.wave, Path(args.labels), args.limit,
+                                on_item=bar.advance)
     print(f"simulated clinician: {result.labeled} labels, {result.qa_labeled} QA re-reads, "
           f"{result.skipped_without_truth} skipped (no ground truth)")
     return 0
@@ -192,11 +198,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextmanager
+def _watched(command: str) -> Iterator[None]:
+    """A command a person watches: progress bars on this terminal, no DEBUG lines (a worker's or
+    the triage server's output is a log, and stays one)."""
+    if command not in WATCHED_COMMANDS:
+        yield
+        return
+    from mri_assets.local_run import without_debug_lines
+
+    with terminal_bars(), without_debug_lines():
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
     try:
-        code = args.func(args)
+        with _watched(args.command):
+            code = args.func(args)
     except (ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

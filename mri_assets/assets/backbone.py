@@ -33,7 +33,13 @@ from mri_assets.assets.provenance import dagster_tags, mlflow_run_metadata
 from mri_assets.automation import EAGER
 from mri_assets.core.backbone import Backbone, build_backbone
 from mri_assets.core.embed import SliceShard
-from mri_assets.core.pretrain import IndexedSlices, PretrainConfig, pretrain_backbone
+from mri_assets.core.pretrain import (
+    IndexedSlices,
+    PretrainConfig,
+    plan_pretraining,
+    pretrain_backbone,
+)
+from mri_assets.core.progress import Progress
 from mri_assets.core.slice_shards import slice_keys
 from mri_assets.core.training.checkpoint import backbone_checkpoint
 from mri_assets.core.wave_keys import backbone_key
@@ -212,12 +218,13 @@ def _train(context: dg.AssetExecutionContext, store: ObjectStore, compute: Compu
     wave = context.partition_key
     device, _, device_note = compute.device_and_precision()
     context.log.info(f"{wave}: self-supervised pretraining on {len(training)} slices on {device}")
-    result = pretrain_backbone(
-        training, config, device, arch=compute.arch, input_size=compute.input_size,
-        init_weights=compute.weights,
-        progress=lambda entry: context.log.info(
-            f"{wave}: epoch {entry['epoch']} loss {entry['loss']:.3f} ({entry['seconds']:.0f} s)"),
-    )
+    # A line per tenth of the steps (and a minute) in the run's log; a bar on `mri-assets`'s terminal.
+    steps = plan_pretraining(len(training), config, compute.arch, compute.input_size).steps
+    with Progress(f"backbone {wave}: pretraining", "steps", steps, log=context.log.info) as shown:
+        result = pretrain_backbone(
+            training, config, device, arch=compute.arch, input_size=compute.input_size,
+            init_weights=compute.weights, progress=shown.pretraining_entry,
+        )
     key = backbone_key(wave)
     store.put_bytes(key, result.checkpoint)
     figures = result.as_metadata()

@@ -69,7 +69,10 @@ def pca_model(
     """PCA fitted once per wave, streaming over its shards; keeps the fewest components ≥ 90 %."""
     wave = context.partition_key
     shards, ids, model_id = wave_embeddings(object_store, wave)
+    context.log.info(f"pca_model {wave}: fitting on {len(ids)} embeddings")
     pca = fit_streaming_pca(shards(), clustering.variance_target)
+    context.log.info(f"pca_model {wave}: {pca.n_components} components keep "
+                     f"{pca.explained_variance_total:.1%} of the variance")
     data = pca.to_bytes()
     object_store.put_bytes(pca_key(wave), data)
     tags = {**dagster_tags(context, mlflow), "model_id": model_id}
@@ -111,6 +114,8 @@ def clusters(
     wave = context.partition_key
     shards, ids, model_id = wave_embeddings(object_store, wave)
     pca = PcaModel.from_bytes(object_store.get_bytes(pca_key(wave)))
+    context.log.info(f"clusters {wave}: KMeans at k = {', '.join(map(str, KS))} on {len(ids)} "
+                     f"slices ({pca.n_components} PCA components)")
     result = cluster_wave(shards, KS, seed=clustering.seed, pca=pca)
     truth = align_labels(ids, expert_label_per_image(label_store.labels_snapshot(None)))
     frame = pl.DataFrame({"image_id": ids, **{f"cluster_k{k}": result.labels[k] for k in KS}})

@@ -12,6 +12,7 @@ from mri_assets.assets.locations import stored_at
 from mri_assets.assets.monitoring import push_figures, throughput_gauges
 from mri_assets.automation import EAGER_AFTER_CHECKS
 from mri_assets.core.embed import embed_shard, write_embeddings
+from mri_assets.core.progress import Progress
 from mri_assets.core.wave_keys import embeddings_key, slice_keys
 from mri_assets.partitions import each_shard, wave_and_shard, wave_shard_partitions
 from mri_assets.resources.compute import ComputeResource
@@ -44,10 +45,11 @@ def embeddings(
     npy_key, index_key = slice_keys(wave, shard)
     model, backbone_source = embedding_backbone(object_store, compute, wave)
     device, precision, device_note = compute.device_and_precision()
-    result = embed_shard(
-        object_store.local_path(npy_key), object_store.local_path(index_key), model, device,
-        precision, compute.batch_size, compute.num_workers,
-    )
+    with Progress(f"embeddings {wave}/{shard:02d}", "images", log=context.log.info) as shown:
+        result = embed_shard(
+            object_store.local_path(npy_key), object_store.local_path(index_key), model, device,
+            precision, compute.batch_size, compute.num_workers, progress=shown,
+        )
     key = embeddings_key(wave, shard)
     with object_store.scratch_dir() as scratch:  # swept after a kill, on a local store
         path = write_embeddings(Path(scratch) / Path(key).name, result.image_ids,

@@ -29,6 +29,7 @@ from mri_assets.core.manifest import (
     raw_prefix,
     reconcile,
 )
+from mri_assets.core.progress import Progress
 from mri_assets.core.slice_shards import (
     HEADER_BYTES,
     corrupt_rows,
@@ -171,16 +172,11 @@ def manifest(context: dg.AssetExecutionContext, object_store: ObjectStore, inges
     before = earlier_waves(context.instance, wave)
     earlier_manifests = [(w, str(object_store.local_path(manifest_key(w))))
                          for w in before if object_store.exists(manifest_key(w))]
-    done = {"objects": 0}
-
-    def log_progress(n: int) -> None:
-        done["objects"] += n
-        if done["objects"] % 200 < n or done["objects"] == len(sources):
-            context.log.info(f"decoded {done['objects']}/{len(sources)} objects")
-
     with object_store.scratch_dir() as scratch_dir:
         scratch = Path(scratch_dir)
-        rows, staged = decode_wave(sources, decode, scratch / "spill", workers, log_progress)
+        with Progress(f"manifest {wave}: decoding", "objects", len(sources),
+                      log=context.log.info) as shown:
+            rows, staged = decode_wave(sources, decode, scratch / "spill", workers, shown.advance)
         earlier = earlier_ok_slices(earlier_manifests, rows["pixel_sha256"])
         frame = finish_manifest(rows, settings, earlier).with_columns(
             pl.lit(wave).alias("wave"),

@@ -17,6 +17,7 @@ from mri_assets.assets.provenance import dagster_tags, mlflow_run_metadata
 from mri_assets.core.clustering import PcaModel
 from mri_assets.core.expert_labels import expert_label_per_image
 from mri_assets.core.plots import confusion_png
+from mri_assets.core.progress import Progress
 from mri_assets.core.pseudo import (
     contradicted_expert_labels,
     gate_metrics,
@@ -146,7 +147,9 @@ def pseudo_labels(
         embeddings_model_id=model_id,
     )
     config = train_config(training)
-    report = train_two_stage(teacher, data, config, device)
+    with Progress(f"pseudo_labels {wave}: supervised baseline, stage 2", "steps",
+                  log=context.log.info) as shown:
+        report = train_two_stage(teacher, data, config, device, progress=shown)
     object_store.put_bytes(baseline_key(wave), json.dumps(report.as_dict(), default=float).encode())
     head = fit_embedding_head(data.train.embeddings, data.train.labels, classes, config, model_id)
     queries = unlabeled | evaluation
@@ -269,7 +272,8 @@ def classifier(
     model = ClassifierModel(embedding_backbone(object_store, compute, wave)[0], classes,
                             seed=training.seed)
     config = train_config(training)
-    semi = train_two_stage(model, data, config, device)
+    with Progress(f"classifier {wave}: stage 2", "steps", log=context.log.info) as shown:
+        semi = train_two_stage(model, data, config, device, progress=shown)
     baseline = json.loads(object_store.get_bytes(baseline_key(wave)))
     baseline_f1 = float(baseline["final_eval"]["macro_f1"])
     seconds = time.perf_counter() - started
