@@ -31,6 +31,7 @@ from mri_assets.sensors import (
     wave_sensor,
 )
 from mri_assets.smoke_run import nightly_smoke_job, nightly_smoke_schedule
+from mri_assets.wave_status import wave_waits_sensor
 
 
 def build_defs(deployment: Deployment | str | None = None, home: MriHome | None = None
@@ -45,7 +46,7 @@ def build_defs(deployment: Deployment | str | None = None, home: MriHome | None 
         jobs=[ingest_wave_job, active_learning_job, drift_check_job, label_refresh_job, retrain_job,
               embed_wave_job, nightly_smoke_job(deployment), *stage_jobs(assets)],
         sensors=[wave_sensor, ari_drift_sensor, labels_sensor, retrain_sensor,
-                 automation_sensor(shard_runs_for(deployment))],
+                 automation_sensor(shard_runs_for(deployment)), wave_waits_sensor],
         schedules=[weekly_drift_check, monthly_retrain, nightly_smoke_schedule],
         resources=resources_for(deployment),
         executor=executor_for(deployment),

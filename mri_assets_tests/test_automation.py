@@ -12,7 +12,7 @@ from mri_assets.partitions import SMOKE_WAVE, WAVES, shard_partitions, wave_shar
 
 WAVE = "w1"
 RUNNING = {"wave_sensor", "ari_drift_sensor", "labels_sensor", "retrain_sensor",
-           "default_automation_condition_sensor"}
+           "default_automation_condition_sensor", "wave_waits_sensor"}
 
 
 @pytest.fixture
@@ -141,3 +141,22 @@ def test_automation_never_acts_on_the_smoke_wave(defs):
                       "labeling_queue"):
             requested |= {p for p in _requested(result, asset) if SMOKE_WAVE in p}
         assert requested == set()
+
+
+def test_the_smoke_wave_never_reaches_the_cost_ledger(tmp_path):
+    from mri_assets.assets.costs import measured_ledger
+    from mri_assets.resources.cost_settings import CostSettings
+    from mri_assets.resources.label_store import LabelStore
+    from mri_assets.resources.object_store import LocalObjectStore
+
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions(WAVES, [SMOKE_WAVE, WAVE])
+        for wave, seconds in ((SMOKE_WAVE, 500.0), (WAVE, 36.0)):
+            instance.report_runless_asset_event(dg.AssetMaterialization(
+                asset_key="embeddings", partition=str(wave_shard_key(wave, 0)),
+                metadata={"seconds": seconds, "images": 100}))
+        store = LocalObjectStore(root=str(tmp_path / "store"))
+        ledger = measured_ledger(instance, CostSettings(), store,
+                                 LabelStore(url=f"sqlite:///{tmp_path / 'labels.db'}"))
+        assert ledger.gpu_hours("embedding") * 3600 == pytest.approx(36.0)
+        assert ledger.images_embedded() == 100

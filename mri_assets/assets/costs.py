@@ -18,7 +18,7 @@ from mri_assets.automation import EAGER
 from mri_assets.core.costs import CostLedger
 from mri_assets.core.costs_plot import burndown_png
 from mri_assets.core.wave_keys import bytes_by_wave, manifest_key
-from mri_assets.partitions import WAVES, wave_partitions, wave_shard_partitions
+from mri_assets.partitions import SMOKE_WAVE, WAVES, wave_partitions, wave_shard_partitions
 from mri_assets.resources.cost_settings import CostSettings
 from mri_assets.resources.label_store import LabelStore
 from mri_assets.resources.metrics import MetricsResource, cost_gauges
@@ -74,10 +74,13 @@ def measured_ledger(
     store: ObjectStore,
     label_store: LabelStore,
 ) -> CostLedger:
-    """Every wave's measured spend so far, from Dagster's records, the store and the label store."""
+    """Every wave's measured spend so far, from Dagster's records, the store and the label store.
+    The nightly smoke's wave is no spend of the plan and is left out."""
     rates = settings.parsed_rates()
     ledger = CostLedger(rates, settings.parsed_caps(), settings.parsed_plan())
     for partition, metadata in sorted(latest_metadata(instance, EMBEDDINGS).items()):
+        if _wave_of_shard_partition(partition) == SMOKE_WAVE:
+            continue
         ledger = ledger.record_gpu_seconds(
             "embedding", rates.embedding_node_type, _number(metadata, "seconds"),
             images=int(_number(metadata, "images")), wave=_wave_of_shard_partition(partition),
@@ -88,7 +91,8 @@ def measured_ledger(
         )
     waves = instance.get_dynamic_partitions(WAVES)
     for wave, n_bytes in storage_bytes_by_wave(store.list(""), waves).items():
-        ledger = ledger.record_storage_bytes(n_bytes, wave=wave)
+        if wave != SMOKE_WAVE:
+            ledger = ledger.record_storage_bytes(n_bytes, wave=wave)
     expert = label_store.labels_snapshot(None).filter(pl.col("kind") == "expert")
     for wave, count in expert.group_by("wave").len().sort("wave").iter_rows():
         ledger = ledger.record_labels(int(count), int(count), wave=wave or "")
