@@ -30,7 +30,7 @@ def cmd_sample_data(args: argparse.Namespace) -> int:
 
     summary = build_sample_data(
         Path(args.out), n_slices=args.slices, seed=args.seed, wave_style=args.wave_style,
-        include_bad=not args.no_bad, progress=True,
+        include_bad=not args.no_bad, progress=True, levels=args.levels,
     )
     print(summary)
     return 0
@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--wave-style", choices=["t1", "epi", "mixed", "t1_new_site"],
                         default="t1")
     sample.add_argument("--no-bad", action="store_true", help="leave out the broken files")
+    sample.add_argument("--levels", action="store_true",
+                        help="add labels.csv column `level`: the harder class set (anatomical levels)")
     sample.set_defaults(func=cmd_sample_data)
 
     ingest = sub.add_parser("ingest-wave", help="land a folder or S3 prefix as raw/WAVE/ and register it")

@@ -9,6 +9,10 @@ on pydicom's MR_small.dcm with planted fake PHI), 16-bit PNG slices, JPEG slices
 Ground truth (`labels.csv`) comes from slice geometry: axial slices below the mid-height of the
 head's axial extent are `axial_inferior`, above it `axial_superior` (a band of slices around the
 middle is not exported), coronal and sagittal by orientation. Near-empty edge slices are skipped.
+With `levels=True` a second, harder class set is written beside it (`labels.csv` column `level`,
+`LEVEL_CLASSES`): the anatomical level of each slice within the head's extent along its axis
+(`anatomical_level`), four axial levels, three coronal, two sagittal. It is computed from the
+same slice positions, so it never changes a stored image or the `label` column.
 The same seed gives byte-identical files: PNG/JPEG/DICOM carry no timestamps and gzip mtime is 0.
 
 The stored integers are the same on every CPU: the volumes are computed in float64 with
@@ -39,6 +43,17 @@ from scipy import ndimage
 from tqdm import tqdm
 
 CLASSES = ("axial_inferior", "axial_superior", "coronal", "sagittal")
+# The harder class set (`levels=True`): where the slice lies within the head's extent along its
+# own axis, as a fraction f of the usable range (0 = first usable slice, 1 = last). Axial: four
+# quarters from the skull base (axial_1) to the vertex (axial_4), so axial_1 and axial_2 are
+# `axial_inferior`, axial_3 and axial_4 `axial_superior`; coronal: posterior, middle, anterior
+# thirds; sagittal: lateral (|f - 0.5| > 0.25, either hemisphere) or medial. Neighbouring levels
+# share anatomy near their border, so a classifier needs many labels to separate them.
+LEVEL_CLASSES = (
+    "axial_1", "axial_2", "axial_3", "axial_4",
+    "coronal_posterior", "coronal_middle", "coronal_anterior",
+    "sagittal_lateral", "sagittal_medial",
+)
 ORIENTATIONS = ("axial", "coronal", "sagittal")
 FORMATS = ("nifti", "dicom", "png16", "jpeg")
 # `t1_new_site`: a new site joins with its own scanner and exporter. Half of the patients (drawn
@@ -328,6 +343,23 @@ def select_slices(
     return [p for p, _ in picked], [label for _, label in picked]
 
 
+def anatomical_level(foreground: np.ndarray, orientation: str, position: int) -> str:
+    """The `LEVEL_CLASSES` class of the slice at `position` along the orientation's axis: its
+    place within the usable range (`usable_slice_positions`) of the same foreground mask."""
+    if orientation not in ORIENTATIONS:
+        raise ValueError(f"orientation must be one of {ORIENTATIONS}, got {orientation!r}")
+    usable = usable_slice_positions(foreground, orientation)
+    if len(usable) == 0:
+        raise ValueError(f"no usable {orientation} slice in this volume")
+    span = int(usable[-1] - usable[0])
+    fraction = (position - int(usable[0])) / span if span else 0.5
+    if orientation == "axial":
+        return f"axial_{min(int(fraction * 4), 3) + 1}"
+    if orientation == "coronal":
+        return ("coronal_posterior", "coronal_middle", "coronal_anterior")[min(int(fraction * 3), 2)]
+    return "sagittal_lateral" if abs(fraction - 0.5) > 0.25 else "sagittal_medial"
+
+
 def _display_slices(volume: np.ndarray, orientation: str, positions: list[int]) -> np.ndarray:
     """Stored slices (n, a, b) in NIfTI order for the orientation; display form is `s.T[::-1]`."""
     ordered = np.transpose(volume, _DISPLAY_ORDER[orientation])
@@ -484,12 +516,14 @@ def build_sample_data(
     wave_style: str = "t1",
     include_bad: bool = True,
     progress: bool = False,
+    levels: bool = False,
 ) -> SampleSummary:
     """Write a synthetic wave of about `n_slices` labelled slices under `out_dir`.
 
     Layout: `out_dir/patient-XXXX/series-NN.nii.gz` or `out_dir/patient-XXXX/series-NN/slice-NNN.{dcm,png,jpg}`,
     `out_dir/labels.csv` (`relative_path,slice_index,label`), and with `include_bad` the unreadable
-    files in `out_dir/incoming-unsorted/` (not in labels.csv).
+    files in `out_dir/incoming-unsorted/` (not in labels.csv). `levels=True` adds the column
+    `level` (`LEVEL_CLASSES`, the harder task) to labels.csv; the images are the same bytes.
     """
     if wave_style not in WAVE_STYLES:
         raise ValueError(f"wave_style must be one of {WAVE_STYLES}, got {wave_style!r}")
@@ -507,6 +541,7 @@ def build_sample_data(
     format_offset = int(np.random.default_rng([seed, 0]).integers(len(FORMATS)))
 
     rows: list[tuple[str, int, str]] = []
+    level_column: list[str] = []
     image_paths: list[Path] = []
     slices_per_format = {fmt: 0 for fmt in FORMATS}
     files_per_format = {fmt: 0 for fmt in FORMATS}
@@ -542,6 +577,8 @@ def build_sample_data(
             for (path, slice_index), label in zip(slice_files, labels):
                 rows.append((path.relative_to(out_dir).as_posix(), slice_index, label))
                 remaining[label] -= 1
+            if levels:
+                level_column += [anatomical_level(foreground, orientation, p) for p in positions]
             image_paths.extend(written)
             slices_per_format[fmt] += len(positions)
             files_per_format[fmt] += len(written)
@@ -554,8 +591,12 @@ def build_sample_data(
     labels_csv = out_dir / "labels.csv"
     with labels_csv.open("w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(["relative_path", "slice_index", "label"])
-        writer.writerows(rows)
+        if levels:
+            writer.writerow(["relative_path", "slice_index", "label", "level"])
+            writer.writerows(row + (level,) for row, level in zip(rows, level_column, strict=True))
+        else:
+            writer.writerow(["relative_path", "slice_index", "label"])
+            writer.writerows(rows)
     bad_paths = (
         write_bad_files(out_dir / "incoming-unsorted", paths["truncated_dicom"])
         if include_bad

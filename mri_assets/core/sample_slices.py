@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mri_assets.core.imaging import process_object
-from mri_assets.core.sample_data import CLASSES, build_sample_data
+from mri_assets.core.sample_data import CLASSES, LEVEL_CLASSES, build_sample_data
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class SampleSlices:
     labels: np.ndarray  # int64 class index into CLASSES
     patients: np.ndarray  # int64 patient number (the sample's patient-NNNN folder)
     keys: tuple[str, ...]  # relative path + "#" + slice index
+    levels: np.ndarray | None = None  # int64 index into LEVEL_CLASSES (`levels=True`), else None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -37,10 +38,12 @@ class SampleSlices:
         return np.isin(self.patients, chosen)
 
 
-def decoded_sample(out_dir: Path, n_slices: int, seed: int, wave_style: str = "t1") -> SampleSlices:
-    """Sample data under `out_dir` (kept), decoded into arrays in `labels.csv` order."""
+def decoded_sample(out_dir: Path, n_slices: int, seed: int, wave_style: str = "t1",
+                   levels: bool = False) -> SampleSlices:
+    """Sample data under `out_dir` (kept), decoded into arrays in `labels.csv` order; with
+    `levels` also the harder class set (`LEVEL_CLASSES`)."""
     summary = build_sample_data(Path(out_dir), n_slices=n_slices, seed=seed,
-                                wave_style=wave_style, include_bad=False)
+                                wave_style=wave_style, include_bad=False, levels=levels)
     with summary.labels_csv.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     decoded: dict[str, dict[int, np.ndarray]] = {}
@@ -55,5 +58,7 @@ def decoded_sample(out_dir: Path, n_slices: int, seed: int, wave_style: str = "t
         labels.append(CLASSES.index(row["label"]))
         patients.append(int(path.split("/")[0].rsplit("-", 1)[1]))
         keys.append(f"{path}#{index}")
+    level_codes = (np.asarray([LEVEL_CLASSES.index(row["level"]) for row in rows], dtype=np.int64)
+                   if levels else None)
     return SampleSlices(np.stack(images), np.asarray(labels, dtype=np.int64),
-                        np.asarray(patients, dtype=np.int64), tuple(keys))
+                        np.asarray(patients, dtype=np.int64), tuple(keys), level_codes)
