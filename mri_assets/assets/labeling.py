@@ -1,4 +1,12 @@
-"""The labeling loop: the active-learning queue and the snapshot of the clinicians' labels."""
+"""The labeling loop: the active-learning queue and the snapshot of the clinicians' labels.
+
+A wave's first queue needs only its manifest and slices: until the deployment's classifier can
+score the wave (its backbone, embeddings and clusters exist and the classifier reads that
+backbone's embeddings), the batch is a patient-stratified random sample
+(`core.selection.stratified_random_batch`), so clinicians start labelling while the backbone
+still trains. Once the classifier can score the wave, a batch (the `active_learning` job) is
+its predictive entropy + k-center diversity + cluster balance (`select_for_labeling`).
+"""
 
 import io
 
@@ -6,18 +14,24 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from mri_assets.assets.clustering import pca_model, wave_embeddings
+from mri_assets.assets.clustering import clusters, wave_embeddings
+from mri_assets.assets.ingest import slices
 from mri_assets.assets.monitoring import push_figures, queue_gauges
 from mri_assets.automation import apart_from_smoke
 from mri_assets.core.clustering import PcaModel
 from mri_assets.core.expert_labels import expert_label_per_image
 from mri_assets.core.selection import (
+    ENTROPY_SELECTION,
+    FIRST_BATCH_SELECTION,
+    Selection,
     holdout_for_evaluation,
     queue_uncertainty,
     select_for_labeling,
+    series_of,
+    stratified_random_batch,
 )
 from mri_assets.core.training.checkpoint import embedding_head_from_checkpoint
-from mri_assets.core.wave_keys import checkpoint_key, manifest_key, pca_key
+from mri_assets.core.wave_keys import checkpoint_key, clusters_key, manifest_key, pca_key
 from mri_assets.partitions import wave_partitions
 from mri_assets.resources.label_store import LabelStore
 from mri_assets.resources.metrics import MetricsResource
@@ -59,6 +73,13 @@ def classifier_probs(instance: dg.DagsterInstance, store: ObjectStore, wave: str
     return probs, f"classifier of wave {trained_on} (its stage-1 head on embeddings of {model_id})"
 
 
+def wave_ok_slices(store: ObjectStore, wave: str) -> pl.DataFrame:
+    """The wave's `ok` manifest rows: `image_id`, `patient_key`, `source_key`, `split`."""
+    manifest = pl.read_parquet(io.BytesIO(store.get_bytes(manifest_key(wave))),
+                               columns=["image_id", "patient_key", "source_key", "split", "status"])
+    return manifest.filter(pl.col("status") == "ok").drop("status")
+
+
 def split_of(store: ObjectStore, wave: str, image_ids: list[str]) -> np.ndarray:
     manifest = pl.read_parquet(io.BytesIO(store.get_bytes(manifest_key(wave))),
                                columns=["image_id", "split", "status"])
@@ -66,76 +87,106 @@ def split_of(store: ObjectStore, wave: str, image_ids: list[str]) -> np.ndarray:
     return np.array([lookup.get(i, "train") for i in image_ids])
 
 
-# A wave's first batch follows its clusters by `eager()`, but only while the wave has no queue
-# yet: a clusters refresh (new labels, `label_refresh`) does not queue another batch by itself.
-# Each batch spends the labeling budget, so later ones are asked for (`active_learning`, the UI).
+# A wave's first batch follows its slices by `eager()`, beside the backbone, never after it:
+# `clusters` is a dependency for the lineage (later batches read them) that the condition
+# ignores, and only while the wave has no queue yet: a clusters refresh (new labels,
+# `label_refresh`) does not queue another batch by itself. Each batch spends the labeling
+# budget, so later ones are asked for (`active_learning`, the UI).
 QUEUE_ONCE_PER_WAVE = (
-    dg.AutomationCondition.eager() & dg.AutomationCondition.missing()
-).with_label("eager, first batch of a wave only")
+    dg.AutomationCondition.eager().ignore(dg.AssetSelection.assets("clusters"))
+    & dg.AutomationCondition.missing()
+).with_label("eager on slices, first batch of a wave only")
 
 
 @dg.asset(
     partitions_def=wave_partitions,
-    deps=[pca_model],
+    deps=[slices, clusters],
     group_name="labeling",
     kinds={"sqlalchemy"},
     automation_condition=apart_from_smoke(QUEUE_ONCE_PER_WAVE),
 )
 def labeling_queue(
     context: dg.AssetExecutionContext,
-    clusters: pl.DataFrame,
     object_store: ObjectStore,
     label_store: LabelStore,
     clustering: ClusteringSettings,
     labeling: LabelingSettings,
     metrics: MetricsResource,
 ) -> dg.MaterializeResult:
-    """Top-entropy, diverse, cluster-balanced slices pushed to the label store, within budget.
+    """A batch of slices for the clinicians, pushed to the label store within budget.
 
-    The entropy is the deployment's latest classifier's (predictive entropy of its stage-1 head
-    on the wave's cached embeddings) once one exists for the wave's backbone; before that, the
-    k-means soft assignment's. Metadata `entropy_source` says which. Holdout-split slices are queued only as `holdout` items (evaluation), never for training.
+    Before the deployment's classifier can score the wave: a patient-stratified random sample
+    of the manifest (no backbone needed). After: the classifier's predictive entropy (its
+    stage-1 head on the wave's cached embeddings), k-center diversity in PCA space and balance
+    over the k-means clusters. Metadata `selection` says which, `selection_detail` why.
+    Holdout-split slices are queued only as `holdout` items (evaluation), never for training.
     """
     wave = context.partition_key
-    ids, coords = wave_projection(object_store, wave)
-    frame = pl.DataFrame({"image_id": ids}).join(clusters, on="image_id", how="left")
-    assignment = frame[f"cluster_k{clustering.drift_k}"].to_numpy().astype(np.int64)
-    probs, source_detail = classifier_probs(context.instance, object_store, wave, labeling.classes)
-    uncertainty = queue_uncertainty(coords, assignment, probs, source_detail)
-    entropy = uncertainty.entropy
     labeled = set(expert_label_per_image(label_store.labels_snapshot(None))["image_id"].to_list())
-    exclude = np.array([i in labeled for i in ids])
-    holdout = split_of(object_store, wave, ids) == "holdout"
     stats = label_store.stats()
     room = int(stats["budget_left_cases"])
     n_holdout = min(labeling.holdout_per_wave, room)
     n_train = min(labeling.batch_size, max(room - n_holdout, 0))
-    picked = select_for_labeling(entropy, coords, assignment, n_train, labeling.seed,
-                                 exclude=exclude, holdout=holdout,
-                                 duplicate_radius=labeling.duplicate_radius)
-    reserved = holdout_for_evaluation(assignment, holdout, n_holdout, labeling.seed, exclude=exclude)
-    items = [
+    probs, detail = classifier_probs(context.instance, object_store, wave, labeling.classes) \
+        if object_store.exists(clusters_key(wave)) else \
+        (None, f"wave {wave} has no clusters yet (backbone, embeddings and PCA come first)")
+    if probs is None:
+        ok = wave_ok_slices(object_store, wave)
+        ids = ok["image_id"].to_list()
+        exclude = np.array([i in labeled for i in ids], dtype=bool)
+        holdout = (ok["split"] == "holdout").to_numpy()
+        patients = ok["patient_key"].to_numpy()
+        picked = stratified_random_batch(patients, series_of(ok["source_key"].to_list()), n_train,
+                                         labeling.seed, exclude=exclude, holdout=holdout)
+        patient_codes = np.unique(patients, return_inverse=True)[1].astype(np.int64).reshape(-1)
+        reserved = holdout_for_evaluation(patient_codes, holdout, n_holdout, labeling.seed,
+                                          exclude=exclude, stratum="patient")
+        selection, source = FIRST_BATCH_SELECTION, "none (no classifier for this wave yet)"
+    else:
+        ids, coords = wave_projection(object_store, wave)
+        assigned = pl.read_parquet(io.BytesIO(object_store.get_bytes(clusters_key(wave))))
+        frame = pl.DataFrame({"image_id": ids}).join(assigned, on="image_id", how="left")
+        assignment = frame[f"cluster_k{clustering.drift_k}"].to_numpy().astype(np.int64)
+        uncertainty = queue_uncertainty(coords, assignment, probs, detail)
+        exclude = np.array([i in labeled for i in ids], dtype=bool)
+        holdout = split_of(object_store, wave, ids) == "holdout"
+        picked = select_for_labeling(uncertainty.entropy, coords, assignment, n_train,
+                                     labeling.seed, exclude=exclude, holdout=holdout,
+                                     duplicate_radius=labeling.duplicate_radius)
+        reserved = holdout_for_evaluation(assignment, holdout, n_holdout, labeling.seed,
+                                          exclude=exclude)
+        selection, source = ENTROPY_SELECTION, uncertainty.source
+    context.log.info(f"{wave}: {selection} ({detail})")
+    queued = label_store.enqueue(wave, queue_items(ids, picked, reserved), labeling.classes)
+    after = label_store.stats()
+    push_figures(metrics, "labeling_queue", {"wave": wave}, queue_gauges("labeling", int(after["queue_size"])))
+    return dg.MaterializeResult(metadata={
+        "selection": selection,
+        "selection_detail": detail,
+        "offered": len(picked) + len(reserved),
+        "queued": queued,
+        "queued_for_training": len(picked),
+        "queued_holdout": len(reserved),
+        "strata_in_batch": len(set(picked.cluster.tolist())),
+        "queue_size": int(after["queue_size"]),
+        "budget_left_cases": int(after["budget_left_cases"]),
+        "budget_left_eur": float(after["budget_left_eur"]),
+        "mean_entropy_queued": float(np.mean(picked.entropy)) if len(picked) and probs is not None
+        else 0.0,
+        "entropy_source": source,
+        "entropy_source_detail": detail,
+    })
+
+
+def queue_items(ids: list[str], picked: Selection, reserved: Selection) -> list[dict]:
+    """Label-store items: the training picks, then the holdout items just below them."""
+    return [
         {"image_id": ids[i], "priority": float(p), "reason": r, "kind": "expert"}
         for i, p, r in zip(picked.indices, picked.priority, picked.reason)
     ] + [
         {"image_id": ids[i], "priority": float(p) - 1.0, "reason": r, "kind": "holdout"}
         for i, p, r in zip(reserved.indices, reserved.priority, reserved.reason)
     ]
-    queued = label_store.enqueue(wave, items, labeling.classes)
-    after = label_store.stats()
-    push_figures(metrics, "labeling_queue", {"wave": wave}, queue_gauges("labeling", int(after["queue_size"])))
-    return dg.MaterializeResult(metadata={
-        "offered": len(items),
-        "queued": queued,
-        "queued_for_training": len(picked),
-        "queued_holdout": len(reserved),
-        "queue_size": int(after["queue_size"]),
-        "budget_left_cases": int(after["budget_left_cases"]),
-        "budget_left_eur": float(after["budget_left_eur"]),
-        "mean_entropy_queued": float(np.mean(picked.entropy)) if len(picked) else 0.0,
-        "entropy_source": uncertainty.source,
-        "entropy_source_detail": uncertainty.detail,
-    })
 
 
 @dg.asset(

@@ -9,9 +9,11 @@ labels so far and scored on a fixed holdout (whole patients, never picked). Stra
 - `random`: a seeded random order of the pool;
 - `cluster_entropy`: entropy of the k-means soft assignment (`CLUSTER_ENTROPY`) + k-center
   diversity and cluster balance (`core.selection.select_for_labeling`), every batch;
-- `model_entropy`: the first batch as `cluster_entropy` (no classifier exists yet), then the
-  probe's predictive entropy (`MODEL_ENTROPY`) + the same diversity and balance: the queue's rule
-  once the deployment has a classifier.
+- `model_entropy`: the queue's rule. The first batch is patient-stratified random
+  (`stratified_random_batch`, what `labeling_queue` builds before a classifier can score the
+  wave), then the probe's predictive entropy (`MODEL_ENTROPY`) + the same diversity and balance.
+  `patients` and `series` (one per slice) stratify the first batch; without them every slice is
+  its own patient (plain random).
 """
 
 from __future__ import annotations
@@ -23,7 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from mri_assets.core.selection import queue_uncertainty, select_for_labeling
+from mri_assets.core.selection import (
+    queue_uncertainty,
+    select_for_labeling,
+    stratified_random_batch,
+)
 from mri_assets.core.training.loops import train_head_on_embeddings
 from mri_assets.core.training.metrics import eval_result_from_predictions
 
@@ -77,6 +83,8 @@ def run_strategy(
     n_classes: int,
     batch: int = 50,
     probe_epochs: int = 50,
+    patients: np.ndarray | None = None,
+    series: np.ndarray | None = None,
 ) -> Curve:
     """Label `batch` slices at a time by `strategy` until the largest budget; the holdout
     macro-F1 of a probe fitted on the labels so far at each budget (a multiple of `batch`)."""
@@ -92,6 +100,8 @@ def run_strategy(
     x_eval, y_eval = embeddings[holdout], labels[holdout]
     order = np.random.default_rng([seed, 3]).permutation(pool)
     cluster_uncertainty = queue_uncertainty(coords_pca, clusters)
+    patients = np.arange(len(labels)) if patients is None else np.asarray(patients)
+    series = patients if series is None else np.asarray(series)
     labeled = np.zeros(len(labels), dtype=bool)
     picked: list[int] = []
     scores: list[float] = []
@@ -99,6 +109,9 @@ def run_strategy(
     while len(picked) < budgets[-1]:
         if strategy == "random":
             chosen = order[len(picked) : len(picked) + batch]
+        elif strategy == "model_entropy" and probe is None:
+            chosen = stratified_random_batch(patients, series, batch, seed, exclude=labeled,
+                                             holdout=holdout).indices
         else:
             uncertainty = cluster_uncertainty
             if strategy == "model_entropy" and probe is not None:

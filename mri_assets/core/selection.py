@@ -23,6 +23,12 @@ min-distance per candidate and updates it after each pick, so it is O(P * n * d)
 plus O(P * m * d) for the `m` excluded slices (used as existing centers). `naive_select` is the
 textbook version with the full P x P distance matrix, kept as the benchmark baseline.
 
+The first batch of a wave needs no learned feature (`stratified_random_batch`): until a classifier
+can score the wave, no entropy is worth more than chance (on the demo's pilot, cluster entropy +
+diversity gave 0.886 macro-F1 at 200 labels where random gave 0.988), so the batch is a seeded
+random sample spread over patients, and within a patient over its series (`series_of`): the
+queue can be built from the manifest alone, while the backbone still trains.
+
 Holdout slices are reserved for evaluating the pseudo-label gate. They are never selected as
 training items; `holdout_for_evaluation` queues them separately, with kind "holdout", as a
 cluster-stratified random sample (not by entropy: an evaluation set picked for being hard would
@@ -558,6 +564,7 @@ def holdout_for_evaluation(
     exclude: np.ndarray | None = None,
     *,
     balance: Balance = "proportional",
+    stratum: str = "cluster",
 ) -> Selection:
     """Holdout slices to queue with kind "holdout": labeled by clinicians, used only to measure
     the pseudo-label gate and the classifier, never trained on.
@@ -566,6 +573,8 @@ def holdout_for_evaluation(
     (`exclude`): quotas follow the clusters' sizes among those slices (`balance="proportional"`,
     so the measured F1 describes the wave) or are equal (`"equal"`). Within a cluster the order is
     a seeded shuffle; the picks interleave clusters, so a partly labeled holdout stays stratified.
+    `clusters` can be any integer strata (patients for a wave's first batch); `stratum` names
+    them in each item's reason.
     """
     clusters = np.asarray(clusters)
     if clusters.ndim != 1 or not np.issubdtype(clusters.dtype, np.integer):
@@ -593,10 +602,105 @@ def holdout_for_evaluation(
         indices=indices,
         priority=1.0 - np.arange(count, dtype=np.float64) / max(count, 1),
         reason=tuple(
-            f"holdout (evaluation only), stratified random sample, cluster {c}" for c in cluster
+            f"holdout (evaluation only), stratified random sample, {stratum} {c}" for c in cluster
         ),
         cluster=cluster,
         entropy=np.full(count, np.nan),
         kcenter_distance=np.full(count, np.nan),
         kind=HOLDOUT_KIND,
     )
+
+
+FIRST_BATCH_SELECTION = "patient-stratified random (no backbone yet)"
+ENTROPY_SELECTION = "entropy + k-center diversity + cluster balance"
+
+
+def series_of(source_keys: Sequence[str]) -> np.ndarray:
+    """The series of each slice, from its raw object key (one key per slice): a key that gives
+    several slices is a volume (NIfTI, multi-frame DICOM) and is its own series; a key that gives
+    one slice (a DICOM, PNG or JPEG file) belongs to the series of its folder."""
+    keys = pl.Series("source_key", list(source_keys), dtype=pl.String)
+    frame = keys.to_frame().with_columns(pl.len().over("source_key").alias("slices"))
+    folder = pl.col("source_key").str.replace(r"/[^/]*$", "")
+    series = frame.select(
+        pl.when(pl.col("slices") > 1).then(pl.col("source_key")).otherwise(folder)
+    ).to_series()
+    return series.to_numpy().astype(object)
+
+
+def _codes(values: np.ndarray) -> np.ndarray:
+    """Each value's rank among the sorted distinct values (int64)."""
+    if values.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.unique(values, return_inverse=True)[1].astype(np.int64).reshape(-1)
+
+
+def stratified_random_batch(
+    patients: np.ndarray,
+    series: np.ndarray,
+    n: int,
+    seed: int,
+    exclude: np.ndarray | None = None,
+    *,
+    holdout: np.ndarray | None = None,
+) -> Selection:
+    """Up to `n` training slices, a seeded random sample spread as evenly as the wave allows:
+    over patients first, then over each patient's series. No feature of the slices is used.
+
+    Patients take turns in a seeded order; on its turn a patient gives its next slice, taken
+    from its series in turn (each series in a seeded shuffle). A patient with slices already
+    labeled or queued (`exclude`) joins the turns later by as many rounds, so a batch after a
+    batch keeps the patients level. Excluded and `holdout` slices are never picked (see
+    `holdout_for_evaluation` for the holdout). `Selection.cluster` holds the patient's code
+    (its rank among the wave's sorted patient keys); entropy and k-center distance are NaN.
+    """
+    patients, series = np.asarray(patients), np.asarray(series)
+    if patients.ndim != 1 or series.shape != patients.shape:
+        raise ValueError(
+            f"patients and series must be 1-D with one entry per slice, got shapes"
+            f" {patients.shape} and {series.shape}"
+        )
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"n (batch size) must be a non-negative integer, got {n!r}")
+    count = patients.shape[0]
+    exclude = _as_mask(exclude, count, "exclude")
+    holdout = _as_mask(holdout, count, "holdout")
+    rows = np.flatnonzero(~exclude & ~holdout)
+    patient, serie = _codes(patients), _codes(series)
+    rng = np.random.default_rng([seed, 5])
+    patient_turn = rng.permutation(int(patient.max(initial=-1)) + 1)
+    series_turn = rng.permutation(int(serie.max(initial=-1)) + 1)
+    shuffle = rng.random(count)
+    # each series in a seeded shuffle; within a patient, its series take turns
+    series_depth = _depth_within(rows[np.lexsort((shuffle[rows], serie[rows]))], serie, count)
+    by_patient = rows[np.lexsort((series_turn[serie[rows]], series_depth[rows], patient[rows]))]
+    already = np.bincount(patient[exclude], minlength=patient_turn.shape[0])
+    rounds = _depth_within(by_patient, patient, count) + already[patient]
+    picked = rows[np.lexsort((patient_turn[patient[rows]], rounds[rows]))][:n].astype(np.int64)
+    taken = picked.shape[0]
+    cluster = patient[picked]
+    return Selection(
+        indices=picked,
+        priority=1.0 - np.arange(taken, dtype=np.float64) / max(taken, 1),
+        reason=tuple(
+            f"first batch, no learned features yet: patient-stratified random, patient {p},"
+            f" round {r + 1}"
+            for p, r in zip(cluster, rounds[picked], strict=True)
+        ),
+        cluster=cluster,
+        entropy=np.full(taken, np.nan),
+        kcenter_distance=np.full(taken, np.nan),
+        kind=TRAIN_KIND,
+    )
+
+
+def _depth_within(ordered: np.ndarray, group: np.ndarray, count: int) -> np.ndarray:
+    """For rows `ordered` (grouped by `group`, in order within each group): each row's position
+    within its group; other rows get 0. Returns an int64 array of length `count`."""
+    depth = np.zeros(count, dtype=np.int64)
+    if ordered.shape[0] == 0:
+        return depth
+    starts = np.r_[0, np.flatnonzero(np.diff(group[ordered])) + 1]
+    lengths = np.diff(np.r_[starts, ordered.shape[0]])
+    depth[ordered] = np.arange(ordered.shape[0]) - np.repeat(starts, lengths)
+    return depth

@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 from mri_assets.assets.labeling import split_of
 from mri_assets.assets.retraining import REGISTERED_MODEL
 from mri_assets.core.home import MriHome
-from mri_assets.core.selection import CLUSTER_ENTROPY, MODEL_ENTROPY
+from mri_assets.core.selection import ENTROPY_SELECTION, FIRST_BATCH_SELECTION, MODEL_ENTROPY
 from mri_assets.definitions import build_defs
 from mri_assets.deployment import Deployment
 from mri_assets.local_run import dagster_instance, materialize_wave
@@ -16,7 +16,8 @@ from mri_assets.operations import label_from_csv
 from mri_assets.resources.settings import LabelingSettings, PseudoLabelSettings, TrainingSettings
 from mri_assets_tests.assets.wave_fixtures import land_sample_wave
 
-FIRST = "manifest slices gpu_budget embeddings pca_model clusters labeling_queue"
+QUEUE_FIRST = "manifest slices labeling_queue"  # the first queue needs no backbone
+FEATURES = "gpu_budget embeddings pca_model clusters"
 
 
 def _defs(home, **overrides):
@@ -36,8 +37,9 @@ def labeled_wave(tmp_path_factory):
         source = land_sample_wave(defs.resources["object_store"], home, "pilot", n_slices=160,
                                   include_bad=False)
         instance = dagster_instance(MriHome(home))
-        report = materialize_wave(defs, instance, "pilot", FIRST)
-        assert report.success, report.failed
+        for selection in (QUEUE_FIRST, FEATURES):
+            report = materialize_wave(defs, instance, "pilot", selection)
+            assert report.success, report.failed
         labeled = label_from_csv(Deployment.from_env(home=home), "pilot", source / "labels.csv")
         yield home, instance, source, labeled
 
@@ -50,7 +52,15 @@ def test_queue_fills_within_budget_and_clusters_log_to_mlflow(labeled_wave):
     assert 0 < metadata["queued"] <= metadata["offered"]
     assert metadata["queued_holdout"] > 0
     assert labeled.labeled >= metadata["queued_for_training"]
-    assert metadata["entropy_source"] == CLUSTER_ENTROPY, "no classifier yet"
+    assert metadata["selection"] == FIRST_BATCH_SELECTION, "no backbone, no classifier yet"
+    assert "no clusters yet" in metadata["selection_detail"]
+    embedded = instance.fetch_materializations(dg.AssetKey("embeddings"), limit=1).records[0]
+    assert queue.storage_id < embedded.storage_id, "the queue was built before any embedding"
+    manifest = defs.load_asset_value("manifest", partition_key="pilot", instance=instance)
+    trainable = manifest.filter((pl.col("status") == "ok") & (pl.col("split") != "holdout"))
+    assert metadata["queued_for_training"] == 60 < trainable.height
+    assert metadata["strata_in_batch"] == trainable["patient_key"].n_unique(), \
+        "every patient with training slices is in the first batch"
     assert materialize_wave(defs, instance, "pilot", "expert_labels clusters").success
     clusters = instance.fetch_materializations(dg.AssetKey("clusters"), limit=1).records[0]
     run_id = clusters.asset_materialization.metadata["mlflow_run_id"].value
@@ -121,5 +131,6 @@ def test_the_queue_ranks_by_the_classifiers_entropy_once_there_is_one(labeled_wa
     assert trained["layer4_relative_change"] > 0 and trained["holdout_embedding_cosine"] < 1
     queue = instance.fetch_materializations(dg.AssetKey("labeling_queue"), limit=1).records[0]
     metadata = {k: v.value for k, v in queue.asset_materialization.metadata.items()}
+    assert metadata["selection"] == ENTROPY_SELECTION
     assert metadata["entropy_source"] == MODEL_ENTROPY
     assert metadata["entropy_source_detail"].startswith("classifier of wave pilot")

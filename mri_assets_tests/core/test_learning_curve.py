@@ -17,12 +17,22 @@ from mri_assets.core.learning_curve import (
     run_strategy,
 )
 from mri_assets.core.sample_slices import decoded_sample
+from mri_assets.core.selection import stratified_random_batch
 
 
 @pytest.fixture(scope="module")
-def wave(tmp_path_factory):
+def sample(tmp_path_factory):
+    return decoded_sample(tmp_path_factory.mktemp("curve") / "sample", 120, seed=2)
+
+
+@pytest.fixture(scope="module")
+def sample_patients(sample):
+    return sample.patients
+
+
+@pytest.fixture(scope="module")
+def wave(sample):
     torch.set_num_threads(1)
-    sample = decoded_sample(tmp_path_factory.mktemp("curve") / "sample", 120, seed=2)
     with torch.inference_mode():
         x = build_backbone(seed=0, input_size=64)(torch.from_numpy(sample.images[:, None])).numpy()
     clustering = cluster_wave(lambda: iter([x.astype(np.float16)]), (4,), seed=0)
@@ -42,9 +52,22 @@ def test_each_strategy_labels_the_budgets_from_the_pool_only(wave):
         assert len(curve.picked) == 30 == len(set(curve.picked.tolist()))
         assert not holdout[curve.picked].any()
     cluster, model = curves["cluster_entropy"].picked, curves["model_entropy"].picked
-    assert cluster[:10].tolist() == model[:10].tolist(), "no classifier before the first batch"
+    each_own = np.arange(len(y))
+    first = stratified_random_batch(each_own, each_own, 10, 0, holdout=holdout).indices
+    assert model[:10].tolist() == first.tolist(), "no classifier before the first batch: the queue's first rule"
     assert cluster[10:].tolist() != model[10:].tolist(), "then the model's entropy ranks"
     assert curves["random"].picked[:10].tolist() != cluster[:10].tolist()
+
+
+def test_the_model_strategys_first_batch_spreads_over_patients(wave, sample_patients):
+    x, coords, clusters, y, holdout = wave
+    patients = sample_patients
+    curve = run_strategy("model_entropy", x, coords, clusters, y, holdout, (10,), seed=0,
+                         n_classes=4, batch=10, probe_epochs=5, patients=patients)
+    trainable = np.unique(patients[~holdout])
+    chosen = patients[curve.picked]
+    per_patient = [(chosen == p).sum() for p in trainable]
+    assert max(per_patient) - min(per_patient) <= 1, per_patient
 
 
 def test_a_strategy_is_deterministic_for_a_seed(wave):

@@ -12,7 +12,9 @@ from mri_assets.core.selection import (
     naive_select,
     queue_uncertainty,
     select_for_labeling,
+    series_of,
     soft_assignment,
+    stratified_random_batch,
 )
 
 
@@ -268,3 +270,81 @@ def test_queue_uncertainty_uses_the_classifier_once_there_is_one_else_the_cluste
     assert sorted(picked.cluster.tolist()) == [0, 1], "cluster balance kept"
     with pytest.raises(ValueError, match="59 rows for 60 slices"):
         queue_uncertainty(coords, clusters, probs[:59])
+
+
+def _patients_wave(sizes=(30, 12, 5, 1), series_per_patient=3):
+    """Patients of unequal size, each slice in one of its patient's series."""
+    patients, series = [], []
+    for p, size in enumerate(sizes):
+        for i in range(size):
+            patients.append(f"patient-{p}")
+            series.append(f"patient-{p}/series-{i % series_per_patient}")
+    return np.array(patients), np.array(series)
+
+
+def test_first_batch_spreads_over_patients_then_series():
+    patients, series = _patients_wave()
+    picked = stratified_random_batch(patients, series, 8, seed=0)
+    counts = {p: int((patients[picked.indices] == p).sum()) for p in np.unique(patients)}
+    # four patients: two rounds each, but patient-3 has only one slice
+    assert sorted(counts.values()) == [1, 2, 2, 3]
+    assert counts["patient-3"] == 1
+    # a patient's picks come from different series while it has some left
+    for p in ("patient-0", "patient-1"):
+        rows = picked.indices[patients[picked.indices] == p]
+        assert len(set(series[rows])) == len(rows)
+    assert len(set(picked.indices.tolist())) == len(picked) == 8
+    assert picked.priority[0] == 1.0 and np.all(np.diff(picked.priority) < 0)
+    assert np.isnan(picked.entropy).all() and picked.kind == "train"
+    assert picked.reason[0].startswith("first batch, no learned features yet")
+
+
+def test_first_batch_is_seeded_and_differs_across_seeds():
+    patients, series = _patients_wave()
+    first = stratified_random_batch(patients, series, 10, seed=3)
+    again = stratified_random_batch(patients, series, 10, seed=3)
+    other = stratified_random_batch(patients, series, 10, seed=4)
+    np.testing.assert_array_equal(first.indices, again.indices)
+    assert first.indices.tolist() != other.indices.tolist()
+
+
+def test_first_batch_skips_holdout_and_labeled_and_levels_patients():
+    patients, series = _patients_wave()
+    holdout = patients == "patient-1"
+    labeled = np.zeros(len(patients), dtype=bool)
+    labeled[np.flatnonzero(patients == "patient-0")[:4]] = True
+    for seed in range(5):
+        picked = stratified_random_batch(patients, series, 5, seed=seed, exclude=labeled,
+                                         holdout=holdout)
+        chosen = patients[picked.indices]
+        assert not holdout[picked.indices].any() and not labeled[picked.indices].any()
+        # patient-0 has 4 labels already: patient-2 (5 slices) and patient-3 (1) catch up first
+        assert (chosen == "patient-0").sum() == 0
+        assert (chosen == "patient-2").sum() == 4 and (chosen == "patient-3").sum() == 1
+
+
+def test_first_batch_is_short_when_the_wave_is_and_refuses_bad_input():
+    patients, series = _patients_wave(sizes=(2, 1))
+    assert len(stratified_random_batch(patients, series, 50, seed=0)) == 3
+    assert len(stratified_random_batch(patients[:0], series[:0], 5, seed=0)) == 0
+    with pytest.raises(ValueError, match="one entry per slice"):
+        stratified_random_batch(patients, series[:2], 2, seed=0)
+    with pytest.raises(ValueError, match="non-negative integer"):
+        stratified_random_batch(patients, series, -1, seed=0)
+
+
+def test_a_volume_is_its_own_series_and_single_slice_files_share_their_folder():
+    keys = ["raw/w/p1/series-01.nii.gz", "raw/w/p1/series-01.nii.gz",
+            "raw/w/p1/series-02/slice-000.dcm", "raw/w/p1/series-02/slice-001.dcm",
+            "raw/w/p1/series-03/slice-000.png"]
+    assert series_of(keys).tolist() == [
+        "raw/w/p1/series-01.nii.gz", "raw/w/p1/series-01.nii.gz",
+        "raw/w/p1/series-02", "raw/w/p1/series-02", "raw/w/p1/series-03"]
+
+
+def test_holdout_strata_are_named_in_the_reason():
+    strata = np.repeat(np.arange(4), 5)
+    picked = holdout_for_evaluation(strata, np.ones(20, dtype=bool), 4, seed=0,
+                                    stratum="patient")
+    assert sorted(picked.cluster.tolist()) == [0, 1, 2, 3]
+    assert all(r.endswith(f"patient {c}") for r, c in zip(picked.reason, picked.cluster))
