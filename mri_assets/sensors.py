@@ -187,6 +187,13 @@ def retrain_sensor(context: dg.SensorEvaluationContext, retrain: RetrainSettings
             skip_reason=f"retraining is due ({watch.since_classifier()} slices since the last "
             f"classifier) and waits for the clinicians: wave {wave} has {progress['labeled']} "
             f"labels and {progress['open']} queued items still open", cursor=watch.to_cursor())
+    # The first queue is built before the backbone (labeling_queue): pseudo-labels need the
+    # wave's embeddings, so the crossing also waits for its clusters (embeddings and PCA done).
+    if not context.instance.fetch_materializations(dg.AssetRecordsFilter(
+            asset_key=dg.AssetKey("clusters"), asset_partitions=[wave]), limit=1).records:
+        return dg.SensorResult(
+            skip_reason=f"retraining is due and wave {wave} is labelled; it waits for the wave's "
+            "clusters (backbone, embeddings and PCA still running)", cursor=watch.to_cursor())
     run_key = watch.crossing(retrain.every_slices)
     request = dg.RunRequest(run_key=run_key, partition_key=wave,
                             tags={"mri_assets/trigger": "slices_ingested"})

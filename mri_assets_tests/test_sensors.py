@@ -79,7 +79,7 @@ def _manifest(instance, wave, ok):
 
 
 @pytest.fixture
-def labels(tmp_path):
+def labels(tmp_path, instance):
     """A label store with one clinician, and a function that queues and labels `n` slices of a
     wave (`open_left` more stay queued)."""
     from mri_assets_tests.triage.conftest import CLASSES, add_users, make_store
@@ -87,7 +87,10 @@ def labels(tmp_path):
     store = make_store(f"sqlite:///{tmp_path / 'labels.db'}")
     add_users(store, ["alice"])
 
-    def label(wave: str, n: int, open_left: int = 0) -> None:
+    def label(wave: str, n: int, open_left: int = 0, clustered: bool = True) -> None:
+        if clustered:  # what retraining needs besides the labels: the wave's embeddings
+            instance.report_runless_asset_event(
+                dg.AssetMaterialization(asset_key="clusters", partition=wave))
         ids = [f"{wave}-{i:04d}-{n}" for i in range(n + open_left)]
         store.enqueue(wave, [{"image_id": i, "priority": 1.0} for i in ids], CLASSES)
         for _ in range(n):
@@ -188,3 +191,20 @@ def test_maintenance_schedules_request_the_latest_wave_once_per_period(instance)
     first = datetime(2026, 12, 1, 3, tzinfo=UTC)
     retrain = monthly_retrain(dg.build_schedule_context(instance=instance, scheduled_execution_time=first))
     assert (retrain.partition_key, retrain.run_key) == ("scale", "monthly-retrain:scale:2026-12")
+
+
+def test_a_due_retraining_waits_for_the_waves_clusters(instance, labels):
+    """The first queue comes before the backbone: labels can be in before the wave's
+    embeddings, which pseudo-labels need; the crossing waits for the clusters."""
+    store, label = labels
+    settings = RetrainSettings(every_slices=100)
+    tick = functools.partial(_tick, retrain_sensor, instance, retrain=settings, label_store=store)
+    _manifest(instance, "pilot", 300)
+    label("pilot", 3, clustered=False)
+    waiting = tick(None)
+    assert waiting.run_requests == []
+    assert "waits for the wave's clusters" in waiting.skip_reason.skip_message
+    instance.report_runless_asset_event(dg.AssetMaterialization(asset_key="clusters",
+                                                                partition="pilot"))
+    done = tick(waiting.cursor)
+    assert [(r.partition_key, r.run_key) for r in done.run_requests] == [("pilot", "retrain:1")]
