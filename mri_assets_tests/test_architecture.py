@@ -22,7 +22,7 @@ LAYERS = {
     "triage": {"triage"},
     "wiring": {"partitions", "executors", "jobs", "sensors", "schedules", "code_location",
                "location_runs", "local_run", "smoke_run", "definitions", "dagster_private",
-               "automation"},
+               "automation", "wave_status"},
     "entry": {"operations", "simulated_clinician", "demo", "workers", "cli"},
 }
 MAY_IMPORT = {
