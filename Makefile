@@ -14,6 +14,9 @@ PIP_COMPILE = $(BIN)/pip-compile --quiet --allow-unsafe --generate-hashes --stri
 export MRI_ASSETS_HOME ?= $(CURDIR)/.mri_assets
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_ENABLE_TELEMETRY := false
+# Dagster's webserver and daemon create logs/ and .logs_queue/ in DAGSTER_HOME for telemetry
+# uploads unless this is set (the instance's `telemetry: enabled: false` does not stop that).
+export DAGSTER_DISABLE_TELEMETRY := 1
 SYSTEM_PACKAGES := chromium redis-server prometheus-pushgateway postgresql
 
 .PHONY: demo test dev system-deps install install-dev dvc-env lock lint bench clean

@@ -49,7 +49,7 @@ def _env(home: Path, size: int) -> dict[str, str]:
            "MRI_ASSETS_DAGSTER_DIR": str(home / "dagster"),
            "MRI_ASSETS_DAGSTER_LOGS": str(home / "dagster" / "storage"),
            "DVC_NO_ANALYTICS": "1", "MLFLOW_ENABLE_TELEMETRY": "false",
-           "PYTHONUNBUFFERED": "1"}
+           "DAGSTER_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1"}
     if size > 1000:
         env["MRI_ASSETS_BACKBONE_POLICY"] = "off"
     env.pop("PYTEST_CURRENT_TEST", None)
