@@ -26,6 +26,7 @@ import polars as pl
 
 from mri_assets.core import imaging
 from mri_assets.core.slice_shards import manifest_key
+from mri_assets.core.volume_formats import gunzip_bounded
 from mri_assets.resources.object_store import ObjectStore, ObjectStoreError
 
 _WAVE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -123,6 +124,17 @@ def _orientation(data: bytes, fmt: str, ndim: int) -> dict[str, str] | None:
         return None
 
 
+def _decode_as_ingest(data: bytes, key: str):
+    """The object's slices, read the way `imaging.process_object` reads them: format from the
+    content, a gzip stream unpacked within the same bound, then the same decoder; with the
+    unpacked bytes (for the orientation markers)."""
+    fmt = imaging._resolve_format(data, key)
+    if data.startswith(imaging.GZIP_SIGNATURE):
+        data = gunzip_bounded(data, imaging.DEFAULT_MAX_UNPACKED_BYTES, fmt)
+    decoded, _read_as = imaging._decode(data, fmt)
+    return decoded, data
+
+
 class RawSliceReader:
     """`reader(wave, image_id) -> RawSlice`; keeps the last few decoded objects."""
 
@@ -164,7 +176,7 @@ class RawSliceReader:
         if hashlib.sha256(data).hexdigest() != sha256:
             raise NoRawSlice(f"raw object {key} changed since the manifest was built")
         try:
-            decoded = imaging._decode(data, imaging._resolve_format(data, key))
+            decoded, data = _decode_as_ingest(data, key)
         except imaging.UnreadableImage as error:
             raise NoRawSlice(f"raw object {key} no longer decodes: {error}") from error
         entry = (decoded, _orientation(data, fmt, 3 if decoded.is_volume else 2))
