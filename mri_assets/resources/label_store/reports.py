@@ -1,6 +1,7 @@
-"""What the admin page reads from the label store (mixed into `LabelStore`): the audit log with
-filters, labels per class and annotator over time, Cohen's kappa per pair of readers, and the
-budget burn-down of the current period."""
+"""What the pipeline, the metrics and the admin page read from the label store (mixed into
+`LabelStore`): the labels snapshot the assets train on, a wave's progress, a clinician's
+progress, the queue and budget stats, the audit log with filters, labels per class and annotator
+over time, the budget burn-down of the current period, and a class's example slice."""
 
 from __future__ import annotations
 
@@ -8,11 +9,32 @@ import json
 from collections import defaultdict
 from datetime import date, datetime, timedelta
 
+import polars as pl
 import sqlalchemy as sa
 
 from mri_assets.core.agreement import cohen_kappa
 from mri_assets.core.budget import period_end, period_start
-from mri_assets.resources.label_store.schema import audit_log, budget_periods, labels, utc_now
+from mri_assets.resources.label_store.common import ENQUEUE_KINDS, OPEN_STATES
+from mri_assets.resources.label_store.schema import (
+    audit_log,
+    budget_periods,
+    labels,
+    queue_items,
+    utc_now,
+)
+
+SNAPSHOT_SCHEMA = {
+    "label_id": pl.Int64,
+    "item_id": pl.Int64,
+    "wave": pl.String,
+    "image_id": pl.String,
+    "label": pl.String,
+    "annotator": pl.String,
+    "created_at": pl.Datetime("us"),
+    "seconds_spent": pl.Float64,
+    "kind": pl.String,
+    "queue_kind": pl.String,
+}
 
 
 def _week_of(moment: datetime) -> date:
@@ -21,7 +43,114 @@ def _week_of(moment: datetime) -> date:
 
 
 class ReportsMixin:
-    """Read-only reports; needs `_read`, `budget`, `period_months`, `_ensure_period`."""
+    """Read-only reports; needs `_read`, the budget (`_ensure_period`, `_period_row`,
+    `_affordable`) and `qa_pairs`."""
+
+    def labels_snapshot(self, wave: str | None = None) -> pl.DataFrame:
+        """Every label (of `wave`, or all), oldest first; `queue_kind` tells hold-out apart."""
+        query = (
+            sa.select(
+                labels.c.id.label("label_id"),
+                labels.c.item_id,
+                labels.c.wave,
+                labels.c.image_id,
+                labels.c.label,
+                labels.c.annotator,
+                labels.c.created_at,
+                labels.c.seconds_spent,
+                labels.c.kind,
+                queue_items.c.kind.label("queue_kind"),
+            )
+            .join(queue_items, queue_items.c.id == labels.c.item_id)
+            .order_by(labels.c.id)
+        )
+        if wave is not None:
+            query = query.where(labels.c.wave == wave)
+        with self._read() as conn:
+            rows = [tuple(r) for r in conn.execute(query)]
+        return pl.DataFrame(rows, schema=SNAPSHOT_SCHEMA, orient="row")
+
+    def label_count(self) -> int:
+        with self._read() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(labels)).scalar_one()
+
+    def wave_progress(self, wave: str) -> dict[str, int]:
+        """How far the clinicians are with `wave`'s queue: `labeled`, its first reads (expert
+        and hold-out items; QA re-reads not counted), and `open`, its expert and hold-out items
+        still queued or leased."""
+        with self._read() as conn:
+            labeled = conn.execute(
+                sa.select(sa.func.count()).select_from(labels)
+                .where(labels.c.wave == wave, labels.c.kind == "expert")
+            ).scalar_one()
+            still_open = conn.execute(
+                sa.select(sa.func.count()).select_from(queue_items)
+                .where(queue_items.c.wave == wave, queue_items.c.state.in_(OPEN_STATES),
+                       queue_items.c.kind.in_(ENQUEUE_KINDS))
+            ).scalar_one()
+        return {"labeled": int(labeled), "open": int(still_open)}
+
+    def progress(self, annotator: str, since: datetime, now: datetime | None = None) -> dict:
+        """The annotator's labels since `since` and today, the open queue, the budget."""
+        now = now or utc_now()
+        today = datetime(now.year, now.month, now.day)
+        with self._read() as conn:
+            session_count = conn.execute(
+                sa.select(sa.func.count()).where(
+                    labels.c.annotator == annotator, labels.c.created_at >= since
+                )
+            ).scalar_one()
+            today_count = conn.execute(
+                sa.select(sa.func.count()).where(
+                    labels.c.annotator == annotator, labels.c.created_at >= today
+                )
+            ).scalar_one()
+            open_items = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(queue_items)
+                .where(queue_items.c.state.in_(OPEN_STATES))
+            ).scalar_one()
+        return {
+            "labeled_this_session": int(session_count),
+            "labeled_today": int(today_count),
+            "queue_open": int(open_items),
+            **self.queue_status(now),
+        }
+
+    def stats(self, now: datetime | None = None) -> dict:
+        now = now or utc_now()
+        self._ensure_period(now)
+        with self._read() as conn:
+            queue_size = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(queue_items)
+                .where(queue_items.c.state.in_(OPEN_STATES))
+            ).scalar_one()
+            period = self._period_row(conn, now, lock=False)
+            per_annotator = dict(
+                conn.execute(
+                    sa.select(labels.c.annotator, sa.func.count())
+                    .group_by(labels.c.annotator)
+                    .order_by(labels.c.annotator)
+                ).all()
+            )
+            last_hour = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(labels)
+                .where(labels.c.created_at > now - timedelta(hours=1))
+            ).scalar_one()
+        pairs = self.qa_pairs()
+        return {
+            "queue_size": queue_size,
+            "budget_left_cases": self._affordable(period),
+            "budget_left_eur": (self.budget.cap_cents - period.spent_cents) / 100,
+            "budget_spent_eur": period.spent_cents / 100,
+            "labels_per_annotator": per_annotator,
+            "labels_total": sum(per_annotator.values()),
+            "kappa": cohen_kappa([a for a, _ in pairs], [b for _, b in pairs]),
+            "qa_pairs": len(pairs),
+            "labels_last_hour": last_hour,
+        }
 
     def audit_entries(
         self,
@@ -83,29 +212,6 @@ class ReportsMixin:
             "by_class": dict(sorted(by_class.items())),
             "by_annotator": dict(sorted(by_annotator.items())),
         }
-
-    def kappa_per_pair(self) -> list[dict]:
-        """Cohen's kappa of each (first reader, QA reader) pair over the images both read."""
-        first, second = labels.alias("first"), labels.alias("second")
-        query = (
-            sa.select(first.c.annotator, second.c.annotator, first.c.label, second.c.label)
-            .join(second, second.c.image_id == first.c.image_id)
-            .where(first.c.kind == "expert", second.c.kind == "qa")
-            .order_by(first.c.id)
-        )
-        pairs: dict[tuple[str, str], tuple[list[str], list[str]]] = defaultdict(
-            lambda: ([], [])
-        )
-        with self._read() as conn:
-            for reader_a, reader_b, label_a, label_b in conn.execute(query):
-                key = tuple(sorted((reader_a, reader_b)))
-                a_first = key[0] == reader_a
-                pairs[key][0].append(label_a if a_first else label_b)
-                pairs[key][1].append(label_b if a_first else label_a)
-        return [
-            {"pair": key, "cases": len(a), "kappa": cohen_kappa(a, b)}
-            for key, (a, b) in sorted(pairs.items())
-        ]
 
     def burn_down(self, now: datetime | None = None) -> dict:
         """The current period's budget: cap, and € left at the end of each day so far."""
