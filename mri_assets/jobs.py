@@ -9,8 +9,9 @@ from mri_assets.partitions import wave_shard_partitions
 
 ingest_wave_job = dg.define_asset_job(
     "ingest_wave",
-    selection=dg.AssetSelection.assets("manifest"),
-    description="Build a wave's manifest; its shards follow by automation.",
+    selection=dg.AssetSelection.assets("manifest", "gpu_budget"),
+    description="Build a wave's manifest and check its GPU budget in one run; its shards follow "
+    "by automation.",
 )
 
 ACTIVE_LEARNING_JOB = "active_learning"

@@ -160,3 +160,19 @@ def test_the_smoke_wave_never_reaches_the_cost_ledger(tmp_path):
                                  LabelStore(url=f"sqlite:///{tmp_path / 'labels.db'}"))
         assert ledger.gpu_hours("embedding") * 3600 == pytest.approx(36.0)
         assert ledger.images_embedded() == 100
+
+
+def test_the_budget_checked_with_the_manifest_is_not_requested_again(defs):
+    """`ingest_wave` materializes `manifest` and `gpu_budget` in one run (one run start less per
+    wave): automation then asks for the shards, not for the budget again."""
+    assert set(defs.resolve_job_def("ingest_wave").asset_layer.executable_asset_keys) >= {
+        dg.AssetKey("manifest"), dg.AssetKey("gpu_budget")}
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions(WAVES, [WAVE])
+        result = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+        _materialized(instance, "manifest", WAVE)
+        _materialized(instance, "gpu_budget", WAVE)
+        result = dg.evaluate_automation_conditions(defs=defs, instance=instance,
+                                                   cursor=result.cursor)
+        assert _requested(result, "gpu_budget") == set()
+        assert len(_requested(result, "slices")) == len(shard_partitions.get_partition_keys())
