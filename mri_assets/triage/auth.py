@@ -1,6 +1,6 @@
 """Sessions, roles and CSRF for the triage app.
 
-The session lives in the label store (`sessions` table, see `label_store/accounts.py`). The
+The session lives in the label store (`sessions` table, see `label_store/sessions.py`). The
 browser holds only a random token in the `triage_session` cookie (HttpOnly, SameSite=Strict,
 `Secure` when configured); the store keeps its HMAC under the app's secret. `SessionGate` looks
 the session up before any route runs — before a request body is read — and refuses anonymous,
