@@ -301,3 +301,40 @@ def test_only_one_module_uses_dagsters_private_api():
              if module != DAGSTER_PRIVATE_MODULE
              and (uses := _private_dagster_uses(ast.parse(path.read_text(), str(path))))}
     assert users == {}, f"private Dagster API outside {DAGSTER_PRIVATE_MODULE}: {users}"
+
+
+# Functions of a plain size where the web app and the label store live (issue 23): the app's
+# handlers sit in routers by concern (`triage/routes/`), the store's parts one module per concern.
+MAX_FUNCTION_LINES = 80
+SHORT_FUNCTION_PACKAGES = ("mri_assets.triage", "mri_assets.resources.label_store")
+
+
+def long_functions(tree: ast.AST, limit: int = MAX_FUNCTION_LINES) -> list[tuple[str, int]]:
+    """(name, lines) of every function in `tree` longer than `limit` lines, nested functions and
+    methods included, each counted from its first decorator to its last line."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            lines = node.end_lineno - first + 1
+            if lines > limit:
+                found.append((node.name, lines))
+    return sorted(found)
+
+
+def test_the_long_function_finder_counts_nested_handlers_and_decorators():
+    statements = [f"x{k} = {k}" for k in range(78)]
+    at_limit = ["@decorated", "def at_limit():"] + [f"    {s}" for s in statements]
+    outer = (["def outer():", "    @app.get('/')", "    def handler():"]
+             + [f"        {s}" for s in statements] + ["    return handler"])
+    code = "\n".join(at_limit + outer)
+    assert long_functions(ast.parse(code)) == [("outer", 82)]
+    assert long_functions(ast.parse(code), limit=79) == [
+        ("at_limit", 80), ("handler", 80), ("outer", 82)]
+
+
+def test_no_function_in_the_triage_app_or_the_label_store_is_over_80_lines():
+    long = {module: found for module, path in sorted(MODULES.items())
+            if module.startswith(SHORT_FUNCTION_PACKAGES)
+            and (found := long_functions(ast.parse(path.read_text(), str(path))))}
+    assert long == {}, f"functions over {MAX_FUNCTION_LINES} lines (split them): {long}"
