@@ -1,5 +1,5 @@
-"""De-identification of the free text in research volume headers: Analyze 7.5, MINC 1, Philips
-PAR and AFNI HEAD (NIfTI's is `deid.deidentify_nifti`, DICOM's `deid.deidentify_dicom`).
+"""De-identification of the free text in research volume headers: Analyze 7.5, MINC 1 and 2,
+Philips PAR and AFNI HEAD (NIfTI's is `deid.deidentify_nifti`, DICOM's `deid.deidentify_dicom`).
 
 Each function blanks what a reader does not need and a scanner or converter may fill with the
 patient's name, ID, birth date, the examination's name or date, or a path holding any of them;
@@ -13,6 +13,7 @@ import re
 import struct
 
 from mri_assets.core.unreadable import UnreadableImage
+from mri_assets.core.volume_formats import HDF5_SIGNATURE, open_hdf5
 
 # ---- Analyze 7.5 ------------------------------------------------------------------------------
 
@@ -115,6 +116,150 @@ def deidentify_minc1(data: bytes) -> bytes:
         if header_variable or free_text:
             cleaned[offset : offset + length] = bytes(length)
     return data if cleaned == data else bytes(cleaned)
+
+
+# ---- MINC 2 (HDF5) ----------------------------------------------------------------------------
+
+# what a MINC 2 reader needs: the dimension variables and the image groups; everything else
+# (the info group with patient, study, acquisition and dicom_... records, any other group) is
+# left out of the rebuilt file
+MINC2_ROOT = "minc-2.0"
+MINC2_KEPT_GROUPS = ("dimensions", "image")
+MINC2_KEPT_TEXT = MINC_KEPT_TEXT | {"minc_version"}
+_SHORTEST_CHECKED = 4
+
+
+def deidentify_minc(data: bytes) -> bytes:
+    """MINC 1 (netCDF) or MINC 2 (HDF5) by its signature."""
+    return deidentify_minc2(data) if data.startswith(HDF5_SIGNATURE) else deidentify_minc1(data)
+
+
+def _minc2_text(value) -> bytes | None:
+    """The bytes of a text attribute value (fixed or variable length, scalar or array), else None."""
+    import numpy as np
+
+    if isinstance(value, bytes | str):
+        return value.encode() if isinstance(value, str) else value
+    array = np.asarray(value)
+    if array.dtype.kind in "SU" or (array.dtype.kind == "O" and array.size and
+                                    all(isinstance(v, bytes | str) for v in array.flat)):
+        return b"\n".join(v.encode() if isinstance(v, str) else bytes(v) for v in array.flat)
+    return None
+
+
+def _kept_attributes(obj) -> tuple[list[tuple[str, object, object]], list[bytes]]:
+    """(name, value, stored dtype) of the attributes kept on `obj`, and the text values dropped:
+    numbers are kept, text only where the reader needs it (`MINC2_KEPT_TEXT`)."""
+    import numpy as np
+
+    kept, dropped = [], []
+    for name in obj.attrs:
+        value = obj.attrs[name]
+        dtype = obj.attrs.get_id(name).dtype
+        text = _minc2_text(value)
+        number = text is None and np.asarray(value).dtype.kind in "biuf"
+        if number or (text is not None and name in MINC2_KEPT_TEXT):
+            kept.append((name, value, dtype))
+        else:
+            dropped.append(text if text is not None else repr(value).encode())
+    return kept, dropped
+
+
+def deidentify_minc2(data: bytes) -> bytes:
+    """A MINC 2 file rebuilt with only what its volume is read with: the `dimensions` and `image`
+    groups, their datasets written again as stored (type, chunks and compression kept, the
+    voxels untouched), numeric attributes and the reader's text attributes (`MINC2_KEPT_TEXT`).
+    The `info` group (patient, study, acquisition, dicom_...), `history`, `ident`, `comments`
+    and every other group or text attribute are left out. The file is written anew rather than
+    edited, because HDF5 leaves the old bytes of a deleted or rewritten attribute in the file.
+    The same input gives the same bytes; unchanged (the same object) when there is nothing to
+    leave out."""
+    with open_hdf5(data, "MINC 2 volume") as source:
+        try:
+            plan, dropped = _minc2_plan(source)
+        except (KeyError, TypeError, ValueError, OSError) as exc:
+            raise UnreadableImage(f"MINC 2 header cannot be walked ({type(exc).__name__}: {exc}), "
+                                  "so it cannot be checked for patient data") from exc
+        if not dropped:
+            return data
+        cleaned = _write_minc2(source, plan)
+    kept_text = {text for _, attributes in plan for _, value, _ in attributes
+                 if (text := _minc2_text(value)) is not None}
+    left = [value for value in dropped
+            if len(value) >= _SHORTEST_CHECKED and value not in kept_text and value in cleaned]
+    if left:
+        raise UnreadableImage(f"de-identification left {len(left)} MINC 2 header value(s) in the "
+                              "rebuilt file: cannot de-identify; convert it to NIfTI (mnc2nii)")
+    return cleaned
+
+
+def _minc2_plan(source) -> tuple[list[tuple[str, list]], list[bytes]]:
+    """The objects to keep (path, kept attributes; groups end in "/") and the text left out."""
+    import h5py
+
+    root = source[MINC2_ROOT]
+    plan: list[tuple[str, list]] = []
+    dropped: list[bytes] = []
+    for obj in (source, root):
+        attributes, left_out = _kept_attributes(obj)
+        plan.append((obj.name.rstrip("/") + "/", attributes))
+        dropped += left_out
+
+    def visit(name: str, obj) -> None:
+        attributes, left_out = _kept_attributes(obj)
+        dropped.extend(left_out)
+        if isinstance(obj, h5py.Dataset):
+            if obj.external or obj.is_virtual:
+                raise ValueError(f"{obj.name} keeps its data in another file")
+            plan.append((obj.name, attributes))
+        else:
+            plan.append((obj.name + "/", attributes))
+
+    for name in root:
+        link = root.get(name, getlink=True)
+        if name in MINC2_KEPT_GROUPS and isinstance(link, h5py.HardLink):
+            group = root[name]
+            visit(name, group)
+            group.visititems(visit)
+        else:
+            dropped.append(name.encode())
+    for name in source:
+        if name != MINC2_ROOT:
+            dropped.append(name.encode())
+    return plan, dropped
+
+
+def _write_minc2(source, plan: list[tuple[str, list]]) -> bytes:
+    import io
+
+    import h5py
+
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as out:
+        for path, attributes in plan:
+            if path.endswith("/"):
+                target = out.require_group(path.rstrip("/")) if path != "/" else out
+            else:
+                target = _rewritten_dataset(out, source[path])
+            for name, value, dtype in attributes:
+                target.attrs.create(name, value, dtype=dtype)
+    return buffer.getvalue()
+
+
+def _rewritten_dataset(out, dataset):
+    """`dataset` written anew into `out` with its type, chunks and filters: written, not copied
+    (HDF5's object copy stamps each object with the time of the copy, so landing the same file
+    again would give other bytes)."""
+    try:
+        return out.create_dataset(
+            dataset.name, data=dataset[()], dtype=dataset.dtype, chunks=dataset.chunks,
+            compression=dataset.compression, compression_opts=dataset.compression_opts,
+            shuffle=dataset.shuffle, fletcher32=dataset.fletcher32,
+            scaleoffset=dataset.scaleoffset, fillvalue=dataset.fillvalue, track_times=False)
+    except Exception as exc:
+        raise UnreadableImage(f"MINC 2 dataset {dataset.name} cannot be written anew "
+                              f"({type(exc).__name__}: {exc}), so its header cannot be cleaned; "
+                              "convert it to NIfTI (mnc2nii)") from exc
 
 
 # ---- Philips PAR ------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """The research volume formats nibabel opens beyond single-file NIfTI and MGH, paired files, gzip
 with a bound, and the neuroimaging objects that are not images at all.
 
-- MINC 1 (netCDF) is read through nibabel; MINC 2 (HDF5) too where h5py is installed, otherwise
-  it is refused saying so.
+- MINC 1 (netCDF) is read through nibabel; MINC 2 (HDF5) through h5py (a dependency) and
+  nibabel's MINC 2 reader, from memory: h5py opens the bytes as a file object, so no temporary
+  file is written. Without h5py a MINC 2 object is refused saying so.
 - A format written as two files (Analyze 7.5 or NIfTI `.hdr` + `.img`, Philips `.PAR` + `.REC`,
   AFNI `+orig.HEAD` + `.BRIK[.gz]`) is landed as one object: a *pair bundle* (`pack_pair`), a
   short JSON head naming both files followed by their bytes, kept under the header file's name.
@@ -265,25 +266,56 @@ def read_minc(data: bytes, max_slices: int = DEFAULT_MAX_SLICES) -> VolumeRead:
     import nibabel as nib
 
     if data.startswith(HDF5_SIGNATURE):
+        voxels = _read_minc2(data, max_slices)
+    else:
         try:
-            import h5py  # noqa: F401 - nibabel needs it for MINC 2
-        except ImportError:
-            raise UnreadableImage(
-                "MINC 2 (HDF5) volume, but h5py, which nibabel needs to read it, is not installed: "
-                "convert it to MINC 1 or NIfTI (mincconvert -2 / mnc2nii), or install h5py"
-            ) from None
-        raise UnreadableImage("MINC 2 (HDF5) volumes are read from a file, not from memory: "
-                              "convert it to MINC 1 or NIfTI (mnc2nii)")
-    try:
-        img = nib.Minc1Image.from_file_map(_file_map(nib.Minc1Image, image=io.BytesIO(data)))
-        shape = tuple(reversed([int(d) for d in img.shape]))
-        check_slice_count(slice_count(shape), max_slices, "MINC volume")
-        voxels = np.asanyarray(img.dataobj)
-    except UnreadableImage:
-        raise
-    except Exception as exc:
-        raise _unreadable("MINC volume", exc) from exc
+            img = nib.Minc1Image.from_file_map(_file_map(nib.Minc1Image, image=io.BytesIO(data)))
+            shape = tuple(reversed([int(d) for d in img.shape]))
+            check_slice_count(slice_count(shape), max_slices, "MINC volume")
+            voxels = np.asanyarray(img.dataobj)
+        except UnreadableImage:
+            raise
+        except Exception as exc:
+            raise _unreadable("MINC volume", exc) from exc
     return VolumeRead(np.transpose(voxels, tuple(reversed(range(voxels.ndim)))), None, "minc")
+
+
+def open_hdf5(data: bytes, what: str):
+    """An h5py file reading `data` from memory (h5py takes a file object; nothing touches the
+    disk), or UnreadableImage saying h5py is missing."""
+    try:
+        import h5py
+    except ImportError:
+        raise UnreadableImage(
+            f"{what} (HDF5), but h5py, which nibabel needs to read it, is not installed: "
+            "install the project's dependencies (make install), or convert it to MINC 1 or "
+            "NIfTI (mincconvert / mnc2nii)"
+        ) from None
+    try:
+        return h5py.File(io.BytesIO(data), "r")
+    except Exception as exc:
+        raise _unreadable(what, exc) from exc
+
+
+def _read_minc2(data: bytes, max_slices: int) -> np.ndarray:
+    """The scaled voxels of a MINC 2 file in its stored order, read by nibabel's `Minc2File`
+    (what `Minc2Image` reads through, which itself only opens files by name)."""
+    from nibabel.minc2 import Minc2File
+
+    with open_hdf5(data, "MINC 2 volume") as handle:
+        try:
+            minc = Minc2File(handle)
+            if minc.get_affine().shape != (4, 4):
+                raise UnreadableImage("MINC 2 volume without 3 spatial dimensions (xspace, "
+                                      "yspace, zspace): not a volume this pipeline slices; "
+                                      "export it again")
+            shape = tuple(reversed([int(d) for d in minc.get_data_shape()]))
+            check_slice_count(slice_count(shape), max_slices, "MINC 2 volume")
+            return np.asanyarray(minc.get_scaled_data())
+        except UnreadableImage:
+            raise
+        except Exception as exc:
+            raise _unreadable("MINC 2 volume", exc) from exc
 
 
 def read_pair(data: bytes, max_unpacked: int = DEFAULT_MAX_UNPACKED_BYTES,

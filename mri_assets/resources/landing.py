@@ -8,7 +8,7 @@ an old marker, so a wave being landed again is never taken for complete; an inte
 resumed by running it again (objects already landed with the same checksum are not copied again).
 
 Every object is de-identified on the way in: DICOM headers (PS3.15 basic profile), the free text
-of NIfTI, Analyze, MINC 1, PAR and AFNI headers, PNG text chunks and JPEG EXIF/XMP/comment
+of NIfTI, Analyze, MINC 1 and 2, PAR and AFNI headers, PNG text chunks and JPEG EXIF/XMP/comment
 segments; a `.gz` object is unpacked (up to a bound), cleaned and packed again. A format written
 as two files (`.hdr` + `.img`, `.PAR` + `.REC`, `.HEAD` + `.BRIK[.gz]`) is landed as one object
 under the header's name (a pair bundle, `core.volume_formats`). An object that cannot be
@@ -41,7 +41,7 @@ from mri_assets.core.deid import (
 from mri_assets.core.header_deid import (
     deidentify_afni_head,
     deidentify_analyze_header,
-    deidentify_minc1,
+    deidentify_minc,
     deidentify_par,
 )
 from mri_assets.core.image_metadata import scrub_jpeg, scrub_png
@@ -55,7 +55,6 @@ from mri_assets.core.manifest import patient_key_for
 from mri_assets.core.volume_formats import (
     DEFAULT_MAX_UNPACKED_BYTES,
     GZIP_SIGNATURE,
-    HDF5_SIGNATURE,
     NON_IMAGE_REASONS,
     PairedFiles,
     gunzip_bounded,
@@ -129,7 +128,7 @@ def landing_bytes(data: bytes, salt: str, name: str = "",
                   max_unpacked_bytes: int = DEFAULT_MAX_UNPACKED_BYTES) -> tuple[bytes, bool]:
     """The bytes to store for one raw object, and whether they were de-identified or cleaned.
 
-    DICOM (with or without preamble) is de-identified; the free text of NIfTI, MINC 1 and pair
+    DICOM (with or without preamble) is de-identified; the free text of NIfTI, MINC 1/2 and pair
     bundle headers is blanked; PNG text chunks and JPEG EXIF/XMP/comments are dropped; MGH passes
     as it is; gzip is unpacked (at most `max_unpacked_bytes`), cleaned and packed again; an
     empty object stays empty. Anything that cannot be de-identified becomes a withheld record.
@@ -153,11 +152,7 @@ def landing_bytes(data: bytes, salt: str, name: str = "",
     if fmt == "jpeg":
         return _cleaned(data, scrub_jpeg)
     if fmt == "minc":
-        if data.startswith(HDF5_SIGNATURE):
-            return _withheld(data, "MINC 2 (HDF5) volume: its header cannot be checked for "
-                                   "patient data here (h5py is not installed); convert it to "
-                                   "MINC 1 or NIfTI (mnc2nii)")
-        return _cleaned(data, deidentify_minc1)
+        return _cleaned(data, deidentify_minc)
     if fmt in ("analyze", "parrec", "afni"):
         return _cleaned(data, lambda bundle: _deidentified_pair(unpack_pair(bundle),
                                                                 max_unpacked_bytes))

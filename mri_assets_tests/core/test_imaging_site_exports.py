@@ -4,8 +4,11 @@ research-header free text and PNG/JPEG metadata removed."""
 
 import gzip
 import io
+import sys
+import time
 import warnings
 
+import h5py
 import nibabel as nib
 import numpy as np
 import pydicom
@@ -16,12 +19,14 @@ from mri_assets.core.deid import deidentify_dicom, is_placeholder
 from mri_assets.core.header_deid import (
     deidentify_afni_head,
     deidentify_analyze_header,
+    deidentify_minc,
     deidentify_minc1,
+    deidentify_minc2,
     deidentify_par,
 )
 from mri_assets.core.image_metadata import scrub_jpeg, scrub_png
 from mri_assets.core.imaging import UnreadableImage, _decode_dicom, detect_format, process_object
-from mri_assets.core.volume_formats import PairedFiles, pack_pair
+from mri_assets.core.volume_formats import PairedFiles, pack_pair, read_minc
 from mri_assets_tests.core.bad_inputs import MR_SMALL
 from mri_assets_tests.core.site_exports import (
     NIBABEL_DATA,
@@ -40,6 +45,7 @@ from mri_assets_tests.core.site_exports import (
     gzip_bomb,
     jpeg_with_metadata,
     minc1_bytes,
+    minc2_bytes,
     mosaic_dataset,
     png_with_text,
 )
@@ -181,6 +187,7 @@ def test_every_nibabel_volume_format_reads_into_slices():
         "anatomical2.nii": (nifti2, "nifti", 25),
         "anatomical.mgz": (mgz, "mgh", 25),
         "anatomical.mnc": (minc1_bytes(volume), "minc", 25),
+        "anatomical2.mnc": (minc2_bytes(volume), "minc", 25),
         "anatomical.hdr": (_pair("analyze", "anatomical.hdr", *analyze_pair(volume)[:1],
                                  "anatomical.img", analyze_pair(volume)[1]), "analyze", 25),
         "pair.hdr": (_pair("analyze", "pair.hdr", analyze_pair(volume, True)[0], "pair.img",
@@ -222,15 +229,45 @@ def test_four_d_volumes_give_every_volumes_slices_volume_major():
         process_object(data, "p.PAR", max_slices=20)
 
 
-def test_minc2_without_h5py_is_refused_saying_what_to_install():
-    try:
-        import h5py  # noqa: F401
-    except ImportError:
-        with pytest.raises(UnreadableImage, match="h5py"):
-            process_object(_nibabel_file("minc2_4d.mnc"), "minc2_4d.mnc")
-    else:
-        with pytest.raises(UnreadableImage, match="MINC 2"):
-            process_object(_nibabel_file("minc2_4d.mnc"), "minc2_4d.mnc")
+MINC2_SHIPPED = ("minc2_4d.mnc", "minc2_1_scale.mnc", "minc2-no-att.mnc", "minc2-4d-d.mnc",
+                 "small.mnc")
+
+
+@pytest.mark.parametrize("name", MINC2_SHIPPED)
+def test_minc2_from_memory_gives_the_voxels_nibabel_loads_from_its_file(name):
+    """nibabel's Minc2Image opens only a file by name; ours reads the bytes (h5py file object)."""
+    data = _nibabel_file(name)
+    assert data.startswith(b"\x89HDF") and detect_format(data) == "minc"
+    reference = nib.load(NIBABEL_DATA / name)
+    assert isinstance(reference, nib.Minc2Image)
+    expected = reference.get_fdata()
+    assert np.array_equal(read_minc(data).voxels,
+                          np.transpose(expected, tuple(reversed(range(expected.ndim)))))
+
+
+def test_minc2_gives_the_slices_of_minc1_for_the_same_volume():
+    volume = anatomical_volume()
+    minc1, minc2 = process_object(minc1_bytes(volume), "a.mnc"), \
+        process_object(minc2_bytes(volume), "b.mnc")
+    assert (minc2.format, len(minc2.slices)) == ("minc", 25)
+    assert [s.pixel_sha256 for s in minc2.slices] == [s.pixel_sha256 for s in minc1.slices]
+    assert (minc2.slices[0].height, minc2.slices[0].width) == (41, 33)
+
+
+def test_minc2_is_bounded_and_a_truncated_one_refused():
+    data = minc2_bytes(anatomical_volume())
+    with pytest.raises(UnreadableImage, match="25 slices, more than the 20"):
+        process_object(data, "a.mnc", max_slices=20)
+    with pytest.raises(UnreadableImage, match="unreadable or truncated MINC 2 volume"):
+        process_object(data[: len(data) // 2], "a.mnc")
+
+
+def test_minc2_without_h5py_is_refused_saying_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "h5py", None)  # import h5py now raises ImportError
+    with pytest.raises(UnreadableImage, match="h5py, which nibabel needs to read it, is not"):
+        process_object(_nibabel_file("minc2_4d.mnc"), "minc2_4d.mnc")
+    with pytest.raises(UnreadableImage, match="h5py"):
+        deidentify_minc(_nibabel_file("minc2_4d.mnc"))
 
 
 def test_a_header_without_its_partner_is_refused_naming_the_missing_file():
@@ -280,6 +317,26 @@ def test_minc_patient_attributes_and_history_are_blanked_and_the_voxels_kept():
     for name in ("minc1_4d.mnc", "tiny.mnc", "minc1_1_scale.mnc", "minc1-no-att.mnc"):
         shipped = _nibabel_file(name)
         assert len(deidentify_minc1(shipped)) == len(shipped)
+
+
+def test_minc2_patient_record_history_and_ident_are_left_out_and_the_voxels_kept():
+    patient = {"full_name": PLANTED_NAME, "identification": PLANTED_ID, "birthdate": PLANTED_BIRTH}
+    data = minc2_bytes(anatomical_volume(), patient)
+    clean = deidentify_minc(data)
+    for value in (*patient.values(), "dcm2mnc", "scanner-console", "increases along the scan"):
+        assert value.encode() in data and value.encode() not in clean, value
+    with h5py.File(io.BytesIO(clean), "r") as handle:
+        assert sorted(handle["minc-2.0"]) == ["dimensions", "image"]
+        assert dict(handle["minc-2.0"].attrs) == {"minc_version": b"2.1.20"}
+        assert handle["minc-2.0/image/0/image"].compression == "gzip"
+    before, after = process_object(data, "a.mnc"), process_object(clean, "a.mnc")
+    assert [s.pixel_sha256 for s in before.slices] == [s.pixel_sha256 for s in after.slices]
+    assert deidentify_minc2(clean) is clean  # nothing left to leave out
+    time.sleep(1.1)  # HDF5 would stamp copied objects with the second of the copy
+    assert deidentify_minc2(data) == clean  # the same bytes every time (landing again copies nothing)
+    shipped = _nibabel_file("minc2_1_scale.mnc")  # info/patient full_name, history, ident
+    assert b"mnc2nii tiny.mnc tiny.nii" in shipped
+    assert b"mnc2nii tiny.mnc tiny.nii" not in deidentify_minc2(shipped)
 
 
 def test_par_afni_and_analyze_free_text_is_blanked():
