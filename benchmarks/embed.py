@@ -38,6 +38,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from mri_assets.core.backbone import IMAGENET_MEAN, IMAGENET_STD, build_backbone
+from mri_assets.core.cpu_peak import cpu_peak
 from mri_assets.core.embed import (
     SliceShard,
     embed_loader,
@@ -193,6 +194,17 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def forward_flops_per_image(model, input_size: int) -> float:
+    """FLOPs of one image through the backbone, forward (torch's FLOP counter; the resize to the
+    input side and the normalisation are left out: they are a few MFLOP)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    body = model.body if hasattr(model, "body") else model
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        body(torch.zeros(1, 1, input_size, input_size))
+    return float(counter.get_total_flops())
+
+
 def main() -> None:
     args = parse_args()
     device, note = resolve_device(args.device)
@@ -260,10 +272,20 @@ def main() -> None:
         low, cosine = low_precision_cosine(model, npy, index, device, cosine_n, batch_size)
         print(f"cosine {low} vs fp32 on {cosine_n} real slices: {cosine:.5f}", flush=True)
 
+    flops = forward_flops_per_image(model, input_size)
+    achieved = flops * 1000 / ours_ms / 1e9
+    peak = None if on_cuda else cpu_peak().gflops(precision)
+    print(f"{flops / 1e9:.3f} GFLOP per image forward: {achieved:.0f} GFLOP/s achieved"
+          + (f", peak {peak:.0f} ({cpu_peak().detail(precision)}): {achieved / peak:.2f} of it"
+             if peak else ""), flush=True)
     print(
         json.dumps(
             {
                 "ms_per_image": round(ours_ms, 4),
+                "achieved_gflops": round(achieved, 1),
+                "peak_gflops": round(peak, 1) if peak else None,
+                "share_of_peak": round(achieved / peak, 3) if peak else None,
+                "precision": precision,
                 "img_per_s": round(1000 / ours_ms, 1),
                 "ratio_vs_naive": round(naive_ms / ours_ms, 2),
                 "cosine_vs_fp32": round(cosine, 5),

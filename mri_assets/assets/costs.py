@@ -27,6 +27,7 @@ from mri_assets.resources.object_store import ObjectInfo, ObjectStore
 
 EMBEDDINGS = dg.AssetKey("embeddings")
 CLASSIFIER = dg.AssetKey("classifier")
+BACKBONE = dg.AssetKey("backbone")
 WITHIN_CAPS = "within_caps"
 RECORDS_PAGE = 1000
 
@@ -85,6 +86,11 @@ def measured_ledger(
             "embedding", rates.embedding_node_type, _number(metadata, "seconds"),
             images=int(_number(metadata, "images")), wave=_wave_of_shard_partition(partition),
         )
+    for wave, metadata in sorted(latest_metadata(instance, BACKBONE).items()):
+        # Only a wave that trained its backbone spent on it (adopted or compute weights: 0 s).
+        if wave != SMOKE_WAVE and metadata.get("source") == "trained":
+            ledger = ledger.record_gpu_seconds(
+                "pretraining", rates.retraining_node_type, _number(metadata, "seconds"), wave=wave)
     for wave, metadata in sorted(latest_metadata(instance, CLASSIFIER).items()):
         ledger = ledger.record_gpu_seconds(
             "retraining", rates.retraining_node_type, _number(metadata, "seconds"), wave=wave

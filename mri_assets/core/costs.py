@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 CATEGORIES = ("compute", "storage", "labeling")
-GPU_STAGES = ("embedding", "retraining")
+# Pretraining (the self-supervised backbone) runs on the training node type, like retraining.
+GPU_STAGES = ("embedding", "retraining", "pretraining")
 BYTES_PER_GB = 10**9
 SECONDS_PER_HOUR = 3600.0
 
@@ -219,6 +220,7 @@ class Spend:
     embedding_gpu_hours: float
     retraining_gpu_hours: float
     caps: Caps
+    pretraining_gpu_hours: float = 0.0
 
     @property
     def total(self) -> float:
@@ -257,6 +259,7 @@ class Spend:
         figures["budget_left_eur"] = round(self.budget_left_eur, 2)
         figures["embedding_gpu_hours"] = round(self.embedding_gpu_hours, 3)
         figures["retraining_gpu_hours"] = round(self.retraining_gpu_hours, 3)
+        figures["pretraining_gpu_hours"] = round(self.pretraining_gpu_hours, 3)
         for name, share in self.percent_of_cap().items():
             figures[f"{name}_pct_of_cap"] = round(share, 2)
         return figures
@@ -274,6 +277,7 @@ class Projection:
     compute: float
     storage: float
     labeling: float
+    pretraining_gpu_hours: float = 0.0
 
     @property
     def total(self) -> float:
@@ -290,6 +294,7 @@ class Projection:
         figures["projected_total_eur"] = round(self.total, 2)
         figures["projected_embedding_gpu_hours"] = round(self.embedding_gpu_hours, 3)
         figures["projected_retraining_gpu_hours"] = round(self.retraining_gpu_hours, 3)
+        figures["projected_pretraining_gpu_hours"] = round(self.pretraining_gpu_hours, 3)
         figures["images_done"] = self.images_done
         figures["images_remaining"] = self.images_remaining
         return figures
@@ -383,6 +388,7 @@ class CostLedger:
             embedding_gpu_hours=hours["embedding"],
             retraining_gpu_hours=hours["retraining"],
             caps=self.caps,
+            pretraining_gpu_hours=hours["pretraining"],
         )
 
     def images_embedded(self) -> int:
@@ -407,6 +413,7 @@ class CostLedger:
         measured_throughput_img_per_s: float,
         images_done: int,
         images_remaining: int | None = None,
+        backbones_to_train: int = 0,
     ) -> Projection:
         """Projected € for the rest of the plan per category, from what was measured so far.
 
@@ -414,6 +421,9 @@ class CostLedger:
         Retraining, storage and labeling: the measured spend per image done, times the images
         remaining (nothing measured yet projects as zero for that category). Labeling stops at
         its cap, as the label store does, so its projection is at most the cap left.
+        Pretraining does not grow with the images (a fixed step budget per backbone): the
+        measured hours per backbone trained so far, times `backbones_to_train` (0 under the
+        `first` policy, where the pilot's backbone embeds every later wave).
         """
         _require_positive("measured_throughput_img_per_s", measured_throughput_img_per_s)
         if not isinstance(images_done, int) or images_done < 0:
@@ -431,6 +441,11 @@ class CostLedger:
         retraining_hours = spend.retraining_gpu_hours * per_image * remaining
         compute = embedding_hours * self.rates.gpu_rate(self.rates.embedding_node_type)
         compute += retraining_hours * self.rates.gpu_rate(self.rates.retraining_node_type)
+        trained = sum(1 for e in self.events if isinstance(e, GpuEvent) and e.stage == "pretraining")
+        if not isinstance(backbones_to_train, int) or backbones_to_train < 0:
+            raise CostConfigError(f"backbones_to_train={backbones_to_train!r} must be a whole number ≥ 0")
+        pretraining_hours = (spend.pretraining_gpu_hours / trained * backbones_to_train) if trained else 0.0
+        compute += pretraining_hours * self.rates.gpu_rate(self.rates.retraining_node_type)
         return Projection(
             images_done=images_done,
             images_remaining=remaining,
@@ -443,6 +458,7 @@ class CostLedger:
                 spend.labeling * per_image * remaining,
                 max(self.caps.labeling_eur - spend.labeling, 0.0),
             ),
+            pretraining_gpu_hours=pretraining_hours,
         )
 
     def check_gpu_step(

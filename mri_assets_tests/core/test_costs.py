@@ -276,3 +276,21 @@ def test_burndown_png_draws_the_projection():
     with_projection = burndown_png(ledger, ledger.project(11.0, images_done=100_000), dpi=40)
 
     assert without != with_projection
+
+
+def test_pretraining_is_spent_on_the_training_node_and_projected_per_backbone_not_per_image():
+    rates = Rates()
+    ledger = CostLedger().record_gpu_seconds("pretraining", "a10", 1800.0, wave="pilot")
+    spend = ledger.spend()
+    assert spend.pretraining_gpu_hours == pytest.approx(0.5)
+    assert spend.compute == pytest.approx(0.5 * rates.gpu_rate("a10"))
+    assert spend.as_metadata()["pretraining_gpu_hours"] == 0.5
+    # The budget is fixed per backbone: more images do not project more pretraining...
+    first = ledger.project(100.0, 2_000)
+    assert first.pretraining_gpu_hours == 0.0
+    # ...another backbone to train (policy `every`) projects the measured hours once more.
+    every = ledger.project(100.0, 2_000, backbones_to_train=3)
+    assert every.pretraining_gpu_hours == pytest.approx(1.5)
+    assert every.compute - first.compute == pytest.approx(1.5 * rates.gpu_rate("a10"))
+    with pytest.raises(CostConfigError, match="backbones_to_train"):
+        ledger.project(100.0, 2_000, backbones_to_train=-1)

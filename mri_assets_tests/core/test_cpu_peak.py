@@ -1,0 +1,29 @@
+from mri_assets.core.cpu_peak import cpu_peak, peak_from_flags
+
+
+def test_avx2_peak_is_32_fp32_flops_per_cycle_and_no_native_bf16():
+    peak = peak_from_flags({"avx", "avx2", "fma"}, "AuthenticAMD", 3.0, 2)
+    assert peak.gflops("fp32") == 2 * 3.0 * 32
+    assert peak.gflops("bf16") == peak.gflops("fp32")
+    assert "AVX2" in peak.detail("fp32")
+
+
+def test_avx512_counts_two_fma_units_on_intel_and_one_width_on_amd():
+    flags = {"avx", "avx2", "fma", "avx512f", "avx512_bf16"}
+    intel = peak_from_flags(flags, "GenuineIntel", 2.0, 1)
+    amd = peak_from_flags(flags, "AuthenticAMD", 2.0, 1)
+    assert (intel.gflops("fp32"), intel.gflops("bf16")) == (128, 256)
+    assert (amd.gflops("fp32"), amd.gflops("bf16")) == (64, 128)
+
+
+def test_amx_raises_the_bf16_peak_only():
+    peak = peak_from_flags({"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"}, "GenuineIntel", 1.0, 1)
+    assert peak.gflops("fp32") == 64
+    assert peak.gflops("bf16") == 1024
+    assert "AMX" in peak.isa
+
+
+def test_this_machine_has_a_positive_peak_for_its_own_cores():
+    peak = cpu_peak()
+    assert peak.cores >= 1 and peak.ghz > 0
+    assert peak.gflops("fp32") >= peak.cores * peak.ghz * 8
