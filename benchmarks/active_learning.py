@@ -131,6 +131,17 @@ class PilotEmbeddings:
     pretrain_cpu_minutes: float | None
 
 
+def default_config(precision: str):
+    """The `backbone` asset's default schedule for this CPU at `precision` (auto|fp32|bf16)."""
+    from dataclasses import replace
+
+    from mri_assets.core.precision import resolve_precision
+    from mri_assets.core.pretrain import budget_kind
+
+    resolved = resolve_precision("cpu", precision, purpose="training")
+    return replace(PretrainSettings().config(budget_kind("cpu", resolved)), precision=resolved)
+
+
 def pilot_embeddings(sample: SampleSlices, holdout: np.ndarray, args: argparse.Namespace
                      ) -> PilotEmbeddings:
     """Pretrain the default backbone on the pilot's non-holdout slices (or load `--backbone`,
@@ -144,10 +155,11 @@ def pilot_embeddings(sample: SampleSlices, holdout: np.ndarray, args: argparse.N
         if args.backbone is not None:
             checkpoint = args.backbone.read_bytes()
         else:
-            config = PretrainSettings().config()  # the `backbone` asset's defaults
+            config = default_config(args.precision)  # the `backbone` asset's defaults
             training = IndexedSlices(sample.images[~holdout])
-            result = pretrain_backbone(training, config, "cpu", input_size=INPUT_SIZE,
-                                       progress=lambda e: print(f"  pretrain {e}", flush=True))
+            result = pretrain_backbone(
+                training, config, "cpu", input_size=INPUT_SIZE,
+                progress=lambda e: print(f"  pretrain {e}", flush=True) if e["step"] % 20 == 0 else None)
             checkpoint = result.checkpoint
             seconds, cpu_minutes = result.seconds, result.cpu_seconds / 60
             print(f"pretraining: {result.steps} steps in {result.seconds:.0f} s "
@@ -235,6 +247,12 @@ def main() -> dict:
     parser.add_argument("--save-backbone", type=Path, default=None)
     parser.add_argument("--png", type=Path, default=DEFAULT_PNG)
     parser.add_argument("--gpu-tflops", type=float, default=50.0)
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="pretraining precision (fp32: the path of CPUs without native bf16)")
+    parser.add_argument("--ari-seeds", type=int, default=3,
+                        help="pretraining seeds for ari_k4_pilot_min_over_seeds (0: skip)")
+    parser.add_argument("--budgets", default="60,120,240",
+                        help="step budgets for ari_k4_by_budget (one seed each; empty: skip)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="mri-al-bench-") as scratch:
@@ -264,8 +282,23 @@ def main() -> dict:
     hard = learning_curves("level", x, coords, clusters, sample.levels, holdout,
                            sample.patients, series, len(LEVEL_CLASSES), args.seeds, hard_png)
 
-    gpu_plan = plan_pretraining(100_000, PretrainSettings().config(), input_size=256)
+    budget_figures = {}
+    if not args.seeded and (args.ari_seeds or args.budgets):
+        from pretrain import ari_by_budget
+
+        config = default_config(args.precision)
+        default_steps = config.steps
+        if args.ari_seeds:
+            budget_figures.update(ari_by_budget(sample, holdout, config, [default_steps],
+                                                args.ari_seeds, default_steps))
+        budgets = [int(b) for b in args.budgets.split(",") if b]
+        if budgets:
+            table = ari_by_budget(sample, holdout, config, budgets, 1, default_steps)
+            budget_figures["ari_k4_by_budget"] = table["ari_k4_by_budget"]
+            budget_figures["seconds_by_budget"] = table["seconds_by_budget"]
+    gpu_plan = plan_pretraining(100_000, PretrainSettings().config("gpu"), input_size=256)
     figures = {
+        **budget_figures,
         **orientation,
         **hard,
         "ari_k4_pilot_default": round(ari_default, 4),

@@ -1,8 +1,9 @@
 """`mri-assets demo`: the whole loop on sample data from real scans, with a short summary.
 
-pilot wave (T1) -> manifest, slices, self-supervised backbone, embeddings, PCA, clusters ->
-labeling queue -> simulated clinician labels -> expert labels, clusters with ARI (the drift
-baseline) -> pseudo-labels and their gate -> classifier vs supervised baseline -> costs; then two
+pilot wave (T1) -> manifest, slices -> the first labeling queue (patient-stratified random: it
+needs no backbone) -> simulated clinician labels -> self-supervised backbone (a fixed step
+budget), embeddings, PCA, expert labels, clusters with ARI (the drift baseline) -> pseudo-labels
+and their gate -> classifier vs supervised baseline -> costs; then two
 later waves embedded by the pilot's backbone: EPI-like scans (another contrast, whose ARI rises)
 and a wave half of which comes from a new site with its own scanner and exporter (whose ARI
 falls), the drift sensor's verdict on each, and the active learning it requests.
@@ -21,8 +22,10 @@ from mri_assets.deployment import Deployment
 PILOT = "pilot"
 EPI_WAVE = "scale"
 DRIFT_WAVE = "site-b"
-FIRST_PASS = "manifest slices backbone gpu_budget embeddings pca_model clusters labeling_queue"
-AFTER_LABELS = "expert_labels clusters pseudo_labels classifier wave_costs"
+# The first queue needs only the manifest: the clinicians label while the backbone trains.
+FIRST_PASS = "manifest slices labeling_queue"
+AFTER_LABELS = ("backbone gpu_budget embeddings pca_model expert_labels clusters pseudo_labels "
+                "classifier wave_costs")
 SECOND_WAVE = "manifest slices backbone gpu_budget embeddings pca_model clusters labeling_queue"
 # The demo's smaller loop figures, where the environment does not set them.
 DEMO_SETTINGS = {"max_finetune_images": 1500, "retrain_every": 1000, "label_batch": 500}
@@ -120,13 +123,14 @@ def run_demo(deployment: Deployment, slices: int, seed: int) -> int:
     print(f"[1/8] sample data: {slices} T1 slices from real scans into {pilot_dir}")
     build_sample_data(pilot_dir, n_slices=slices, seed=seed, wave_style="t1", progress=True)
     print(f"[2/8] landing: {land(PILOT, pilot_dir)}")
-    print(f"[3/8] wave {PILOT}: manifest -> slices -> backbone (self-supervised) -> embeddings -> "
-          "PCA -> clusters -> queue")
+    print(f"[3/8] wave {PILOT}: manifest -> slices -> first labeling queue (patient-stratified "
+          "random: no backbone needed)")
     ok = run(PILOT, FIRST_PASS)
     print("[4/8] simulated clinician labels the queue from labels.csv (demo only)")
     labeled = label(PILOT, pilot_dir)
     print(f"      {labeled.labeled} labels, {labeled.qa_labeled} QA re-reads")
-    print(f"[5/8] wave {PILOT}: expert labels -> ARI -> pseudo-labels + gate -> classifier -> costs")
+    print(f"[5/8] wave {PILOT}: backbone (self-supervised, fixed step budget) -> embeddings -> PCA "
+          "-> expert labels -> clusters, ARI -> pseudo-labels + gate -> classifier -> costs")
     ok = run(PILOT, AFTER_LABELS) and ok
     later = (
         (EPI_WAVE, "epi", max(slices // 3, 200), "EPI-like slices (another contrast)"),
@@ -202,6 +206,8 @@ def _summary(defs, instance, deployment: Deployment, pilot_dir, started: float,
         f"{model.get('baseline_macro_f1')} ({model.get('expert_labels')} expert + "
         f"{model.get('pseudo_labels_used')} pseudo-labels; stage 2 on {model.get('stage2_images')} images)"),
         (f"  backbone: {backbone.get('model_id')} ({backbone.get('source')}, "
+        f"{backbone.get('steps')} steps of the {backbone.get('budget_kind')} budget in "
+        f"{backbone.get('seconds')} s, {backbone.get('precision')}, "
         f"{backbone.get('cpu_minutes')} CPU min); {_stage2_line(model)}"),
         f"  state: {deployment.home.root} (store, Dagster instance, MLflow, DVC, labels)",
         ("  look: `make dev` -> http://127.0.0.1:3000 (assets, waves partitions, sensors, checks);"

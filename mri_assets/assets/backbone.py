@@ -20,10 +20,12 @@ MLflow (run (wave, `backbone`), registered as `mri_assets_backbone`); its model 
 """
 
 import json
+from dataclasses import replace
 
 import dagster as dg
 import numpy as np
 import polars as pl
+import torch
 from pydantic import Field
 
 from mri_assets.assets.gpu import GPU_POOL, gpu_step_tags
@@ -32,17 +34,24 @@ from mri_assets.assets.locations import stored_at
 from mri_assets.assets.provenance import dagster_tags, mlflow_run_metadata
 from mri_assets.automation import EAGER
 from mri_assets.core.backbone import Backbone, build_backbone
+from mri_assets.core.cpu_peak import cpu_peak
 from mri_assets.core.embed import SliceShard
+from mri_assets.core.precision import resolve_precision
 from mri_assets.core.pretrain import (
+    BUDGET_BUYS,
+    EXPECTED_SHARE_OF_PEAK,
+    STEP_BUDGETS,
     IndexedSlices,
     PretrainConfig,
+    PretrainPlan,
+    budget_kind,
+    patient_spread_sample,
     plan_pretraining,
     pretrain_backbone,
 )
 from mri_assets.core.progress import Progress
-from mri_assets.core.slice_shards import slice_keys
 from mri_assets.core.training.checkpoint import backbone_checkpoint
-from mri_assets.core.wave_keys import backbone_key
+from mri_assets.core.wave_keys import backbone_key, manifest_key, slice_keys
 from mri_assets.core.wave_keys import backbone_record_key as record_key
 from mri_assets.core.wave_layout import wave_shard_count
 from mri_assets.partitions import wave_partitions
@@ -53,6 +62,9 @@ from mri_assets.resources.object_store import ObjectStore
 POLICIES = ("first", "every", "off")
 REGISTERED_BACKBONE = "mri_assets_backbone"
 RECORD_FORMAT = "mri_assets.backbone_record/1"
+# BatchNorm statistics are measured again on this many clean slices after training: a quarter of
+# core.pretrain's 4,096, whose forward passes at the input side took ~40 s on two fp32 cores.
+BN_RECALIBRATION_SLICES = 1024
 
 
 class PretrainSettings(dg.ConfigurableResource):
@@ -62,32 +74,54 @@ class PretrainSettings(dg.ConfigurableResource):
         default="first",
         description="first (default) | every | off (the compute weights); see assets/backbone.py",
     )
-    epochs: int = Field(default=12, description="passes over the wave's unlabelled slices")
-    batch_size: int = Field(default=128, description="slices per step (two views each)")
-    lr: float = Field(default=2e-3, description="AdamW peak learning rate (warm-up, cosine decay)")
+    steps: int = Field(
+        default=0, description="optimiser steps of the schedule; 0 = the budget of the device kind "
+        "(core.pretrain.STEP_BUDGETS: GPU, CPU with native bf16, CPU in fp32). The budget does not "
+        "grow with the wave: a larger wave trains on a seeded sample spread over patients")
+    epochs: int = Field(default=0, description="passes over the training slices instead of a step "
+                        "budget (0 = use `steps`)")
+    batch_size: int = Field(default=64, description="slices per step (two views each; at a fixed "
+                            "cost, 64 slices x 120 steps reached pilot ARI 0.32 in fp32 where "
+                            "128 x 60 reached 0.11)")
+    lr: float = Field(default=3e-3, description="AdamW peak learning rate (warm-up, cosine decay)")
     temperature: float = 0.2
     view_fraction: float = Field(default=0.75, description="view side / input side")
-    max_slices: int = Field(default=0, description="train on a seeded sample of at most this many slices (0 = all)")
+    max_slices: int = Field(default=0, description="train on a seeded sample of at most this many "
+                            "slices, spread over patients (0 = steps x batch_size: each slice is "
+                            "seen about once at most)")
     include_holdout: bool = Field(default=False, description="pretrain on holdout slices too")
     min_slices: int = Field(
         default=1000, description="a wave with fewer training slices does not train a backbone: "
         "it embeds with the compute weights and a later, larger wave trains (on a 300-slice "
         "first wave the self-supervised backbone failed the pseudo-label gate in fp32, F1 0.24)")
     rotation_weight: float = Field(
-        default=1.0, description="weight of the quarter-turn pretext (0 = contrastive only): "
+        default=2.0, description="weight of the quarter-turn pretext (0 = contrastive only): "
         "predicting a view's rotation keeps orientation in the features, which the contrastive "
         "views alone teach the network to ignore")
     seed: int = 0
 
-    def config(self) -> PretrainConfig:
+    def config(self, budget_kind: str = "cpu-fp32") -> PretrainConfig:
+        """The schedule for a device of `budget_kind` (`core.pretrain.budget_kind`)."""
         if self.policy not in POLICIES:
             raise ValueError(f"pretrain.policy={self.policy!r}: allowed values are {list(POLICIES)}")
         if self.max_slices < 0:
-            raise ValueError(f"pretrain.max_slices={self.max_slices}: use 0 (all) or a positive number")
-        return PretrainConfig(seed=self.seed, epochs=self.epochs, batch_size=self.batch_size,
-                              lr=self.lr, temperature=self.temperature,
-                              view_fraction=self.view_fraction,
-                              rotation_weight=self.rotation_weight)
+            raise ValueError(f"pretrain.max_slices={self.max_slices}: use 0 (steps x batch_size) "
+                             "or a positive number")
+        if self.steps < 0 or self.epochs < 0:
+            raise ValueError(f"pretrain.steps={self.steps}, pretrain.epochs={self.epochs}: use 0 "
+                             "(the device's budget) or a positive number")
+        steps = 0 if self.epochs else (self.steps or STEP_BUDGETS[budget_kind])
+        return PretrainConfig(seed=self.seed, epochs=self.epochs or 1, steps=steps,
+                              batch_size=self.batch_size, lr=self.lr,
+                              temperature=self.temperature, view_fraction=self.view_fraction,
+                              rotation_weight=self.rotation_weight,
+                              bn_recalibration_slices=BN_RECALIBRATION_SLICES)
+
+    def sample_limit(self, config: PretrainConfig) -> int:
+        """At most this many training slices (0: all): `max_slices`, else one pass of the budget."""
+        if self.max_slices or self.epochs:
+            return self.max_slices
+        return config.steps * config.batch_size
 
 
 def read_record(store: ObjectStore, wave: str) -> dict | None:
@@ -136,22 +170,29 @@ def _latest_earlier(store: ObjectStore, waves: list[str]) -> dict | None:
 def wave_training_slices(store: ObjectStore, wave: str, include_holdout: bool, max_slices: int,
                          seed: int) -> IndexedSlices:
     """The wave's slices through the crc32-checking shard reader, holdout left out unless asked,
-    at most `max_slices` of them (a seeded sample) when that is set."""
-    shards, positions = [], []
+    at most `max_slices` of them when that is set: a seeded sample spread over the wave's
+    patients (`core.pretrain.patient_spread_sample`)."""
+    shards, positions, image_ids = [], [], []
     for shard in range(wave_shard_count(store, wave)):
         npy_key, index_key = slice_keys(wave, shard)
         reader = SliceShard(store.local_path(npy_key), store.local_path(index_key))
-        split = pl.read_parquet(store.local_path(index_key), columns=["split"])["split"].to_numpy()
-        keep = np.ones(len(reader), dtype=bool) if include_holdout else split != "holdout"
+        index = pl.read_parquet(store.local_path(index_key), columns=["image_id", "split"])
+        keep = np.ones(len(reader), dtype=bool) if include_holdout \
+            else index["split"].to_numpy() != "holdout"
         shards.append(reader)
         positions.append(np.flatnonzero(keep))
-    if max_slices:
-        total = sum(len(p) for p in positions)
-        if total > max_slices:
-            chosen = np.sort(np.random.default_rng([seed, 11]).choice(total, max_slices, replace=False))
-            bounds = np.cumsum([0] + [len(p) for p in positions])
-            positions = [p[chosen[(chosen >= lo) & (chosen < hi)] - lo]
-                         for p, lo, hi in zip(positions, bounds[:-1], bounds[1:], strict=True)]
+        image_ids.append(index["image_id"].filter(pl.Series(keep)))
+    total = sum(len(p) for p in positions)
+    if max_slices and total > max_slices:
+        patients = (pl.DataFrame({"image_id": pl.concat(image_ids)})
+                    .join(pl.read_parquet(store.local_path(manifest_key(wave)),
+                                          columns=["image_id", "patient_key"]),
+                          on="image_id", how="left", maintain_order="left")["patient_key"]
+                    .fill_null("").to_numpy())
+        chosen = patient_spread_sample(patients, max_slices, seed)
+        bounds = np.cumsum([0] + [len(p) for p in positions])
+        positions = [p[chosen[(chosen >= lo) & (chosen < hi)] - lo]
+                     for p, lo, hi in zip(positions, bounds[:-1], bounds[1:], strict=True)]
     return IndexedSlices(shards, positions)
 
 
@@ -174,7 +215,9 @@ def backbone(
     """Which backbone embeds the wave: trained self-supervised on its slices, adopted from an
     earlier wave, or the compute resource's weights (see the module docstring)."""
     wave = context.partition_key
-    config = pretrain.config()
+    device, _, _ = compute.device_and_precision()
+    precision = resolve_precision(device, compute.precision, purpose="training")
+    config = replace(pretrain.config(budget_kind(device, precision)), precision=precision)
     earlier = earlier_waves(context.instance, wave)
     adopted = _latest_earlier(object_store, earlier) if pretrain.policy == "first" else None
     if compute.checkpoint_key:
@@ -195,7 +238,7 @@ def backbone(
             "checkpoint_key": adopted["checkpoint_key"], "trained_on": adopted["trained_on"],
             "reason": f"policy first: wave {adopted['trained_on']} trained the backbone"})
     elif (n := len(training := wave_training_slices(
-            object_store, wave, pretrain.include_holdout, pretrain.max_slices,
+            object_store, wave, pretrain.include_holdout, pretrain.sample_limit(config),
             pretrain.seed))) < pretrain.min_slices:
         model = compute.build_backbone()
         record = _write_record(object_store, wave, {
@@ -212,15 +255,48 @@ def backbone(
     })
 
 
+def budget_line(wave: str, plan: PretrainPlan, config: PretrainConfig, device: torch.device,
+                n_slices: int) -> str:
+    """What the pretraining is about to spend, said before it starts: its step budget, the time
+    that implies on this device and what the budget buys."""
+    kind = budget_kind(device, config.precision)
+    source = "pretrain.steps" if config.steps and config.steps != STEP_BUDGETS[kind] else \
+        f"the {kind} budget"
+    estimate = f", {plan.total_flops / 1e12:.1f} TFLOP"
+    if device.type == "cpu":
+        share = EXPECTED_SHARE_OF_PEAK[config.precision]
+        estimate = (f", about {_estimate_seconds(plan, config.precision, device) / 60:.1f} min here "
+                    f"({plan.total_flops / 1e12:.1f} TFLOP at {share:.0%} of "
+                    f"{cpu_peak().detail(config.precision)})")
+    return (f"{wave}: self-supervised pretraining, {plan.steps} steps of {plan.batch_size} slices "
+            f"({source}, {config.precision}) on {n_slices} training slices{estimate}; "
+            f"{BUDGET_BUYS}")
+
+
+def _estimate_seconds(plan: PretrainPlan, precision: str, device: torch.device) -> float:
+    if device.type != "cpu":
+        return float("nan")
+    return plan.seconds_at(cpu_peak().gflops(precision) * EXPECTED_SHARE_OF_PEAK[precision] * 1e9)
+
+
+def _share_of_peak(achieved: float, precision: str, device: torch.device) -> dict:
+    if device.type != "cpu":
+        return {}
+    peak = cpu_peak()
+    return {"peak_gflops_per_s": round(peak.gflops(precision), 1),
+            "share_of_peak": round(achieved / peak.gflops(precision), 3),
+            "peak_detail": peak.detail(precision)}
+
+
 def _train(context: dg.AssetExecutionContext, store: ObjectStore, compute: ComputeResource,
            pretrain: PretrainSettings, mlflow: MlflowTracking, config: PretrainConfig,
            training: IndexedSlices) -> dg.Output[dict]:
     wave = context.partition_key
     device, _, device_note = compute.device_and_precision()
-    context.log.info(f"{wave}: self-supervised pretraining on {len(training)} slices on {device}")
+    plan = plan_pretraining(len(training), config, compute.arch, compute.input_size)
+    context.log.info(budget_line(wave, plan, config, device, len(training)))
     # A line per tenth of the steps (and a minute) in the run's log; a bar on `mri-assets`'s terminal.
-    steps = plan_pretraining(len(training), config, compute.arch, compute.input_size).steps
-    with Progress(f"backbone {wave}: pretraining", "steps", steps, log=context.log.info) as shown:
+    with Progress(f"backbone {wave}: pretraining", "steps", plan.steps, log=context.log.info) as shown:
         result = pretrain_backbone(
             training, config, device, arch=compute.arch, input_size=compute.input_size,
             init_weights=compute.weights, progress=shown.pretraining_entry,
@@ -251,12 +327,15 @@ def _train(context: dg.AssetExecutionContext, store: ObjectStore, compute: Compu
         "model_id": result.model_id, "source": "trained", "reason": record["reason"],
         "trained_on": wave, "policy": pretrain.policy,
         "slices": result.n_slices, "steps": result.steps, "views": result.views,
-        "view_size": result.view_size, "epochs": config.epochs,
+        "view_size": result.view_size,
+        "budget_kind": budget_kind(device, result.precision), "budget_steps": plan.steps,
+        "estimated_seconds": round(_estimate_seconds(plan, result.precision, device), 1),
         "final_loss": round(result.history[-1]["loss"], 4) if result.history else "none",
         "seconds": round(result.seconds, 1),
         "cpu_minutes": round(result.cpu_seconds / 60, 2),
         "total_tflops": round(result.total_flops / 1e12, 2),
         "achieved_gflops_per_s": figures["achieved_gflops_per_s"],
+        **_share_of_peak(figures["achieved_gflops_per_s"], result.precision, device),
         "device": str(device), "device_note": device_note, "precision": result.precision,
         "checkpoint": stored_at(store, key),
         **mlflow_run_metadata(mlflow, run_id),

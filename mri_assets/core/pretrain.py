@@ -72,6 +72,23 @@ PROJECTION_HIDDEN = 512
 BN_STREAM = 2**31  # the seed stream of the BatchNorm recalibration sample (epochs use 0, 1, ...)
 
 
+# The default schedule's optimiser steps per device kind (`budget_kind`): a fixed budget, whatever
+# the wave's size. Chosen from `benchmarks/pretrain.py` (ARI at k = 4 against the budget).
+STEP_BUDGETS = {"gpu": 1000, "cpu-bf16": 120, "cpu-fp32": 120}
+# What the CPU budgets buy, said before training starts (benchmarks/pretrain.py on the demo pilot).
+BUDGET_BUYS = "pilot ARI at k=4 about 0.4 (benchmarks/pretrain.py)"
+# The share of the CPU's peak (`core.cpu_peak`) a pretraining step reaches, measured by
+# benchmarks/pretrain.py; it turns a budget into the time estimate logged before training.
+EXPECTED_SHARE_OF_PEAK = {"fp32": 0.4, "bf16": 0.1}
+
+
+def budget_kind(device: torch.device | str, precision: str) -> str:
+    """`gpu`, `cpu-bf16` or `cpu-fp32`: which row of `STEP_BUDGETS` a device runs."""
+    if torch.device(device).type == "cuda":
+        return "gpu"
+    return "cpu-bf16" if precision == "bf16" else "cpu-fp32"
+
+
 class PretrainError(ValueError):
     """Pretraining cannot start or had to stop; the message says what to change."""
 
@@ -92,10 +109,12 @@ class PretrainConfig:
     crop_scale: tuple[float, float] = (0.2, 1.0)
     max_rotation_deg: float = 10.0
     max_steps: int | None = None
+    steps: int = 0
     bn_recalibration_slices: int = 4096
     precision: str = "auto"
     rotation_weight: float = 0.0
     rotation_view_fraction: float = 0.5
+    contrastive_weight: float = 1.0
 
     def __post_init__(self) -> None:
         checks = (
@@ -112,7 +131,11 @@ class PretrainConfig:
             (0 <= self.max_rotation_deg <= 30,
              f"max_rotation_deg must be in [0, 30] (orientations must stay apart), got {self.max_rotation_deg}"),
             (self.max_steps is None or self.max_steps >= 1, f"max_steps must be None or >= 1, got {self.max_steps}"),
+            (self.steps >= 0, f"steps must be >= 0 (0: epochs decide), got {self.steps}"),
             (self.rotation_weight >= 0, f"rotation_weight must be >= 0, got {self.rotation_weight}"),
+            (self.contrastive_weight >= 0, f"contrastive_weight must be >= 0, got {self.contrastive_weight}"),
+            (self.contrastive_weight > 0 or self.rotation_weight > 0,
+             "contrastive_weight and rotation_weight are both 0: nothing to learn"),
             (0.25 <= self.rotation_view_fraction <= 1,
              f"rotation_view_fraction must be in [0.25, 1], got {self.rotation_view_fraction}"),
             (self.bn_recalibration_slices >= 0,
@@ -332,6 +355,28 @@ class IndexedSlices:
         return np.stack(parts)
 
 
+def patient_spread_sample(patients: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """Sorted positions of at most `limit` slices, spread over patients as evenly as they allow.
+
+    Patients take turns, in a seeded order, each giving its next slice (its own slices in a
+    seeded order) until `limit` are chosen: a wave larger than the pretraining budget trains on
+    every patient it can, rather than on the patients that happen to hold most slices.
+    """
+    patients = np.asarray(patients)
+    if limit >= len(patients):
+        return np.arange(len(patients))
+    rng = np.random.default_rng([seed, 11])
+    order = rng.permutation(len(patients))
+    _, group = np.unique(patients[order], return_inverse=True)
+    by_group = np.argsort(group, kind="stable")
+    starts = np.searchsorted(group[by_group], group[by_group])
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[by_group] = np.arange(len(order)) - starts
+    turn = rng.permutation(group.max() + 1)[group]
+    chosen = order[np.lexsort((turn, rank))[:limit]]
+    return np.sort(chosen)
+
+
 def _as_pixels(batch: np.ndarray) -> torch.Tensor:
     batch = np.asarray(batch)
     if batch.dtype != np.uint8 or batch.ndim not in (3, 4):
@@ -391,7 +436,7 @@ def plan_pretraining(n_slices: int, config: PretrainConfig, arch: str = "resnet1
         raise PretrainError(f"pretraining needs at least 2 slices, got {n_slices}")
     batch = min(config.batch_size, n_slices)
     steps_per_epoch = n_slices // batch
-    steps = steps_per_epoch * config.epochs
+    steps = config.steps or steps_per_epoch * config.epochs
     if config.max_steps is not None:
         steps = min(steps, config.max_steps)
     view_size = config.view_size(input_size or 256)
@@ -402,7 +447,8 @@ def plan_pretraining(n_slices: int, config: PretrainConfig, arch: str = "resnet1
     if rotation_size:
         rotation_flops = (flops_per_view * rotation_size**2 // view_size**2 if flops_per_view
                           else view_training_flops(arch, rotation_size, config.projection_dim))
-    return PretrainPlan(n_slices, batch, steps_per_epoch, steps, 2 * batch * steps, view_size,
+    contrastive_views = 2 * batch * steps if config.contrastive_weight else 0
+    return PretrainPlan(n_slices, batch, steps_per_epoch, steps, contrastive_views, view_size,
                         flops_per_view, batch * steps if rotation_size else 0, rotation_size,
                         rotation_flops)
 
@@ -538,9 +584,7 @@ def pretrain_backbone(
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         generator = torch.Generator().manual_seed(config.seed)
         step = 0
-        for epoch in range(config.epochs):
-            if step >= plan.steps:
-                break
+        for epoch in range(math.ceil(plan.steps / plan.steps_per_epoch)):
             order = np.random.default_rng([config.seed, epoch]).permutation(n)
             loss_sum, batches = 0.0, 0
             for start in range(0, plan.steps_per_epoch * plan.batch_size, plan.batch_size):
@@ -549,18 +593,20 @@ def pretrain_backbone(
                 index = np.sort(order[start : start + plan.batch_size])
                 pixels = _as_pixels(slices[index]).to(device, non_blocking=True)
                 base = resized_base(pixels, input_size)
-                views = torch.cat([
-                    render_views(base, draw_view_params(len(index), config, generator),
-                                 plan.view_size, generator)
-                    for _ in range(2)
-                ])
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(step, plan.steps, config)
-                with autocast_for(device, precision):
-                    features = body(views)
-                projected = head(features.float())
-                loss = contrastive_loss(projected[: len(index)], projected[len(index) :],
-                                        config.temperature)
+                loss = torch.zeros((), device=device)
+                if config.contrastive_weight:
+                    views = torch.cat([
+                        render_views(base, draw_view_params(len(index), config, generator),
+                                     plan.view_size, generator)
+                        for _ in range(2)
+                    ])
+                    with autocast_for(device, precision):
+                        features = body(views)
+                    projected = head(features.float())
+                    loss = config.contrastive_weight * contrastive_loss(
+                        projected[: len(index)], projected[len(index) :], config.temperature)
                 if plan.rotation_view_size:
                     turns = torch.randint(0, 4, (len(index),), generator=generator)
                     turned = quarter_turns(
@@ -583,11 +629,12 @@ def pretrain_backbone(
                 loss_sum += value
                 batches += 1
                 step += 1
+                if progress is not None:
+                    progress({"step": step, "steps": plan.steps, "loss": value, "epoch": epoch,
+                              "seconds": time.perf_counter() - started})
             entry = {"epoch": epoch, "loss": loss_sum / max(batches, 1), "steps": step,
                      "seconds": time.perf_counter() - started}
             history.append(entry)
-            if progress is not None:
-                progress(entry)
         bn_order = np.random.default_rng([config.seed, BN_STREAM]).permutation(n)[
             : config.bn_recalibration_slices]
         recalibrate_batchnorm(backbone, slices, bn_order, device, precision)
@@ -596,7 +643,8 @@ def pretrain_backbone(
     result = PretrainResult(
         checkpoint=b"", model_id="", arch=arch, input_size=input_size, config=config,
         device=str(device), precision=precision, n_slices=n, steps=step,
-        views=2 * plan.batch_size * step, view_size=plan.view_size,
+        views=2 * plan.batch_size * step if config.contrastive_weight else 0,
+        view_size=plan.view_size,
         rotation_views=plan.batch_size * step if plan.rotation_view_size else 0,
         rotation_flops_per_view=plan.rotation_flops_per_view,
         flops_per_view=plan.flops_per_view, seconds=seconds, cpu_seconds=cpu_seconds,

@@ -104,3 +104,20 @@ def test_policy_off_and_waves_without_a_backbone_embed_with_the_compute_weights(
     with pytest.raises(Exception, match="pretrain.policy='sometimes'"):
         materialize(defs, instance, ["backbone"], "pilot",
                     resources={"pretrain": PretrainSettings(policy="sometimes")})
+
+
+def test_a_step_budget_trains_on_a_patient_spread_sample_and_records_the_budget(
+    mri_home, tmp_path, instance
+):
+    defs = local_defs(mri_home)
+    store = defs.resources["object_store"]
+    _ingest(defs, instance, store, tmp_path, "pilot", seed=0)
+    # 3 steps of 8 slices: the wave (about 30 training slices) is larger than one pass of the
+    # budget, so 24 slices are sampled, spread over its patients.
+    budget = PretrainSettings(policy="first", steps=3, batch_size=8, min_slices=0)
+    trained = _metadata(materialize(defs, instance, ["backbone"], "pilot",
+                                    resources={"pretrain": budget}), "backbone")
+    assert trained["steps"] == trained["budget_steps"] == 3
+    assert trained["slices"] == 24
+    assert trained["budget_kind"] in ("cpu-fp32", "cpu-bf16")
+    assert trained["estimated_seconds"] > 0 and 0 < trained["share_of_peak"] < 1

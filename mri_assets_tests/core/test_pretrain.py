@@ -227,3 +227,28 @@ def test_the_turn_pretext_adds_a_third_smaller_view_to_the_plan_and_trains(real_
     assert result.model_id != pretrain_backbone(
         IndexedSlices(real_slices), dataclasses.replace(config, rotation_weight=0.0),
         input_size=64).model_id
+
+
+def test_a_sample_under_the_budget_takes_every_patient_before_a_second_slice_of_any():
+    from mri_assets.core.pretrain import patient_spread_sample
+
+    patients = np.array(["a"] * 50 + ["b"] * 3 + ["c"] * 7 + ["d"] * 1)
+    chosen = patient_spread_sample(patients, 4, seed=0)
+    assert sorted(patients[chosen]) == ["a", "b", "c", "d"]
+    chosen = patient_spread_sample(patients, 10, seed=0)
+    counts = {p: int((patients[chosen] == p).sum()) for p in "abcd"}
+    assert counts == {"a": 3, "b": 3, "c": 3, "d": 1}
+    assert list(chosen) == sorted(chosen)
+    assert list(patient_spread_sample(patients, 10, seed=0)) == list(chosen)
+    assert list(patient_spread_sample(patients, 10, seed=1)) != list(chosen)
+    assert len(patient_spread_sample(patients, 1000, seed=0)) == len(patients)
+
+
+def test_a_step_budget_fixes_the_steps_whatever_the_number_of_slices():
+    from mri_assets.core.pretrain import plan_pretraining
+
+    config = PretrainConfig(steps=30, batch_size=16)
+    small = plan_pretraining(100, config, flops_per_view=1)
+    large = plan_pretraining(100_000, config, flops_per_view=1)
+    assert small.steps == large.steps == 30
+    assert small.views == large.views == 2 * 16 * 30
