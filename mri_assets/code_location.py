@@ -81,7 +81,8 @@ def _compute(deployment: Deployment) -> ComputeResource:
     """CPU nodes embed at 128 px by default (resized on the device; part of the model id), GPU
     nodes at the stored 256 px. `MRI_ASSETS_INPUT_SIZE=256` changes the local default."""
     settings = deployment.compute
-    model = {"checkpoint_key": settings.backbone_checkpoint, "input_size": deployment.input_size}
+    model = {"checkpoint_key": settings.backbone_checkpoint, "input_size": deployment.input_size,
+             "precision": settings.precision}
     if deployment.profile == "local":
         return ComputeResource(**model)
     return ComputeResource(device=settings.device, num_workers=settings.loader_workers,

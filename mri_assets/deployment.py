@@ -166,6 +166,10 @@ class ComputeSettings:
     """Device and loader settings for the celery/k8s profiles (`local` keeps the defaults)."""
 
     device: str = field(default="auto", metadata=env("MRI_ASSETS_DEVICE", parse=_choice(*DEVICES)))
+    precision: str = field(
+        default="auto",
+        metadata=env("MRI_ASSETS_PRECISION", parse=_choice("auto", "fp32", "bf16", "fp16")),
+    )
     batch_size: int = field(
         default=64, metadata=env("MRI_ASSETS_BATCH_SIZE", parse=_whole(1, 65536))
     )

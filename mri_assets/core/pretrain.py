@@ -24,8 +24,8 @@ contrastive task asks it to keep which way up a slice is. A second, predictive t
 linear head on the backbone's features must say how many. Measured on the demo's 2,000-slice T1
 pilot (seed 0, AVX-512 CPU, ARI at k = 4 against every slice's ground truth, as
 `benchmarks/active_learning.py` scores it): 0.017 with the seeded weights; 0.266 with both tasks
-at weight 1 for 8 epochs (205 s), 0.332 at weight 2 (246 s), 0.428 at weight 1 for 12 epochs
-(294 s, the default).
+at weight 1 for 8 epochs of 128-slice steps (205 s), 0.332 at weight 2 (246 s), 0.428 at weight 1
+for 12 epochs (294 s, bf16). The default is now weight 2 with a step budget (below).
 
 After training the BatchNorm running statistics are measured again on clean slices at the input
 side (no augmentation), the way the backbone will see them when it embeds; the augmented views'
@@ -37,11 +37,16 @@ so one seed gives the same weights on the same device type and thread count. The
 that `build_backbone(checkpoint=...)` loads; its model id reads `resnet18:ssl:<sha12>@128`.
 
 Cost: one step embeds 2B views forward and backward, about 3x the forward FLOPs of a view
-(`view_training_flops` counts them with torch's FLOP counter). The `backbone` asset's schedule
-(12 epochs, B = 128, 96 px views for the 128 px input, quarter-turn weight 1) trains the demo's
-2,000-slice pilot in about 5 minutes on two cores (9.7 CPU minutes, bf16); `PretrainResult`
-records the measured seconds, CPU seconds and FLOPs so the same figure can be projected to a
-GPU.
+(`view_training_flops` counts them with torch's FLOP counter), plus B quarter-turn views. The
+schedule is a number of optimiser steps, `STEP_BUDGETS` per device kind (GPU, CPU with native
+bf16, CPU in fp32), not a number of passes: its cost does not grow with the wave, and a wave
+larger than one pass of the budget trains on a seeded sample spread over its patients
+(`patient_spread_sample`). At a fixed cost, smaller batches and more steps teach more: on the
+demo's 2,000-slice pilot (ARI at k = 4 against every slice, `benchmarks/pretrain.py`), 36 TFLOP
+gave 0.115 as 60 steps of 128 slices, 0.110 with the quarter-turn task alone (140 steps) and
+0.318 as 120 steps of 64 slices (fp32; 0.379 in bf16); 22 TFLOP as 150 steps of 32 slices gave
+0.127. `PretrainResult` records the measured seconds, CPU seconds and FLOPs so the same figure
+can be projected to a GPU.
 """
 
 from __future__ import annotations
@@ -74,7 +79,7 @@ BN_STREAM = 2**31  # the seed stream of the BatchNorm recalibration sample (epoc
 
 # The default schedule's optimiser steps per device kind (`budget_kind`): a fixed budget, whatever
 # the wave's size. Chosen from `benchmarks/pretrain.py` (ARI at k = 4 against the budget).
-STEP_BUDGETS = {"gpu": 1000, "cpu-bf16": 120, "cpu-fp32": 120}
+STEP_BUDGETS = {"gpu": 1000, "cpu-bf16": 160, "cpu-fp32": 120}
 # What the CPU budgets buy, said before training starts (benchmarks/pretrain.py on the demo pilot).
 BUDGET_BUYS = "pilot ARI at k=4 about 0.4 (benchmarks/pretrain.py)"
 # The share of the CPU's peak (`core.cpu_peak`) a pretraining step reaches, measured by
@@ -562,7 +567,8 @@ def pretrain_backbone(
 
     The backbone starts from `init_weights` (`none`: seeded by `config.seed`). `input_size` is the
     side it will embed at: views are cut from the slices resized to it, and the BatchNorm
-    statistics are measured again at it. `progress` is called with each epoch's figures.
+    statistics are measured again at it. `progress` is called after every step with `step`
+    (steps done), `steps` (the plan's), `loss`, `epoch` and `seconds`.
     """
     n = len(slices)
     device = torch.device(device)
