@@ -19,7 +19,8 @@ other, so the backbone's time includes the queue's; under the daemon they run si
 
 Figures (the last line is one JSON object):
 - `landing_to_queue_s`: from the start of landing to `labeling_queue` materialized (goal <= 300
-  s for 100,000 slices on 2 cores); `queue_selection`: the queue's `selection` metadata;
+  s for 100,000 slices on 2 cores); `run_to_queue_s` the same without the landing (from the
+  start of the first run); `queue_selection`: the queue's `selection` metadata;
 - `backbone_ready_s`: from the start of landing to `backbone` materialized (goal <= 1,800 s in
   fp32); `clusters_ready_s`: to `clusters` materialized;
 - `queue_before_backbone_s` = backbone_ready_s - landing_to_queue_s, the headline of "the queue
@@ -217,6 +218,7 @@ def pilot(slices: int, seed: int, home: Path) -> dict:
         "slices": summary.n_slices,
         "manifest": counts,
         "landing_to_queue_s": queue_ready,
+        "run_to_queue_s": round(queue_ready - landing_s, 2),
         "backbone_ready_s": backbone_ready,
         "clusters_ready_s": clusters_ready,
         "queue_before_backbone_s": round(backbone_ready - queue_ready, 2),
@@ -243,9 +245,11 @@ def main() -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", choices=["auto", "fp32"], default="auto",
                         help="fp32: the fp32 path on a CPU with native bf16 (as on AVX2)")
-    parser.add_argument("--home", help="keep the sample and MRI_ASSETS_HOME in this folder "
+    parser.add_argument("--home", help="an empty folder that keeps the sample and MRI_ASSETS_HOME "
                         "(default: a temporary folder, removed at the end)")
     args = parser.parse_args()
+    if args.home and Path(args.home).exists() and any(Path(args.home).iterdir()):
+        parser.error(f"--home {args.home} is not empty: the figures are for a fresh home")
 
     from mri_assets.core.progress import terminal_bars
     from mri_assets.local_run import without_debug_lines
