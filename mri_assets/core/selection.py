@@ -648,7 +648,8 @@ def stratified_random_batch(
     over patients first, then over each patient's series. No feature of the slices is used.
 
     Patients take turns in a seeded order; on its turn a patient gives its next slice, taken
-    from its series in turn (each series in a seeded shuffle). A patient with slices already
+    from its series in turn, each series as often as its share of the patient's slices (each
+    series in a seeded shuffle), so its picks follow the mix of its slices. A patient with slices already
     labeled or queued (`exclude`) joins the turns later by as many rounds, so a batch after a
     batch keeps the patients level. Excluded and `holdout` slices are never picked (see
     `holdout_for_evaluation` for the holdout). `Selection.cluster` holds the patient's code
@@ -671,9 +672,15 @@ def stratified_random_batch(
     patient_turn = rng.permutation(int(patient.max(initial=-1)) + 1)
     series_turn = rng.permutation(int(serie.max(initial=-1)) + 1)
     shuffle = rng.random(count)
-    # each series in a seeded shuffle; within a patient, its series take turns
+    # each series in a seeded shuffle; within a patient, its series take turns in proportion to
+    # their slices: the k-th of a series' m slices comes at (k + 1/2) / m of the patient's
+    # order, so a 32-slice volume gives two slices for a 16-slice series' one. Equal turns
+    # would shrink the share of long volumes, and with it of the classes that share one (a
+    # volume's axial levels), below the wave's.
     series_depth = _depth_within(rows[np.lexsort((shuffle[rows], serie[rows]))], serie, count)
-    by_patient = rows[np.lexsort((series_turn[serie[rows]], series_depth[rows], patient[rows]))]
+    series_size = np.bincount(serie[rows], minlength=series_turn.shape[0])
+    share = (series_depth + 0.5) / np.maximum(series_size[serie], 1)
+    by_patient = rows[np.lexsort((series_turn[serie[rows]], share[rows], patient[rows]))]
     already = np.bincount(patient[exclude], minlength=patient_turn.shape[0])
     rounds = _depth_within(by_patient, patient, count) + already[patient]
     picked = rows[np.lexsort((patient_turn[patient[rows]], rounds[rows]))][:n].astype(np.int64)

@@ -299,6 +299,17 @@ def test_first_batch_spreads_over_patients_then_series():
     assert picked.reason[0].startswith("first batch, no learned features yet")
 
 
+def test_first_batch_takes_a_patients_series_in_proportion_to_their_slices():
+    # a 32-slice volume (two axial levels, say) and a 16-slice series of one patient: equal
+    # turns would give each half the picks and the volume's classes too few labels
+    patients = np.array(["patient-0"] * 48)
+    series = np.array(["patient-0/volume.nii.gz"] * 32 + ["patient-0/series-02"] * 16)
+    for seed in range(5):
+        picked = stratified_random_batch(patients, series, 12, seed=seed)
+        assert (series[picked.indices] == "patient-0/volume.nii.gz").sum() == 8
+        assert len(set(picked.indices.tolist())) == 12
+
+
 def test_first_batch_is_seeded_and_differs_across_seeds():
     patients, series = _patients_wave()
     first = stratified_random_batch(patients, series, 10, seed=3)
