@@ -36,10 +36,10 @@ Figures (the last line is one JSON object):
 - `device`, `precision` (of the embeddings; `backbone_precision` of the pretraining),
   `cpu_native_bf16`, `cpu_isa`, `backbone` (its steps, seconds, slices, achieved GFLOP/s).
 
-`--precision fp32` measures the fp32 path on a CPU with native bf16 (what an AVX2 CPU runs):
-no setting reaches every loop (pretraining resolves its own `auto`), so this process answers
-"no" to `core.precision.cpu_has_native_bf16`, and every `auto` resolves to fp32 as on such a
-CPU. It changes nothing on a GPU. `cpu_native_bf16` reports the real CPU.
+`--precision fp32` measures the fp32 path on a CPU with native bf16 (what an AVX2 CPU runs): it
+sets MRI_ASSETS_PRECISION for this process, which every torch loop follows (embedding,
+pretraining and its step budget); unset, the environment's setting or `auto`.
+`cpu_native_bf16` reports the real CPU.
 
     nice -n 10 .venv/bin/python benchmarks/pilot.py --slices 3000     # a quick check
     .venv/bin/python benchmarks/pilot.py                              # 100,000 slices
@@ -50,9 +50,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -85,20 +85,6 @@ def cpu_kind() -> tuple[bool, str]:
     except ImportError:  # an older checkout
         isa = "unknown"
     return cpu_has_native_bf16(), isa
-
-
-def force_fp32() -> None:
-    """Every `auto` precision resolves as on a CPU without native bf16 (see the docstring)."""
-    from mri_assets.core import precision
-
-    def no_native_bf16() -> bool:
-        return False
-
-    precision.cpu_has_native_bf16 = no_native_bf16
-    for module in list(sys.modules.values()):  # modules that imported the name itself
-        if getattr(module, "__name__", "").startswith("mri_assets") and \
-                getattr(module, "cpu_has_native_bf16", None) is not None:
-            module.cpu_has_native_bf16 = no_native_bf16
 
 
 def metadata_of(instance: dg.DagsterInstance, asset: str, partitions: list[str]) -> list[dict]:
@@ -243,8 +229,9 @@ def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--slices", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--precision", choices=["auto", "fp32"], default="auto",
-                        help="fp32: the fp32 path on a CPU with native bf16 (as on AVX2)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="MRI_ASSETS_PRECISION for this run (fp32: the fp32 path on a CPU "
+                        "with native bf16, as on AVX2); default: the environment's, else auto")
     parser.add_argument("--home", help="an empty folder that keeps the sample and MRI_ASSETS_HOME "
                         "(default: a temporary folder, removed at the end)")
     args = parser.parse_args()
@@ -254,12 +241,11 @@ def main() -> dict:
     from mri_assets.core.progress import terminal_bars
     from mri_assets.local_run import without_debug_lines
 
+    if args.precision:
+        os.environ["MRI_ASSETS_PRECISION"] = args.precision  # read once, by Deployment.from_env
+    requested = os.environ.get("MRI_ASSETS_PRECISION", "auto")
     native_bf16, isa = cpu_kind()
-    if args.precision == "fp32":
-        import mri_assets.definitions  # noqa: F401  (load every module, then patch them)
-
-        force_fp32()
-    print(f"pilot benchmark: {args.slices} slices, precision {args.precision}, CPU {isa} "
+    print(f"pilot benchmark: {args.slices} slices, precision {requested}, CPU {isa} "
           f"(native bf16: {native_bf16})", flush=True)
     root = Path(args.home) if args.home else Path(tempfile.mkdtemp(prefix="mri-pilot-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -271,7 +257,7 @@ def main() -> dict:
             shutil.rmtree(root, ignore_errors=True)
     return {
         **report,
-        "requested_precision": args.precision,
+        "requested_precision": requested,
         "cpu_native_bf16": native_bf16,
         "cpu_isa": isa,
         "peak_rss_gb": peak_rss_gb(),
