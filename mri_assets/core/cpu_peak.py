@@ -93,9 +93,24 @@ def peak_from_flags(flags: set[str], vendor: str, ghz: float, cores: int) -> Cpu
     return CpuPeak(cores, ghz, fp32, bf16, isa)
 
 
+def _capped(flags: set[str], max_isa: str) -> set[str]:
+    """The flags oneDNN may use under `ONEDNN_MAX_CPU_ISA` (e.g. `AVX2` on an AVX-512 CPU, how
+    the fp32 path of AVX2-only machines is measured on a newer one)."""
+    cap = max_isa.strip().upper()
+    if cap.startswith(("AVX2", "AVX_VNNI", "SSE", "AVX")) and not cap.startswith("AVX512"):
+        flags = {f for f in flags if not f.startswith(("avx512", "amx"))}
+    if cap.startswith("AVX512_CORE") and "AMX" not in cap:
+        flags = {f for f in flags if not f.startswith("amx")}
+    return flags
+
+
 def cpu_peak() -> CpuPeak:
-    """This machine's peak, for the cores this process may use."""
+    """This machine's peak, for the cores this process may use and the instruction set oneDNN
+    may use (`ONEDNN_MAX_CPU_ISA` / `DNNL_MAX_CPU_ISA`, when set)."""
     flags, vendor, mhz = _cpuinfo()
+    max_isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    if max_isa:
+        flags = _capped(flags, max_isa)
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
