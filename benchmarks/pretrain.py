@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -155,7 +156,7 @@ def main() -> dict:
     flops_per_step = plan.total_flops / plan.steps
     ours = step_seconds(training, config, precision, torch.channels_last, args.speed_steps)
     nchw = step_seconds(training, config, precision, torch.contiguous_format, args.speed_steps)
-    peak = cpu_peak()
+    peak = cpu_peak(os.environ.get("ONEDNN_MAX_CPU_ISA"))
     achieved = flops_per_step / ours / 1e9
     print(f"step: {ours:.2f} s channels_last, {nchw:.2f} s NCHW; {flops_per_step / 1e9:.0f} GFLOP "
           f"per step -> {achieved:.0f} GFLOP/s, peak {peak.gflops(precision):.0f} "

@@ -104,11 +104,10 @@ def _capped(flags: set[str], max_isa: str) -> set[str]:
     return flags
 
 
-def cpu_peak() -> CpuPeak:
-    """This machine's peak, for the cores this process may use and the instruction set oneDNN
-    may use (`ONEDNN_MAX_CPU_ISA` / `DNNL_MAX_CPU_ISA`, when set)."""
+def cpu_peak(max_isa: str | None = None) -> CpuPeak:
+    """This machine's peak, for the cores this process may use and, when given, the instruction
+    set oneDNN was capped at (the value of `ONEDNN_MAX_CPU_ISA`, which the caller reads)."""
     flags, vendor, mhz = _cpuinfo()
-    max_isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
     if max_isa:
         flags = _capped(flags, max_isa)
     try:
