@@ -128,3 +128,19 @@ def test_the_backbone_run_log_has_a_line_per_tenth_of_the_pretraining_steps(
     assert len(marks) >= 2 and marks == sorted(marks) and marks[-1] == steps, lines
     assert any(re.fullmatch(rf"backbone pilot: pretraining: done, {steps} steps in [0-9.]+ s; "
                             r"loss [0-9.]+.*", line) for line in lines), lines
+
+
+def test_a_bar_shows_its_total_and_its_end_even_when_the_loop_is_shorter_than_tqdms_interval():
+    """A small shard's images pass in one batch well inside tqdm's 0.5 s between frames: the bar
+    must still show `0/N` once the total is known and `N/N` at the end, before `close` clears it."""
+    import io
+
+    from mri_assets.core.progress import Progress, terminal_bars
+
+    stream = io.StringIO()
+    with terminal_bars(stream), Progress("embeddings w/00", "images") as shown:
+        shown(0, 15)
+        shown(15, 15)
+    frames = re.split(r"[\r\n]", stream.getvalue())
+    assert any(re.match(r"embeddings w/00: .*\b0/15 images \[", f) for f in frames), frames
+    assert any(re.match(r"embeddings w/00: 100%\|.*\| 15/15 images \[", f) for f in frames), frames

@@ -103,13 +103,19 @@ class _Bar:
             self.tqdm.refresh()
 
     def show(self, done: int, total: int | None, figures: Mapping[str, float]) -> None:
-        if total is not None and total != self.tqdm.total:
+        # tqdm draws an update only `mininterval` after its last frame: a step shorter than that
+        # (a small shard's one batch) would never show its total nor its end before `close`
+        # clears the bar. A new total and the last unit are drawn at once.
+        new_total = total is not None and total != self.tqdm.total
+        if new_total:
             self.tqdm.total = total
             if self._style == COUNT_FORMAT:
                 self.tqdm.bar_format = self._style = BAR_FORMAT
         if figures:
             self.tqdm.set_postfix_str(_figures_text(figures), refresh=False)
         self.tqdm.update(done - self.tqdm.n)
+        if new_total or (self.tqdm.total is not None and done >= self.tqdm.total):
+            self.tqdm.refresh()
 
     def close(self) -> None:
         self._stop.set()
