@@ -318,9 +318,19 @@ class _NoStopSignals(_StopSignals):
 
 @contextmanager
 def _stop_signals() -> Iterator[_StopSignals]:
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    if threading.current_thread() is not threading.main_thread():
         yield _NoStopSignals()
+        return
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        # Dagster's `capture_interrupts` (every in-process run) sets SIGTERM to SIGINT's handler
+        # when it ends: with SIGINT ignored (a background job) SIGTERM would stay ignored here
+        # and in every process started from here afterwards. Leave it as the caller had it.
+        sigterm = signal.getsignal(signal.SIGTERM)
+        try:
+            yield _NoStopSignals()
+        finally:
+            if sigterm is not None:
+                signal.signal(signal.SIGTERM, sigterm)
         return
     stop = _StopSignals()
     read_end, write_end = os.pipe()
