@@ -35,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from active_learning import ari_k4, embed
@@ -43,20 +42,17 @@ from active_learning import ari_k4, embed
 from mri_assets.assets.backbone import PretrainSettings
 from mri_assets.core.backbone import build_backbone
 from mri_assets.core.cpu_peak import cpu_peak
-from mri_assets.core.precision import autocast_for, resolve_precision
+from mri_assets.core.precision import resolve_precision
 from mri_assets.core.pretrain import (
     STEP_BUDGETS,
     IndexedSlices,
     ProjectionHead,
     _parameter_groups,
     budget_kind,
-    contrastive_loss,
-    draw_view_params,
     plan_pretraining,
     pretrain_backbone,
-    quarter_turns,
-    render_views,
     resized_base,
+    step_loss,
 )
 from mri_assets.core.sample_slices import decoded_sample
 
@@ -65,34 +61,24 @@ INPUT_SIZE = 128
 
 def step_seconds(images: np.ndarray, config, precision: str, layout: torch.memory_format,
                  steps: int = 3) -> float:
-    """Median seconds of one optimiser step of `config` (after a warm-up step), views in `layout`."""
+    """Median seconds of one optimiser step of `config` (after a warm-up step), the network in
+    `layout`: the training loop's own `step_loss`, backward and AdamW step."""
     device = torch.device("cpu")
     generator = torch.Generator().manual_seed(0)
     backbone = build_backbone("resnet18", "none", seed=0, input_size=INPUT_SIZE)
-    body = backbone.body.to(memory_format=layout).train()
-    head = ProjectionHead(backbone.dim, config.projection_dim).train()
-    turn_head = torch.nn.Linear(backbone.dim, 4)
-    optimizer = torch.optim.AdamW(_parameter_groups([body, head, turn_head], 1e-4), lr=1e-3)
-    view, rotation = config.view_size(INPUT_SIZE), config.rotation_view_size(INPUT_SIZE)
-    batch = config.batch_size
+    modules = (backbone.body.to(memory_format=layout).train(),
+               ProjectionHead(backbone.dim, config.projection_dim).train(),
+               torch.nn.Linear(backbone.dim, 4))
+    optimizer = torch.optim.AdamW(_parameter_groups(modules, 1e-4), lr=1e-3)
+    plan = plan_pretraining(len(images), config, input_size=INPUT_SIZE, flops_per_view=1)
     times = []
     for step in range(steps + 1):
         started = time.perf_counter()
-        index = np.sort(np.random.default_rng(step).choice(len(images), batch, replace=False))
+        index = np.sort(np.random.default_rng(step).choice(len(images), config.batch_size,
+                                                           replace=False))
         base = resized_base(torch.from_numpy(images[index][:, None]), INPUT_SIZE)
-        views = torch.cat([render_views(base, draw_view_params(batch, config, generator), view,
-                                        generator) for _ in range(2)]).contiguous(memory_format=layout)
-        turns = torch.randint(0, 4, (batch,), generator=generator)
-        turned = quarter_turns(render_views(base, draw_view_params(batch, config, generator),
-                                            rotation, generator), turns).contiguous(memory_format=layout)
-        with autocast_for(device, precision):
-            features = body(views)
-        projected = head(features.float())
-        loss = config.contrastive_weight * contrastive_loss(projected[:batch], projected[batch:],
-                                                            config.temperature)
-        with autocast_for(device, precision):
-            turn_features = body(turned)
-        loss = loss + config.rotation_weight * F.cross_entropy(turn_head(turn_features.float()), turns)
+        loss = step_loss(base.contiguous(memory_format=layout), modules, config, plan,
+                         generator, device, precision)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -553,6 +553,34 @@ def recalibrate_batchnorm(backbone: Backbone, slices: Any, order: np.ndarray, de
     return seen
 
 
+def step_loss(base: torch.Tensor, modules: tuple[nn.Module, nn.Module, nn.Module],
+              config: PretrainConfig, plan: PretrainPlan, generator: torch.Generator,
+              device: torch.device, precision: str) -> torch.Tensor:
+    """One step's objective on `base` (n, 1, S, S): the contrastive loss of two views per slice
+    plus the weighted quarter-turn loss, with `modules` = (body, projection head, turn head).
+    Every draw comes from `generator`, in a fixed order."""
+    body, head, turn_head = modules
+    n = base.shape[0]
+    loss = torch.zeros((), device=device)
+    if config.contrastive_weight:
+        views = torch.cat([render_views(base, draw_view_params(n, config, generator),
+                                        plan.view_size, generator) for _ in range(2)])
+        with autocast_for(device, precision):
+            features = body(views)
+        projected = head(features.float())
+        loss = config.contrastive_weight * contrastive_loss(projected[:n], projected[n:],
+                                                            config.temperature)
+    if plan.rotation_view_size:
+        turns = torch.randint(0, 4, (n,), generator=generator)
+        turned = quarter_turns(render_views(base, draw_view_params(n, config, generator),
+                                            plan.rotation_view_size, generator), turns)
+        with autocast_for(device, precision):
+            turn_features = body(turned)
+        loss = loss + config.rotation_weight * F.cross_entropy(
+            turn_head(turn_features.float()), turns.to(device))
+    return loss
+
+
 def pretrain_backbone(
     slices: Any,
     config: PretrainConfig = PretrainConfig(),
@@ -601,27 +629,8 @@ def pretrain_backbone(
                 base = resized_base(pixels, input_size)
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(step, plan.steps, config)
-                loss = torch.zeros((), device=device)
-                if config.contrastive_weight:
-                    views = torch.cat([
-                        render_views(base, draw_view_params(len(index), config, generator),
-                                     plan.view_size, generator)
-                        for _ in range(2)
-                    ])
-                    with autocast_for(device, precision):
-                        features = body(views)
-                    projected = head(features.float())
-                    loss = config.contrastive_weight * contrastive_loss(
-                        projected[: len(index)], projected[len(index) :], config.temperature)
-                if plan.rotation_view_size:
-                    turns = torch.randint(0, 4, (len(index),), generator=generator)
-                    turned = quarter_turns(
-                        render_views(base, draw_view_params(len(index), config, generator),
-                                     plan.rotation_view_size, generator), turns)
-                    with autocast_for(device, precision):
-                        turn_features = body(turned)
-                    turn_loss = F.cross_entropy(turn_head(turn_features.float()), turns.to(device))
-                    loss = loss + config.rotation_weight * turn_loss
+                loss = step_loss(base, (body, head, turn_head), config, plan, generator, device,
+                                 precision)
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise PretrainError(
