@@ -124,7 +124,7 @@ class StageClock:
 
 
 def run(deployment, selection: str, clock: StageClock) -> None:
-    from mri_assets.operations import run_wave
+    from mri_assets.cli.operations import run_wave
 
     print(f"mri-assets run {WAVE} --select '{selection}'", flush=True)
     clock.start()
@@ -157,11 +157,11 @@ def manifest_counts(deployment) -> dict[str, int]:
 
 
 def pilot(slices: int, seed: int, home: Path) -> dict:
+    from mri_assets.assets.support.partitions import wave_shard_key
+    from mri_assets.cli.operations import ingest_wave, instance_for
     from mri_assets.core.progress import Progress
     from mri_assets.core.sample_data import build_sample_data
     from mri_assets.deployment import Deployment
-    from mri_assets.operations import ingest_wave, instance_for
-    from mri_assets.partitions import wave_shard_key
 
     deployment = Deployment.from_env(home=home / "home", profile="local")
     deployment.home.ensure()
@@ -239,7 +239,7 @@ def main() -> dict:
         parser.error(f"--home {args.home} is not empty: the figures are for a fresh home")
 
     from mri_assets.core.progress import terminal_bars
-    from mri_assets.local_run import without_debug_lines
+    from mri_assets.definitions.local_run import without_debug_lines
 
     if args.precision:
         os.environ["MRI_ASSETS_PRECISION"] = args.precision  # read once, by Deployment.from_env

@@ -39,9 +39,9 @@ import dagster as dg
 
 from mri_assets.definitions import build_defs
 from mri_assets.deployment import Deployment
-from mri_assets.local_run import dagster_instance
+from mri_assets.definitions.local_run import dagster_instance
 from mri_assets.resources.compute import ComputeResource
-from mri_assets.smoke_run import run_smoke
+from mri_assets.definitions.smoke_run import run_smoke
 
 deployment = Deployment.from_env(home=sys.argv[1])
 precision = sys.argv[3]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("MRI_ASSETS_SHARDS", "4")  # before mri_assets.partitions is imported
+os.environ.setdefault("MRI_ASSETS_SHARDS", "4")  # before mri_assets.assets.support.partitions is imported
 # The suite embeds with the seeded weights; the self-supervised backbone (the users' default)
 # is trained by the tests about it (assets/test_backbone_asset.py, the hands-off wave).
 os.environ.setdefault("MRI_ASSETS_BACKBONE_POLICY", "off")

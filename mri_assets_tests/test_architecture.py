@@ -13,29 +13,32 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "mri_assets"
 DAGSTER_PACKAGES = {"dagster", "dagster_aws", "dagster_celery", "dagster_k8s", "dagster_mlflow"}
 
-# The layers, bottom up (docs/architecture.md), and the first-level names of `mri_assets` in each.
+# The layers, bottom up (docs/architecture.md): each layer is a package of `mri_assets`, except
+# the edge, which is the one module at the root.
 LAYERS = {
     "core": {"core"},
     "deployment": {"deployment"},
     "resources": {"resources"},
     "assets": {"assets"},
     "triage": {"triage"},
-    "wiring": {"partitions", "executors", "jobs", "sensors", "schedules", "code_location",
-               "location_runs", "local_run", "smoke_run", "definitions", "dagster_private",
-               "automation", "wave_status"},
-    "entry": {"operations", "simulated_clinician", "demo", "workers", "cli"},
+    "wiring": {"definitions"},
+    "entry": {"cli"},
 }
 MAY_IMPORT = {
     "core": {"core"},
     "deployment": {"deployment", "core"},
     "resources": {"resources", "deployment", "core"},
-    "assets": {"assets", "resources", "core"},  # and ASSETS_MAY_IMPORT
+    "assets": {"assets", "resources", "core"},
     "triage": {"triage", "resources", "deployment", "core"},
     "wiring": {"wiring", "assets", "resources", "deployment", "core"},
     "entry": {"entry", "wiring", "triage", "assets", "resources", "deployment", "core"},
 }
-# Dagster fixes partitions and automation conditions where assets are declared.
-ASSETS_MAY_IMPORT = {"mri_assets.partitions", "mri_assets.automation"}
+# The root holds the package marker, the edge and the layers' packages, nothing else.
+ROOT_MODULES = {"mri_assets", "mri_assets.deployment"}
+ASSET_SUPPORT = "mri_assets.assets.support"
+# Dagster fixes an asset's partitions where it is declared, so the shard count comes from the
+# deployment there; no other module of `assets/` reads the deployment.
+READS_THE_DEPLOYMENT_FOR_ASSETS = "mri_assets.assets.support.partitions"
 
 
 def module_name(path: Path) -> str:
@@ -138,7 +141,7 @@ def test_every_module_belongs_to_a_layer_and_imports_only_the_layers_below_it():
     for module, (deps, _) in sorted(GRAPH.items()):
         layer = layer_of(module)
         for dep in sorted(deps):
-            if layer == "assets" and dep in ASSETS_MAY_IMPORT:
+            if module == READS_THE_DEPLOYMENT_FOR_ASSETS and dep == "mri_assets.deployment":
                 continue
             if layer_of(dep) not in MAY_IMPORT[layer]:
                 breaches.append(f"{module} ({layer}) imports {dep} ({layer_of(dep)})")
@@ -267,7 +270,7 @@ def test_one_module_builds_object_store_keys():
 
 
 # Dagster's private API (`dagster._…`) is used in one module, checked by its own test.
-DAGSTER_PRIVATE_MODULE = "mri_assets.dagster_private"
+DAGSTER_PRIVATE_MODULE = "mri_assets.definitions.dagster_private"
 
 
 def _private_dagster_uses(tree: ast.AST) -> list[str]:
@@ -338,3 +341,30 @@ def test_no_function_in_the_triage_app_or_the_label_store_is_over_80_lines():
             if module.startswith(SHORT_FUNCTION_PACKAGES)
             and (found := long_functions(ast.parse(path.read_text(), str(path))))}
     assert long == {}, f"functions over {MAX_FUNCTION_LINES} lines (split them): {long}"
+
+
+def test_the_root_holds_only_the_edge_and_the_layer_packages():
+    root_modules = {m for m, path in MODULES.items()
+                    if m.count(".") <= 1 and path.name != "__init__.py" or m == "mri_assets"}
+    assert root_modules == ROOT_MODULES
+    packages = {path.parent.name for path in PACKAGE.glob("*/__init__.py")}
+    assert packages == set().union(*LAYERS.values()) - {"deployment"}
+
+
+def asset_modules() -> list[str]:
+    """The modules of `mri_assets.assets` that declare assets (all but `assets.support`)."""
+    return sorted(m for m in MODULES if m.startswith("mri_assets.assets.")
+                  and not m.startswith(ASSET_SUPPORT))
+
+
+def test_assets_support_declares_no_asset():
+    for module, path in MODULES.items():
+        if module.startswith(ASSET_SUPPORT):
+            assert "@dg.asset" not in path.read_text() and "multi_asset" not in path.read_text(), module
+
+
+def test_no_asset_module_imports_another():
+    breaches = [f"{module} imports {dep}"
+                for module in asset_modules() for dep in sorted(GRAPH[module][0])
+                if dep in asset_modules()]
+    assert breaches == []

@@ -6,9 +6,9 @@ from __future__ import annotations
 import dagster as dg
 import pytest
 
+from mri_assets.assets.support.partitions import SMOKE_WAVE, WAVES, shard_partitions, wave_shard_key
 from mri_assets.core.home import MriHome
 from mri_assets.definitions import build_defs
-from mri_assets.partitions import SMOKE_WAVE, WAVES, shard_partitions, wave_shard_key
 
 WAVE = "w1"
 RUNNING = {"wave_sensor", "ari_drift_sensor", "labels_sensor", "retrain_sensor",

@@ -430,8 +430,8 @@ def test_pooled_steps_are_the_steps_dagster_claims_slots_for(tmp_path: Path):
     import dagster as dg
     from dagster._core.execution.api import create_execution_plan
 
-    from mri_assets.local_run import _stage_job, pooled_steps
-    from mri_assets.location_runs import location_stage
+    from mri_assets.definitions.local_run import _stage_job, pooled_steps
+    from mri_assets.definitions.location_runs import location_stage
     from mri_assets_tests.assets.wave_fixtures import local_defs
 
     defs = local_defs(tmp_path / "home")
@@ -452,7 +452,7 @@ import sys
 from pathlib import Path
 import dagster as dg
 from mri_assets.core.home import MriHome
-from mri_assets.local_run import dagster_instance, materialize_wave
+from mri_assets.definitions.local_run import dagster_instance, materialize_wave
 
 @dg.asset(pool="gpu")
 def gpu_step() -> int:
@@ -474,7 +474,7 @@ def _hold_gpu_slot(home: Path, owner_pid: int) -> str:
     import psutil
 
     from mri_assets.core.home import MriHome
-    from mri_assets.local_run import _owners, dagster_instance, launcher_tags
+    from mri_assets.definitions.local_run import _owners, dagster_instance, launcher_tags
 
     instance = dagster_instance(MriHome(home))
     run_id = str(uuid.uuid4())
@@ -556,7 +556,7 @@ def test_the_slots_of_a_run_that_ended_are_freed_on_the_next_start(tmp_path: Pat
     import dagster as dg
 
     from mri_assets.core.home import MriHome
-    from mri_assets.local_run import dagster_instance
+    from mri_assets.definitions.local_run import dagster_instance
 
     @dg.asset
     def anything() -> int:
@@ -577,7 +577,12 @@ def test_runs_carry_their_launcher_and_a_dead_launchers_run_is_marked_failed(tmp
     import dagster as dg
 
     from mri_assets.core.home import MriHome
-    from mri_assets.local_run import PID_TAG, dagster_instance, launcher_gone, materialize_wave
+    from mri_assets.definitions.local_run import (
+        PID_TAG,
+        dagster_instance,
+        launcher_gone,
+        materialize_wave,
+    )
 
     @dg.asset
     def anything() -> int:

@@ -1,4 +1,4 @@
-"""Dagster's private API, all in `mri_assets.dagster_private`: still there in the installed Dagster.
+"""Dagster's private API, all in `mri_assets.definitions.dagster_private`: still there in the installed Dagster.
 
 A Dagster upgrade that moves or changes one of the names fails here with a sentence naming it
 and who needs it, before `mri-assets run` (runs re-executable from the UI), the Celery path or
@@ -10,7 +10,7 @@ import importlib
 
 import pytest
 
-from mri_assets import dagster_private
+from mri_assets.definitions import dagster_private
 
 
 def test_every_private_name_used_is_in_the_installed_dagster_with_the_keywords_passed():
@@ -33,6 +33,6 @@ def test_a_moved_name_and_a_changed_signature_are_reported_in_words(monkeypatch:
 
 
 def test_the_module_exports_what_its_users_import():
-    module = importlib.import_module("mri_assets.dagster_private")
+    module = importlib.import_module("mri_assets.definitions.dagster_private")
     for name in module.__all__:
         assert hasattr(module, name), name

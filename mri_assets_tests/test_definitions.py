@@ -3,7 +3,7 @@ import pytest
 
 from mri_assets.core.home import MriHome
 from mri_assets.definitions import build_defs
-from mri_assets.executors import ProfileError
+from mri_assets.definitions.executors import ProfileError
 
 
 @pytest.mark.parametrize("profile", ["local", "celery", "k8s"])

@@ -10,7 +10,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from mri_assets.code_location import resources_for
+from mri_assets.definitions.code_location import resources_for
 from mri_assets.deployment import Deployment, DeploymentError, ProfileError, variables
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,7 +114,7 @@ def test_only_the_deployment_edge_reads_or_writes_the_environment():
 
 
 def test_the_dagster_ui_address_reaches_mlflow_as_run_page_links(tmp_path):
-    from mri_assets.code_location import resources_for
+    from mri_assets.definitions.code_location import resources_for
 
     plain = resources_for(Deployment.from_env({}, home=tmp_path))["mlflow"]
     assert plain.dagster_run_url("abc") is None

@@ -26,7 +26,7 @@ from dagster_k8s.job import (
 
 from mri_assets.core.home import MriHome
 from mri_assets.definitions import build_defs
-from mri_assets.executors import K8S_PASSED_ENV, k8s_executor_config
+from mri_assets.definitions.executors import K8S_PASSED_ENV, k8s_executor_config
 
 REPO = Path(__file__).resolve().parents[1]
 GPU = "nvidia.com/gpu"

@@ -16,7 +16,7 @@ import pytest
 
 from mri_assets.core.home import MriHome
 from mri_assets.core.sample_data import build_sample_data
-from mri_assets.local_run import dagster_instance, materialize_wave, without_debug_lines
+from mri_assets.definitions.local_run import dagster_instance, materialize_wave, without_debug_lines
 
 WAVE = "w"
 
@@ -104,9 +104,9 @@ def test_runs_started_without_debug_lines_keep_their_debug_records_in_the_event_
 def test_the_backbone_run_log_has_a_line_per_tenth_of_the_pretraining_steps(
         mri_home, tmp_path, monkeypatch):
     from mri_assets.assets.backbone import PretrainSettings
+    from mri_assets.assets.support.partitions import wave_shard_key
     from mri_assets.core import progress
     from mri_assets.core.wave_layout import wave_shard_count
-    from mri_assets.partitions import wave_shard_key
     from mri_assets_tests.assets.wave_fixtures import land_sample_wave, local_defs, materialize
 
     monkeypatch.setattr(progress, "LOG_AFTER_S", 0.0)  # the tiny schedule lasts seconds, not minutes

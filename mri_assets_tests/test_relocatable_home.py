@@ -11,8 +11,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mri_assets.definitions import build_defs
+from mri_assets.definitions.local_run import dagster_instance, materialize_wave
 from mri_assets.deployment import Deployment
-from mri_assets.local_run import dagster_instance, materialize_wave
 from mri_assets_tests.assets.wave_fixtures import land_sample_wave
 
 WAVE = "pilot"

@@ -4,11 +4,11 @@ import json
 import dagster as dg
 import pytest
 
+from mri_assets.assets.support.partitions import WAVES
 from mri_assets.core.home import MriHome
 from mri_assets.definitions import build_defs
-from mri_assets.partitions import WAVES
+from mri_assets.definitions.sensors import ari_drift_sensor, retrain_sensor, wave_sensor
 from mri_assets.resources.settings import ClusteringSettings, RetrainSettings
-from mri_assets.sensors import ari_drift_sensor, retrain_sensor, wave_sensor
 
 
 @pytest.fixture
@@ -180,7 +180,7 @@ def test_a_wave_landed_by_the_command_takes_the_same_path_as_one_dropped_in_the_
 def test_maintenance_schedules_request_the_latest_wave_once_per_period(instance):
     from datetime import UTC, datetime
 
-    from mri_assets.schedules import monthly_retrain, weekly_drift_check
+    from mri_assets.definitions.schedules import monthly_retrain, weekly_drift_check
 
     monday = datetime(2026, 11, 30, 6, tzinfo=UTC)
     empty = weekly_drift_check(dg.build_schedule_context(instance=instance, scheduled_execution_time=monday))

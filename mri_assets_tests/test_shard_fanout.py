@@ -9,23 +9,23 @@ import polars as pl
 import pytest
 
 from mri_assets.assets.embeddings import embeddings_key
-from mri_assets.core.home import MriHome
-from mri_assets.core.sample_data import build_sample_data
-from mri_assets.core.slice_shards import manifest_key, slice_keys
-from mri_assets.core.wave_layout import wave_shard_count
-from mri_assets.definitions import build_defs
-from mri_assets.local_run import QUIET_CONSOLE
-from mri_assets.partitions import (
+from mri_assets.assets.support.partitions import (
     SMOKE_WAVE,
     WAVES,
     shard_partitions,
     shard_range_tags,
     wave_shard_key,
 )
+from mri_assets.core.home import MriHome
+from mri_assets.core.sample_data import build_sample_data
+from mri_assets.core.slice_shards import manifest_key, slice_keys
+from mri_assets.core.wave_layout import wave_shard_count
+from mri_assets.definitions import build_defs
+from mri_assets.definitions.local_run import QUIET_CONSOLE
+from mri_assets.definitions.sensors import AUTOMATION_SENSOR, group_shard_requests
 from mri_assets.resources.landing import land_wave
 from mri_assets.resources.object_store import LocalObjectStore
 from mri_assets.resources.settings import IngestSettings
-from mri_assets.sensors import AUTOMATION_SENSOR, group_shard_requests
 
 WAVE = "wave-fanout"
 MAX_RETRIES = 2

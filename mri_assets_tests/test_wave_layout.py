@@ -1,6 +1,6 @@
 """A wave keeps the shard count it was written with; readers take it from the wave's layout.
 
-The shard partition dimension is read when `mri_assets.partitions` is imported (the tests run
+The shard partition dimension is read when `mri_assets.assets.support.partitions` is imported (the tests run
 with MRI_ASSETS_SHARDS=4), so the 16-shard wave is written by the `mri-assets` command in a
 subprocess, and everything after runs here, with 4.
 """
@@ -19,13 +19,13 @@ import pytest
 from PIL import Image
 
 from mri_assets.assets.retraining import wave_slice_rows
+from mri_assets.assets.support.partitions import N_SHARDS
 from mri_assets.core.manifest import shard_for
 from mri_assets.core.slice_shards import manifest_key
 from mri_assets.core.wave_layout import WaveLayout, layout_key, wave_layout, wave_shard_count
 from mri_assets.definitions import build_defs
+from mri_assets.definitions.local_run import dagster_instance, materialize_wave, wave_shard_keys
 from mri_assets.deployment import Deployment
-from mri_assets.local_run import dagster_instance, materialize_wave, wave_shard_keys
-from mri_assets.partitions import N_SHARDS
 from mri_assets.resources.object_store import LocalObjectStore
 from mri_assets.triage.slice_reader import SliceReader
 from mri_assets_tests.assets.wave_fixtures import land_sample_wave

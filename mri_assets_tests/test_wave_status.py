@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import dagster as dg
 
-from mri_assets.wave_status import WAITING_TAG, run_waits, wave_waits_sensor
+from mri_assets.definitions.wave_status import WAITING_TAG, run_waits, wave_waits_sensor
 
 WAVE = "w1"
 

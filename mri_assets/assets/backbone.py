@@ -28,11 +28,12 @@ import polars as pl
 import torch
 from pydantic import Field
 
-from mri_assets.assets.gpu import GPU_POOL, gpu_step_tags
 from mri_assets.assets.ingest import ISOLATED_WAVES, earlier_waves, slices
-from mri_assets.assets.locations import stored_at
-from mri_assets.assets.provenance import dagster_tags, mlflow_run_metadata
-from mri_assets.automation import EAGER
+from mri_assets.assets.support.automation import EAGER
+from mri_assets.assets.support.gpu import GPU_POOL, gpu_step_tags
+from mri_assets.assets.support.locations import stored_at
+from mri_assets.assets.support.partitions import wave_partitions
+from mri_assets.assets.support.provenance import dagster_tags, mlflow_run_metadata
 from mri_assets.core.backbone import Backbone, build_backbone
 from mri_assets.core.cpu_peak import cpu_peak
 from mri_assets.core.embed import SliceShard
@@ -54,7 +55,6 @@ from mri_assets.core.training.checkpoint import backbone_checkpoint
 from mri_assets.core.wave_keys import backbone_key, manifest_key, slice_keys
 from mri_assets.core.wave_keys import backbone_record_key as record_key
 from mri_assets.core.wave_layout import wave_shard_count
-from mri_assets.partitions import wave_partitions
 from mri_assets.resources.compute import ComputeResource
 from mri_assets.resources.mlflow_tracking import MlflowTracking
 from mri_assets.resources.object_store import ObjectStore

@@ -7,17 +7,17 @@ import dagster as dg
 import polars as pl
 
 from mri_assets.assets.embeddings import embeddings
-from mri_assets.assets.locations import stored_at
-from mri_assets.assets.monitoring import cluster_gauges, push_figures
-from mri_assets.assets.provenance import dagster_tags, mlflow_run_metadata
-from mri_assets.automation import EAGER
+from mri_assets.assets.support.automation import EAGER
+from mri_assets.assets.support.locations import stored_at
+from mri_assets.assets.support.monitoring import cluster_gauges, push_figures
+from mri_assets.assets.support.partitions import wave_partitions
+from mri_assets.assets.support.provenance import dagster_tags, mlflow_run_metadata
 from mri_assets.core.clustering import PcaModel, cluster_scores, cluster_wave, fit_streaming_pca
 from mri_assets.core.embed import read_embedding_ids, read_embeddings
 from mri_assets.core.expert_labels import align_labels, expert_label_per_image
 from mri_assets.core.plots import projection_png
 from mri_assets.core.wave_keys import clusters_key, embeddings_key, pca_key
 from mri_assets.core.wave_layout import wave_shard_count
-from mri_assets.partitions import wave_partitions
 from mri_assets.resources.label_store import LabelStore
 from mri_assets.resources.metrics import MetricsResource
 from mri_assets.resources.mlflow_tracking import MlflowTracking

@@ -12,13 +12,18 @@ import dagster as dg
 import polars as pl
 
 from mri_assets.assets.ingest import manifest
-from mri_assets.assets.monitoring import push_figures
-from mri_assets.assets.provenance import dagster_tags, mlflow_run_metadata
-from mri_assets.automation import EAGER
+from mri_assets.assets.support.automation import EAGER
+from mri_assets.assets.support.monitoring import push_figures
+from mri_assets.assets.support.partitions import (
+    SMOKE_WAVE,
+    WAVES,
+    wave_partitions,
+    wave_shard_partitions,
+)
+from mri_assets.assets.support.provenance import dagster_tags, mlflow_run_metadata
 from mri_assets.core.costs import CostLedger
 from mri_assets.core.costs_plot import burndown_png
 from mri_assets.core.wave_keys import bytes_by_wave, manifest_key
-from mri_assets.partitions import SMOKE_WAVE, WAVES, wave_partitions, wave_shard_partitions
 from mri_assets.resources.cost_settings import CostSettings
 from mri_assets.resources.label_store import LabelStore
 from mri_assets.resources.metrics import MetricsResource, cost_gauges

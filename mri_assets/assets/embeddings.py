@@ -6,15 +6,15 @@ import dagster as dg
 
 from mri_assets.assets.backbone import backbone, embedding_backbone
 from mri_assets.assets.costs import gpu_budget
-from mri_assets.assets.gpu import GPU_POOL, gpu_step_tags
 from mri_assets.assets.ingest import slices
-from mri_assets.assets.locations import stored_at
-from mri_assets.assets.monitoring import push_figures, throughput_gauges
-from mri_assets.automation import EAGER_AFTER_CHECKS
+from mri_assets.assets.support.automation import EAGER_AFTER_CHECKS
+from mri_assets.assets.support.gpu import GPU_POOL, gpu_step_tags
+from mri_assets.assets.support.locations import stored_at
+from mri_assets.assets.support.monitoring import push_figures, throughput_gauges
+from mri_assets.assets.support.partitions import each_shard, wave_and_shard, wave_shard_partitions
 from mri_assets.core.embed import embed_shard, write_embeddings
 from mri_assets.core.progress import Progress
 from mri_assets.core.wave_keys import embeddings_key, slice_keys
-from mri_assets.partitions import each_shard, wave_and_shard, wave_shard_partitions
 from mri_assets.resources.compute import ComputeResource
 from mri_assets.resources.dvc_tracking import DvcTracking
 from mri_assets.resources.metrics import MetricsResource

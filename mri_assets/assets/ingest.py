@@ -10,9 +10,17 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from mri_assets.assets.locations import stored_at
-from mri_assets.assets.monitoring import manifest_gauges, push_figures
-from mri_assets.automation import EAGER
+from mri_assets.assets.support.automation import EAGER
+from mri_assets.assets.support.locations import stored_at
+from mri_assets.assets.support.monitoring import manifest_gauges, push_figures
+from mri_assets.assets.support.partitions import (
+    N_SHARDS,
+    WAVES,
+    each_shard,
+    wave_and_shard,
+    wave_partitions,
+    wave_shard_partitions,
+)
 from mri_assets.core.ingest import (
     REDECODE_COLUMNS,
     SLICE_SIZE,
@@ -42,14 +50,6 @@ from mri_assets.core.slice_shards import (
     staging_prefix,
 )
 from mri_assets.core.wave_layout import WaveLayout, wave_shard_count, write_wave_layout
-from mri_assets.partitions import (
-    N_SHARDS,
-    WAVES,
-    each_shard,
-    wave_and_shard,
-    wave_partitions,
-    wave_shard_partitions,
-)
 from mri_assets.resources.landing import LandingError, is_raw_file, landed_objects
 from mri_assets.resources.metrics import MetricsResource
 from mri_assets.resources.object_store import LocalObjectStore, ObjectStore, ObjectStoreError

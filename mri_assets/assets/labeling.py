@@ -16,8 +16,9 @@ import polars as pl
 
 from mri_assets.assets.clustering import clusters, wave_embeddings
 from mri_assets.assets.ingest import slices
-from mri_assets.assets.monitoring import push_figures, queue_gauges
-from mri_assets.automation import apart_from_smoke
+from mri_assets.assets.support.automation import apart_from_smoke
+from mri_assets.assets.support.monitoring import push_figures, queue_gauges
+from mri_assets.assets.support.partitions import wave_partitions
 from mri_assets.core.clustering import PcaModel
 from mri_assets.core.expert_labels import expert_label_per_image
 from mri_assets.core.selection import (
@@ -32,7 +33,6 @@ from mri_assets.core.selection import (
 )
 from mri_assets.core.training.checkpoint import embedding_head_from_checkpoint
 from mri_assets.core.wave_keys import checkpoint_key, clusters_key, manifest_key, pca_key
-from mri_assets.partitions import wave_partitions
 from mri_assets.resources.label_store import LabelStore
 from mri_assets.resources.metrics import MetricsResource
 from mri_assets.resources.object_store import ObjectStore

@@ -10,10 +10,11 @@ import polars as pl
 
 from mri_assets.assets.backbone import embedding_backbone
 from mri_assets.assets.clustering import wave_embeddings
-from mri_assets.assets.gpu import GPU_POOL, gpu_step_tags
 from mri_assets.assets.labeling import split_of
-from mri_assets.assets.locations import stored_at
-from mri_assets.assets.provenance import dagster_tags, mlflow_run_metadata
+from mri_assets.assets.support.gpu import GPU_POOL, gpu_step_tags
+from mri_assets.assets.support.locations import stored_at
+from mri_assets.assets.support.partitions import wave_partitions
+from mri_assets.assets.support.provenance import dagster_tags, mlflow_run_metadata
 from mri_assets.core.clustering import PcaModel
 from mri_assets.core.expert_labels import expert_label_per_image
 from mri_assets.core.plots import confusion_png
@@ -39,7 +40,6 @@ from mri_assets.core.training.two_stage import (
 )
 from mri_assets.core.wave_keys import baseline_key, checkpoint_key, pca_key
 from mri_assets.core.wave_layout import wave_shard_count
-from mri_assets.partitions import wave_partitions
 from mri_assets.resources.compute import ComputeResource
 from mri_assets.resources.mlflow_tracking import MlflowTracking
 from mri_assets.resources.object_store import ObjectStore

@@ -14,10 +14,10 @@ from mri_assets.assets.backbone import (
     record_key,
 )
 from mri_assets.assets.embeddings import embeddings_key
+from mri_assets.assets.support.partitions import wave_shard_key
 from mri_assets.core.backbone import read_backbone_meta
 from mri_assets.core.embed import read_embedding_ids
 from mri_assets.core.wave_layout import wave_shard_count
-from mri_assets.partitions import wave_shard_key
 from mri_assets_tests.assets.wave_fixtures import land_sample_wave, local_defs, materialize
 
 TINY = PretrainSettings(policy="first", epochs=1, batch_size=8, min_slices=0)

@@ -7,12 +7,12 @@ import pytest
 
 from mri_assets.assets.costs import WITHIN_CAPS, cost_line, gpu_budget, wave_costs
 from mri_assets.assets.ingest import manifest
+from mri_assets.assets.support.partitions import WAVES, shard_partitions, wave_shard_key
 from mri_assets.core.costs import CostConfigError
 from mri_assets.core.home import MriHome
 from mri_assets.core.sample_data import build_sample_data
 from mri_assets.definitions import build_defs
-from mri_assets.local_run import dagster_instance, materialize_wave
-from mri_assets.partitions import WAVES, shard_partitions, wave_shard_key
+from mri_assets.definitions.local_run import dagster_instance, materialize_wave
 from mri_assets.resources.cost_settings import CostSettings
 from mri_assets.resources.label_store import LabelStore
 from mri_assets.resources.landing import land_wave

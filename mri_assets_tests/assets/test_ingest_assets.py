@@ -8,9 +8,9 @@ import polars as pl
 import pytest
 from PIL import Image
 
+from mri_assets.assets.support.partitions import wave_shard_key
 from mri_assets.core.sample_data import PLANTED_PATIENT_NAME
 from mri_assets.core.slice_shards import manifest_key, read_npy, slice_keys
-from mri_assets.partitions import wave_shard_key
 from mri_assets.resources.landing import is_raw_file, land_wave
 from mri_assets.resources.object_store import LocalObjectStore, S3ObjectStore
 from mri_assets.resources.settings import DEV_SALT

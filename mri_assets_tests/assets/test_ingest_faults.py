@@ -13,9 +13,9 @@ import polars as pl
 import pydicom
 import pytest
 
+from mri_assets.assets.support.partitions import wave_shard_key
 from mri_assets.core.sample_data import build_sample_data
 from mri_assets.core.slice_shards import HEADER_BYTES, payload_crc32, read_npy, slice_keys
-from mri_assets.partitions import wave_shard_key
 from mri_assets.resources.landing import land_wave
 from mri_assets.resources.object_store import LocalObjectStore
 from mri_assets.resources.settings import DEV_SALT

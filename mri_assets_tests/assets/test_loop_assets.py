@@ -7,12 +7,12 @@ from mlflow.tracking import MlflowClient
 
 from mri_assets.assets.labeling import split_of
 from mri_assets.assets.retraining import REGISTERED_MODEL
+from mri_assets.cli.operations import label_from_csv
 from mri_assets.core.home import MriHome
 from mri_assets.core.selection import ENTROPY_SELECTION, FIRST_BATCH_SELECTION, MODEL_ENTROPY
 from mri_assets.definitions import build_defs
+from mri_assets.definitions.local_run import dagster_instance, materialize_wave
 from mri_assets.deployment import Deployment
-from mri_assets.local_run import dagster_instance, materialize_wave
-from mri_assets.operations import label_from_csv
 from mri_assets.resources.settings import LabelingSettings, PseudoLabelSettings, TrainingSettings
 from mri_assets_tests.assets.wave_fixtures import land_sample_wave
 

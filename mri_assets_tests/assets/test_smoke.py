@@ -1,6 +1,6 @@
 """The nightly smoke run end to end through `mri-assets smoke`, on a small sample and 2 shards.
 
-Each command runs in a subprocess: the shard count is read when `mri_assets.partitions` is
+Each command runs in a subprocess: the shard count is read when `mri_assets.assets.support.partitions` is
 imported, and 2 shards keep the runs short. The reference is written to a temp folder, never to
 the committed one.
 """
@@ -136,8 +136,8 @@ CHANGED_WINDOW_RUN = textwrap.dedent("""
 
     from mri_assets.definitions import build_defs
     from mri_assets.deployment import Deployment
-    from mri_assets.local_run import dagster_instance
-    from mri_assets.smoke_run import run_smoke
+    from mri_assets.definitions.local_run import dagster_instance
+    from mri_assets.definitions.smoke_run import run_smoke
 
     deployment = Deployment.from_env()
     defs = build_defs(deployment)
@@ -171,7 +171,7 @@ def test_the_nightly_schedule_requests_one_smoke_run_per_utc_day():
 
     import dagster as dg
 
-    from mri_assets.smoke_run import nightly_smoke_schedule
+    from mri_assets.definitions.smoke_run import nightly_smoke_schedule
 
     night = datetime(2026, 11, 26, 2, 30, tzinfo=UTC)
     request = nightly_smoke_schedule(dg.build_schedule_context(scheduled_execution_time=night))

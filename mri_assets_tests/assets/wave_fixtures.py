@@ -6,11 +6,11 @@ from pathlib import Path
 
 import dagster as dg
 
+from mri_assets.assets.support.partitions import WAVES
 from mri_assets.core.home import MriHome
 from mri_assets.core.sample_data import build_sample_data
 from mri_assets.definitions import build_defs
-from mri_assets.local_run import QUIET_CONSOLE
-from mri_assets.partitions import WAVES
+from mri_assets.definitions.local_run import QUIET_CONSOLE
 from mri_assets.resources.landing import land_wave
 from mri_assets.resources.object_store import LocalObjectStore, ObjectStore
 from mri_assets.resources.settings import DEV_SALT

@@ -22,8 +22,8 @@ CELERY_WORKER_KEY = "Celery worker"
 ORCHESTRATOR = f"""
 import json
 import dagster as dg
-from mri_assets.partitions import WAVES, wave_shard_key
-from mri_assets.workers import materialize_partition
+from mri_assets.assets.support.partitions import WAVES, wave_shard_key
+from mri_assets.cli.workers import materialize_partition
 
 instance = dg.DagsterInstance.get()
 instance.add_dynamic_partitions(WAVES, [{WAVE!r}])
@@ -95,7 +95,7 @@ def _worker_of_each_step(instance, run_id: str) -> dict[str, str]:
 
 
 def test_worker_command_listens_on_the_celery_queue_of_its_name():
-    from mri_assets.workers import worker_command
+    from mri_assets.cli.workers import worker_command
 
     gpu = worker_command("gpu", pool="solo")
     default = worker_command("default")
@@ -108,8 +108,8 @@ def test_worker_command_listens_on_the_celery_queue_of_its_name():
 def test_worker_config_module_carries_the_executor_broker_and_rejects_a_malformed_config(tmp_path):
     from dagster._core.errors import DagsterInvalidConfigError
 
-    from mri_assets.executors import celery_executor_config
-    from mri_assets.workers import CELERY_CONFIG_MODULE, write_worker_config
+    from mri_assets.cli.workers import CELERY_CONFIG_MODULE, write_worker_config
+    from mri_assets.definitions.executors import celery_executor_config
 
     config = celery_executor_config({"MRI_ASSETS_CELERY_BROKER": "redis://10.0.0.5:6380/2"})
     folder = write_worker_config(config, tmp_path / "gpu")

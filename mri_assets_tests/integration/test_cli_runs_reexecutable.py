@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from mri_assets.core.sample_data import build_sample_data
-from mri_assets.jobs import STAGE_JOBS
+from mri_assets.definitions.jobs import STAGE_JOBS
 from mri_assets_tests.services import _http_answers, _running, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -3,7 +3,7 @@
 
 The wave is landed with `mri-assets ingest-wave` and its pushing assets materialized with
 `materialize_wave`, each in a subprocess with 2 shards (the shard count is read when
-`mri_assets.partitions` is imported).
+`mri_assets.assets.support.partitions` is imported).
 """
 
 import os
@@ -29,7 +29,7 @@ MATERIALIZE_PUSHING_ASSETS = f"""
 import dagster as dg
 from mri_assets.definitions import build_defs
 from mri_assets.deployment import Deployment
-from mri_assets.local_run import dagster_instance, materialize_wave
+from mri_assets.definitions.local_run import dagster_instance, materialize_wave
 
 defs = build_defs("local")
 wanted = {{dg.AssetKey(name) for name in {PUSHING_ASSETS!r}}}

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from mri_assets.partitions import SMOKE_WAVE, wave_of_partition
+from mri_assets.assets.support.partitions import SMOKE_WAVE, wave_of_partition
 from mri_assets_tests.services import free_port, stop_process
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -22,8 +22,8 @@ from PIL import Image
 
 from mri_assets.core.slice_shards import manifest_key
 from mri_assets.definitions import build_defs
+from mri_assets.definitions.local_run import dagster_instance, materialize_wave
 from mri_assets.deployment import Deployment
-from mri_assets.local_run import dagster_instance, materialize_wave
 from mri_assets.resources.deployed import label_store_for
 from mri_assets.resources.object_store import S3ObjectStore
 from mri_assets_tests.assets.wave_fixtures import land_sample_wave, materialize

@@ -16,7 +16,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from mri_assets.code_location import resources_for
+from mri_assets.definitions.code_location import resources_for
 from mri_assets.deployment import Deployment
 from mri_assets.resources.dvc_tracking import (
     DvcRecord,

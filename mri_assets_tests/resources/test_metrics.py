@@ -93,7 +93,7 @@ def test_push_without_url_does_nothing(monkeypatch):
 
 
 def test_pushgateway_url_comes_from_the_deployment(tmp_path):
-    from mri_assets.code_location import resources_for
+    from mri_assets.definitions.code_location import resources_for
     from mri_assets.deployment import Deployment
 
     deployment = Deployment.from_env({"PUSHGATEWAY_URL": "http://gateway.example:9091"},

@@ -17,9 +17,9 @@ import polars as pl
 import pytest
 import uvicorn
 
+from mri_assets.assets.support.partitions import N_SHARDS
 from mri_assets.core.manifest import image_id_for, shard_for
 from mri_assets.core.wave_layout import WaveLayout, layout_key
-from mri_assets.partitions import N_SHARDS
 from mri_assets.resources.label_store import LabelStore
 from mri_assets.resources.object_store import LocalObjectStore
 from mri_assets.triage.app import TriageSettings, create_app

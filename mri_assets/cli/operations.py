@@ -10,15 +10,15 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
+from mri_assets.assets.support.partitions import WAVES
+from mri_assets.cli.simulated_clinician import SimulatedLabeling, label_queue_from_truth
 from mri_assets.core.manifest import validate_wave_key
 from mri_assets.core.slice_shards import manifest_key
 from mri_assets.definitions import build_defs
+from mri_assets.definitions.local_run import WaveRunReport, dagster_instance, materialize_wave
 from mri_assets.deployment import Deployment
-from mri_assets.local_run import WaveRunReport, dagster_instance, materialize_wave
-from mri_assets.partitions import WAVES
 from mri_assets.resources.deployed import label_store_for, object_store_for, source_store_for
 from mri_assets.resources.settings import DEV_SALT
-from mri_assets.simulated_clinician import SimulatedLabeling, label_queue_from_truth
 
 
 def instance_for(deployment: Deployment) -> dg.DagsterInstance:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from mri_assets.definitions.executors import DEFAULT_QUEUE, GPU_QUEUE, celery_executor_config
 from mri_assets.deployment import Deployment, child_environment
-from mri_assets.executors import DEFAULT_QUEUE, GPU_QUEUE, celery_executor_config
 
 QUEUES = {"gpu": GPU_QUEUE, "default": DEFAULT_QUEUE}
 POOLS = ("prefork", "solo", "threads")
@@ -111,7 +111,7 @@ def materialize_partition(select: str, partition: str | None, instance) -> str:
     """
     import dagster as dg
 
-    from mri_assets.dagster_private import reconstructable_repository
+    from mri_assets.definitions.dagster_private import reconstructable_repository
 
     recon_repo = reconstructable_repository(DEFINITIONS_MODULE, "defs", os.getcwd())
     repository = recon_repo.get_definition()

@@ -33,13 +33,18 @@ from pathlib import Path
 import dagster as dg
 import psutil
 
-from mri_assets.assets.gpu import GPU_POOL
+from mri_assets.assets.support.gpu import GPU_POOL
+from mri_assets.assets.support.partitions import (
+    WAVES,
+    shard_partitions,
+    wave_shard_key,
+    wave_shard_partitions,
+)
 from mri_assets.core.home import MriHome
 from mri_assets.core.progress import Progress
 from mri_assets.core.temporaries import SweepReport, sweep
 from mri_assets.core.wave_layout import wave_shard_count
-from mri_assets.location_runs import location_stage
-from mri_assets.partitions import WAVES, shard_partitions, wave_shard_key, wave_shard_partitions
+from mri_assets.definitions.location_runs import location_stage
 from mri_assets.resources.mlflow_tracking import MlflowTracking
 from mri_assets.resources.object_store import SCRATCH_FOLDER
 
@@ -236,7 +241,7 @@ UNFINISHED = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
               dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
 SLOT_WAIT_NOTE_S = 300.0
 SLOT_RECLAIM_S = 10.0
-LOG = logging.getLogger("mri_assets.local_run")
+LOG = logging.getLogger("mri_assets.definitions.local_run")
 
 
 class StopRequested(BaseException):

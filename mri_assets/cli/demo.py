@@ -88,7 +88,7 @@ def pseudo_label_precision(defs: dg.Definitions, instance: dg.DagsterInstance, w
 def drift_verdict(defs: dg.Definitions, instance: dg.DagsterInstance) -> tuple[list[str], list[str]]:
     """What `ari_drift_sensor` decides from every `clusters` materialization so far: its latest
     verdict on each wave, in words, and the waves it requests active learning for."""
-    from mri_assets.sensors import drift_decisions
+    from mri_assets.definitions.sensors import drift_decisions
 
     decisions, _ = drift_decisions(instance, defs.resources["clustering"], None)
     latest = {wave: decision for wave, decision, _ in decisions}
@@ -98,10 +98,10 @@ def drift_verdict(defs: dg.Definitions, instance: dg.DagsterInstance) -> tuple[l
 
 def run_demo(deployment: Deployment, slices: int, seed: int) -> int:
     from mri_assets.assets.costs import cost_line
+    from mri_assets.cli.operations import ingest_wave, instance_for, label_from_csv, run_wave
     from mri_assets.core.progress import Progress
     from mri_assets.core.sample_data import build_sample_data
     from mri_assets.definitions import build_defs
-    from mri_assets.operations import ingest_wave, instance_for, label_from_csv, run_wave
     from mri_assets.resources.deployed import label_store_for
 
     deployment = deployment.with_defaults(**DEMO_SETTINGS)

@@ -2,8 +2,8 @@
 
 import dagster as dg
 
-from mri_assets.jobs import drift_check_job, retrain_job
-from mri_assets.partitions import SMOKE_WAVE, WAVES
+from mri_assets.assets.support.partitions import SMOKE_WAVE, WAVES
+from mri_assets.definitions.jobs import drift_check_job, retrain_job
 
 
 def latest_wave(instance: dg.DagsterInstance) -> str | None:

@@ -37,7 +37,7 @@ def cmd_sample_data(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest_wave(args: argparse.Namespace) -> int:
-    from mri_assets.operations import ingest_wave
+    from mri_assets.cli.operations import ingest_wave
 
     deployment = _deployment(args)
     with Progress(f"landing {args.wave}", "files", leave=True) as bar:
@@ -47,7 +47,7 @@ def cmd_ingest_wave(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from mri_assets.operations import run_wave
+    from mri_assets.cli.operations import run_wave
 
     report = run_wave(_deployment(args), args.wave, args.select)  # a bar per stage (local_run)
     if report.interrupted:
@@ -60,7 +60,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_label_from_csv(args: argparse.Namespace) -> int:
-    from mri_assets.operations import label_from_csv
+    from mri_assets.cli.operations import label_from_csv
 
     deployment = _deployment(args)
     with Progress(f"simulated clinician labeling {args.wave}", "labels", leave=True) as bar:
@@ -72,7 +72,7 @@ def cmd_label_from_csv(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from mri_assets.demo import run_demo
+    from mri_assets.cli.demo import run_demo
 
     return run_demo(_deployment(args), slices=args.slices, seed=args.seed)
 
@@ -81,8 +81,8 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     import json
 
     from mri_assets.definitions import build_defs
-    from mri_assets.local_run import dagster_instance
-    from mri_assets.smoke_run import run_smoke
+    from mri_assets.definitions.local_run import dagster_instance
+    from mri_assets.definitions.smoke_run import run_smoke
 
     deployment = _deployment(args)
     kwargs = {"reference_dir": Path(args.reference_dir)} if args.reference_dir else {}
@@ -115,7 +115,7 @@ def cmd_triage_add_user(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from mri_assets.workers import start_worker
+    from mri_assets.cli.workers import start_worker
 
     deployment = _deployment(args)
     start_worker(deployment, args.queue, deployment.home.dagster / "celery" / args.queue,
@@ -207,7 +207,7 @@ def _watched(command: str) -> Iterator[None]:
     if command not in WATCHED_COMMANDS:
         yield
         return
-    from mri_assets.local_run import without_debug_lines
+    from mri_assets.definitions.local_run import without_debug_lines
 
     with terminal_bars(), without_debug_lines():
         yield

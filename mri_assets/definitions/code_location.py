@@ -7,7 +7,7 @@ from __future__ import annotations
 import dagster as dg
 
 from mri_assets.assets import backbone, clustering, costs, embeddings, ingest, labeling, retraining
-from mri_assets.dagster_private import PickledObjectFilesystemIOManager
+from mri_assets.definitions.dagster_private import PickledObjectFilesystemIOManager
 from mri_assets.deployment import Deployment
 from mri_assets.resources.compute import ComputeResource
 from mri_assets.resources.cost_settings import CostSettings

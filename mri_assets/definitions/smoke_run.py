@@ -27,11 +27,11 @@ from mri_assets.assets.smoke import (
     smoke_reproduces,
     write_reference,
 )
-from mri_assets.code_location import resources_for, wave_assets
+from mri_assets.assets.support.partitions import WAVES
 from mri_assets.core.home import MriHome
+from mri_assets.definitions.code_location import resources_for, wave_assets
+from mri_assets.definitions.local_run import QUIET_CONSOLE, materialize_wave
 from mri_assets.deployment import Deployment
-from mri_assets.local_run import QUIET_CONSOLE, materialize_wave
-from mri_assets.partitions import WAVES
 from mri_assets.resources.compute import ComputeResource
 from mri_assets.resources.settings import DEV_SALT, IngestSettings
 

@@ -4,7 +4,7 @@
 `wave_waits_sensor` writes it on each unfinished run as the tag `mri_assets/waiting_for`, which
 the UI shows on the run and in the runs list, and
 
-    python -m mri_assets.wave_status [WAVE]
+    python -m mri_assets.definitions.wave_status [WAVE]
 
 prints it for a wave's unfinished runs (every wave's when none is named).
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import dagster as dg
 
-from mri_assets.partitions import wave_of_partition
+from mri_assets.assets.support.partitions import wave_of_partition
 
 WAITING_TAG = "mri_assets/waiting_for"
 UNFINISHED = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
@@ -102,8 +102,8 @@ def wave_waits_sensor(context: dg.SensorEvaluationContext):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mri_assets.definitions.local_run import dagster_instance
     from mri_assets.deployment import Deployment
-    from mri_assets.local_run import dagster_instance
 
     args = sys.argv[1:] if argv is None else argv
     wave = args[0] if args else None

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import dagster as dg
 
-from mri_assets.assets.gpu import GPU_POOL, GPU_QUEUE, gpu_run_tags, gpu_step_tags
+from mri_assets.assets.support.gpu import GPU_POOL, GPU_QUEUE, gpu_run_tags, gpu_step_tags
 from mri_assets.deployment import PROFILES, Deployment, ProfileError, check_profile
 
 __all__ = [

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dagster as dg
 
-from mri_assets.assets.gpu import gpu_run_tags
-from mri_assets.partitions import wave_shard_partitions
+from mri_assets.assets.support.gpu import gpu_run_tags
+from mri_assets.assets.support.partitions import wave_shard_partitions
 
 ingest_wave_job = dg.define_asset_job(
     "ingest_wave",

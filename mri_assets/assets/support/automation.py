@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from mri_assets.partitions import SMOKE_WAVE, wave_of_partition
+from mri_assets.assets.support.partitions import SMOKE_WAVE, wave_of_partition
 
 
 class OutsideWaves(dg.AutomationCondition):

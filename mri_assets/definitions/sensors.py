@@ -6,19 +6,24 @@ import warnings
 
 import dagster as dg
 
-from mri_assets.core.clustering import DriftDecision
-from mri_assets.core.drift_watch import ClustersObservation, DriftWatch
-from mri_assets.core.expert_labels import label_counts_by_wave
-from mri_assets.core.manifest import WaveKeyError, validate_wave_key
-from mri_assets.core.retrain_watch import RetrainWatch
-from mri_assets.dagster_private import wrap_sensor_evaluation
-from mri_assets.jobs import ACTIVE_LEARNING_JOB, LABEL_REFRESH_JOB, RETRAIN_JOB, ingest_wave_job
-from mri_assets.partitions import (
+from mri_assets.assets.support.partitions import (
     SMOKE_WAVE,
     WAVES,
     shard_range_tags,
     wave_partitions,
     wave_shard_partitions,
+)
+from mri_assets.core.clustering import DriftDecision
+from mri_assets.core.drift_watch import ClustersObservation, DriftWatch
+from mri_assets.core.expert_labels import label_counts_by_wave
+from mri_assets.core.manifest import WaveKeyError, validate_wave_key
+from mri_assets.core.retrain_watch import RetrainWatch
+from mri_assets.definitions.dagster_private import wrap_sensor_evaluation
+from mri_assets.definitions.jobs import (
+    ACTIVE_LEARNING_JOB,
+    LABEL_REFRESH_JOB,
+    RETRAIN_JOB,
+    ingest_wave_job,
 )
 from mri_assets.resources.label_store import LabelStore
 from mri_assets.resources.object_store import ObjectStore

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from mri_assets.dagster_private import execute_as_location_run, job_origins
-from mri_assets.jobs import STAGE_JOBS
+from mri_assets.definitions.dagster_private import execute_as_location_run, job_origins
+from mri_assets.definitions.jobs import STAGE_JOBS
 
 # The code location as workspace.yaml declares it (`make dev`, the webserver, the daemon).
 LOCATION_NAME = "mri_assets"

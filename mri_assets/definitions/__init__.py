@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import dagster as dg
 
-from mri_assets.code_location import resources_for, wave_assets
 from mri_assets.core.home import MriHome
-from mri_assets.deployment import Deployment
-from mri_assets.executors import executor_for, shard_runs_for
-from mri_assets.jobs import (
+from mri_assets.definitions.code_location import resources_for, wave_assets
+from mri_assets.definitions.executors import executor_for, shard_runs_for
+from mri_assets.definitions.jobs import (
     active_learning_job,
     drift_check_job,
     embed_wave_job,
@@ -22,16 +21,17 @@ from mri_assets.jobs import (
     retrain_job,
     stage_jobs,
 )
-from mri_assets.schedules import monthly_retrain, weekly_drift_check
-from mri_assets.sensors import (
+from mri_assets.definitions.schedules import monthly_retrain, weekly_drift_check
+from mri_assets.definitions.sensors import (
     ari_drift_sensor,
     automation_sensor,
     labels_sensor,
     retrain_sensor,
     wave_sensor,
 )
-from mri_assets.smoke_run import nightly_smoke_job, nightly_smoke_schedule
-from mri_assets.wave_status import wave_waits_sensor
+from mri_assets.definitions.smoke_run import nightly_smoke_job, nightly_smoke_schedule
+from mri_assets.definitions.wave_status import wave_waits_sensor
+from mri_assets.deployment import Deployment
 
 
 def build_defs(deployment: Deployment | str | None = None, home: MriHome | None = None

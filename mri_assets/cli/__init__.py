@@ -1,0 +1,1 @@
+"""The entry points: the `mri-assets` command, the demo, operations scripts and workers."""

@@ -1,0 +1,3 @@
+from mri_assets.cli.main import main
+
+main()
