@@ -1,3 +1,5 @@
+import sys
+
 from mri_assets.cli.main import main
 
-main()
+sys.exit(main())
