@@ -19,7 +19,6 @@ MLflow (run (wave, `backbone`), registered as `mri_assets_backbone`); its model 
 (`resnet18:ssl:<sha12>@128`) is what every embedding row of the waves that use it records.
 """
 
-import json
 from dataclasses import replace
 
 import dagster as dg
@@ -28,13 +27,13 @@ import polars as pl
 import torch
 from pydantic import Field
 
-from mri_assets.assets.ingest import ISOLATED_WAVES, earlier_waves, slices
 from mri_assets.assets.support.automation import EAGER
+from mri_assets.assets.support.backbones import embedding_backbone
 from mri_assets.assets.support.gpu import GPU_POOL, gpu_step_tags
 from mri_assets.assets.support.locations import stored_at
-from mri_assets.assets.support.partitions import wave_partitions
+from mri_assets.assets.support.partitions import ISOLATED_WAVES, earlier_waves, wave_partitions
 from mri_assets.assets.support.provenance import dagster_tags, mlflow_run_metadata
-from mri_assets.core.backbone import Backbone, build_backbone
+from mri_assets.core.backbone import build_backbone
 from mri_assets.core.cpu_peak import cpu_peak
 from mri_assets.core.embed import SliceShard
 from mri_assets.core.precision import resolve_precision
@@ -51,17 +50,15 @@ from mri_assets.core.pretrain import (
     pretrain_backbone,
 )
 from mri_assets.core.progress import Progress
-from mri_assets.core.training.checkpoint import backbone_checkpoint
 from mri_assets.core.wave_keys import backbone_key, manifest_key, slice_keys
-from mri_assets.core.wave_keys import backbone_record_key as record_key
 from mri_assets.core.wave_layout import wave_shard_count
 from mri_assets.resources.compute import ComputeResource
 from mri_assets.resources.mlflow_tracking import MlflowTracking
 from mri_assets.resources.object_store import ObjectStore
+from mri_assets.resources.wave_store import WaveStore
 
 POLICIES = ("first", "every", "off")
 REGISTERED_BACKBONE = "mri_assets_backbone"
-RECORD_FORMAT = "mri_assets.backbone_record/1"
 # BatchNorm statistics are measured again on this many clean slices after training: a quarter of
 # core.pretrain's 4,096, whose forward passes at the input side took ~40 s on two fp32 cores.
 BN_RECALIBRATION_SLICES = 1024
@@ -124,44 +121,9 @@ class PretrainSettings(dg.ConfigurableResource):
         return config.steps * config.batch_size
 
 
-def read_record(store: ObjectStore, wave: str) -> dict | None:
-    """The wave's backbone decision, or None when `backbone` never ran for it."""
-    key = record_key(wave)
-    if not store.exists(key):
-        return None
-    return json.loads(store.get_bytes(key))
-
-
-def _write_record(store: ObjectStore, wave: str, record: dict) -> dict:
-    record = {"format": RECORD_FORMAT, "wave": wave, **record}
-    store.put_bytes(record_key(wave), json.dumps(record, sort_keys=True, indent=1).encode())
-    return record
-
-
-def embedding_backbone(store: ObjectStore, compute: ComputeResource, wave: str) -> tuple[Backbone, str]:
-    """The network that embeds `wave` and a line saying where it came from.
-
-    `compute.checkpoint_key` (a classifier checkpoint) wins; the isolated smoke wave keeps the
-    compute resource's model; otherwise the wave's `backbone` record; with none, the compute
-    resource's weights (seeded or ImageNet)."""
-    if compute.checkpoint_key:
-        model = compute.build_backbone(checkpoint=backbone_checkpoint(store.get_bytes(compute.checkpoint_key)))
-        return model, f"classifier checkpoint {compute.checkpoint_key}"
-    record = None if wave in ISOLATED_WAVES else read_record(store, wave)
-    if record is None or not record.get("checkpoint_key"):
-        reason = "no backbone materialization" if record is None else record["reason"]
-        return compute.build_backbone(), f"compute weights {compute.weights} ({reason})"
-    model = compute.build_backbone(checkpoint=store.get_bytes(record["checkpoint_key"]))
-    if model.model_id.split("@")[0] != record["model_id"].split("@")[0]:
-        raise ValueError(
-            f"{record['checkpoint_key']} gives model {model.model_id} but {record_key(wave)} "
-            f"records {record['model_id']}: re-materialize backbone for wave {wave}")
-    return model, f"{record['source']} backbone of wave {record['trained_on']}"
-
-
 def _latest_earlier(store: ObjectStore, waves: list[str]) -> dict | None:
     for earlier in reversed(waves):
-        record = read_record(store, earlier)
+        record = WaveStore(store).backbone_record(earlier)
         if record is not None and record.get("checkpoint_key"):
             return record
     return None
@@ -198,7 +160,7 @@ def wave_training_slices(store: ObjectStore, wave: str, include_holdout: bool, m
 
 @dg.asset(
     partitions_def=wave_partitions,
-    deps=[slices],
+    deps=[dg.AssetKey("slices")],
     group_name="embed",
     kinds={"pytorch", "mlflow"},
     pool=GPU_POOL,
@@ -221,19 +183,19 @@ def backbone(
     earlier = earlier_waves(context.instance, wave)
     adopted = _latest_earlier(object_store, earlier) if pretrain.policy == "first" else None
     if compute.checkpoint_key:
-        model, _ = embedding_backbone(object_store, compute, wave)
-        record = _write_record(object_store, wave, {
+        model, _ = embedding_backbone(WaveStore(object_store), compute, wave)
+        record = WaveStore(object_store).put_backbone_record(wave, {
             "source": "classifier", "model_id": model.model_id, "checkpoint_key": None,
             "trained_on": None, "reason": f"compute.checkpoint_key={compute.checkpoint_key} embeds"})
     elif wave in ISOLATED_WAVES or pretrain.policy == "off":
         model = compute.build_backbone()
         why = "isolated wave: the compute resource's fixed model" if wave in ISOLATED_WAVES \
             else "pretrain.policy=off"
-        record = _write_record(object_store, wave, {
+        record = WaveStore(object_store).put_backbone_record(wave, {
             "source": "compute", "model_id": model.model_id, "checkpoint_key": None,
             "trained_on": None, "reason": why})
     elif adopted is not None:
-        record = _write_record(object_store, wave, {
+        record = WaveStore(object_store).put_backbone_record(wave, {
             "source": "adopted", "model_id": adopted["model_id"],
             "checkpoint_key": adopted["checkpoint_key"], "trained_on": adopted["trained_on"],
             "reason": f"policy first: wave {adopted['trained_on']} trained the backbone"})
@@ -241,7 +203,7 @@ def backbone(
             object_store, wave, pretrain.include_holdout, pretrain.sample_limit(config),
             pretrain.seed))) < pretrain.min_slices:
         model = compute.build_backbone()
-        record = _write_record(object_store, wave, {
+        record = WaveStore(object_store).put_backbone_record(wave, {
             "source": "compute", "model_id": model.model_id, "checkpoint_key": None,
             "trained_on": None,
             "reason": f"only {n} training slices, fewer than pretrain.min_slices="
@@ -318,7 +280,7 @@ def _train(context: dg.AssetExecutionContext, store: ObjectStore, compute: Compu
             run_id, result.checkpoint, REGISTERED_BACKBONE,
             build_backbone(compute.arch, checkpoint=result.checkpoint, input_size=compute.input_size),
             tags=dagster_tags(context, mlflow))
-    record = _write_record(store, wave, {
+    record = WaveStore(store).put_backbone_record(wave, {
         "source": "trained", "model_id": result.model_id, "checkpoint_key": key,
         "trained_on": wave, "reason": f"self-supervised on {result.n_slices} slices of wave {wave}"})
     context.log.info(f"{wave}: {record['reason']} in {result.seconds:.0f} s "

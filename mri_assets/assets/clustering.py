@@ -6,56 +6,27 @@ import io
 import dagster as dg
 import polars as pl
 
-from mri_assets.assets.embeddings import embeddings
 from mri_assets.assets.support.automation import EAGER
 from mri_assets.assets.support.locations import stored_at
 from mri_assets.assets.support.monitoring import cluster_gauges, push_figures
 from mri_assets.assets.support.partitions import wave_partitions
 from mri_assets.assets.support.provenance import dagster_tags, mlflow_run_metadata
-from mri_assets.core.clustering import PcaModel, cluster_scores, cluster_wave, fit_streaming_pca
-from mri_assets.core.embed import read_embedding_ids, read_embeddings
+from mri_assets.core.clustering import DEFAULT_KS as KS
+from mri_assets.core.clustering import cluster_scores, cluster_wave, fit_streaming_pca
 from mri_assets.core.expert_labels import align_labels, expert_label_per_image
 from mri_assets.core.plots import projection_png
-from mri_assets.core.wave_keys import clusters_key, embeddings_key, pca_key
-from mri_assets.core.wave_layout import wave_shard_count
+from mri_assets.core.wave_keys import clusters_key, pca_key
 from mri_assets.resources.label_store import LabelStore
 from mri_assets.resources.metrics import MetricsResource
 from mri_assets.resources.mlflow_tracking import MlflowTracking
 from mri_assets.resources.object_store import ObjectStore
 from mri_assets.resources.settings import ClusteringSettings
-
-KS = (2, 3, 4)
-
-
-def wave_embeddings(store: ObjectStore, wave: str):
-    """A factory of the wave's embedding shards, in shard order, plus their ids and model id.
-
-    The shards are those the wave was written with (its layout), whatever MRI_ASSETS_SHARDS is now.
-    """
-    paths = [store.local_path(embeddings_key(wave, shard))
-             for shard in range(wave_shard_count(store, wave))]
-    ids: list[str] = []
-    model_ids: set[str] = set()
-    for path in paths:
-        shard_ids, meta = read_embedding_ids(path)
-        ids.extend(shard_ids)
-        model_ids.add(meta["model_id"])
-    if len(model_ids) > 1:
-        raise ValueError(
-            f"wave {wave} mixes embeddings of several models {sorted(model_ids)}: "
-            "re-materialize its embeddings with one model"
-        )
-
-    def shards():
-        for path in paths:
-            yield read_embeddings(path)[1]
-
-    return shards, ids, model_ids.pop() if model_ids else "none"
+from mri_assets.resources.wave_store import WaveStore
 
 
 @dg.asset(
     partitions_def=wave_partitions,
-    deps=[embeddings],
+    deps=[dg.AssetKey("embeddings")],
     group_name="drift",
     kinds={"numpy", "mlflow"},
     automation_condition=EAGER,
@@ -68,7 +39,8 @@ def pca_model(
 ) -> dg.Output[dict]:
     """PCA fitted once per wave, streaming over its shards; keeps the fewest components ≥ 90 %."""
     wave = context.partition_key
-    shards, ids, model_id = wave_embeddings(object_store, wave)
+    embedded = WaveStore(object_store).wave_embeddings(wave)
+    shards, ids, model_id = embedded.shards, embedded.ids, embedded.model_id
     context.log.info(f"pca_model {wave}: fitting on {len(ids)} embeddings")
     pca = fit_streaming_pca(shards(), clustering.variance_target)
     context.log.info(f"pca_model {wave}: {pca.n_components} components keep "
@@ -97,7 +69,7 @@ def pca_model(
 
 @dg.asset(
     partitions_def=wave_partitions,
-    deps=[pca_model],
+    deps=[dg.AssetKey("pca_model")],
     group_name="drift",
     kinds={"polars", "mlflow"},
     automation_condition=EAGER,
@@ -112,8 +84,10 @@ def clusters(
 ) -> dg.Output[pl.DataFrame]:
     """KMeans at k = 2, 3, 4 on the wave's PCA projection; ARI/NMI on the labeled subset."""
     wave = context.partition_key
-    shards, ids, model_id = wave_embeddings(object_store, wave)
-    pca = PcaModel.from_bytes(object_store.get_bytes(pca_key(wave)))
+    waves = WaveStore(object_store)
+    embedded = waves.wave_embeddings(wave)
+    shards, ids, model_id = embedded.shards, embedded.ids, embedded.model_id
+    pca = waves.pca(wave)
     context.log.info(f"clusters {wave}: KMeans at k = {', '.join(map(str, KS))} on {len(ids)} "
                      f"slices ({pca.n_components} PCA components)")
     result = cluster_wave(shards, KS, seed=clustering.seed, pca=pca)

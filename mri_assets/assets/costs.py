@@ -11,7 +11,6 @@ from collections.abc import Iterable, Mapping
 import dagster as dg
 import polars as pl
 
-from mri_assets.assets.ingest import manifest
 from mri_assets.assets.support.automation import EAGER
 from mri_assets.assets.support.monitoring import push_figures
 from mri_assets.assets.support.partitions import (
@@ -124,7 +123,7 @@ def _images_to_embed(store: ObjectStore, wave: str) -> int:
 
 @dg.asset(
     partitions_def=wave_partitions,
-    deps=[manifest],
+    deps=[dg.AssetKey("manifest")],
     group_name="costs",
     kinds={"python"},
     automation_condition=EAGER,

@@ -4,10 +4,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from mri_assets.assets.backbone import backbone, embedding_backbone
-from mri_assets.assets.costs import gpu_budget
-from mri_assets.assets.ingest import slices
 from mri_assets.assets.support.automation import EAGER_AFTER_CHECKS
+from mri_assets.assets.support.backbones import embedding_backbone
 from mri_assets.assets.support.gpu import GPU_POOL, gpu_step_tags
 from mri_assets.assets.support.locations import stored_at
 from mri_assets.assets.support.monitoring import push_figures, throughput_gauges
@@ -19,11 +17,12 @@ from mri_assets.resources.compute import ComputeResource
 from mri_assets.resources.dvc_tracking import DvcTracking
 from mri_assets.resources.metrics import MetricsResource
 from mri_assets.resources.object_store import ObjectStore
+from mri_assets.resources.wave_store import WaveStore
 
 
 @dg.asset(
     partitions_def=wave_shard_partitions,
-    deps=[slices, gpu_budget, backbone],
+    deps=[dg.AssetKey("slices"), dg.AssetKey("gpu_budget"), dg.AssetKey("backbone")],
     group_name="embed",
     kinds={"pytorch", "dvc"},
     pool=GPU_POOL,
@@ -43,7 +42,7 @@ def embeddings(
     `compute.checkpoint_key` is set): `image_id` + float16 vector, in the store and DVC."""
     wave, shard = wave_and_shard(context)
     npy_key, index_key = slice_keys(wave, shard)
-    model, backbone_source = embedding_backbone(object_store, compute, wave)
+    model, backbone_source = embedding_backbone(WaveStore(object_store), compute, wave)
     device, precision, device_note = compute.device_and_precision()
     with Progress(f"embeddings {wave}/{shard:02d}", "images", log=context.log.info) as shown:
         result = embed_shard(

@@ -15,8 +15,8 @@ from mri_assets.assets.support.locations import stored_at
 from mri_assets.assets.support.monitoring import manifest_gauges, push_figures
 from mri_assets.assets.support.partitions import (
     N_SHARDS,
-    WAVES,
     each_shard,
+    earlier_waves,
     wave_and_shard,
     wave_partitions,
     wave_shard_partitions,
@@ -56,9 +56,6 @@ from mri_assets.resources.object_store import LocalObjectStore, ObjectStore, Obj
 from mri_assets.resources.settings import IngestSettings
 
 RECONCILE_CHECK = "counts_reconcile"
-# Waves that are neither checked against other waves for duplicates nor a reference for them:
-# the reproducibility smoke wave (assets/smoke.py) must give the same manifest in any home.
-ISOLATED_WAVES = frozenset({"smoke"})
 
 
 def list_raw_sources(store: ObjectStore, wave: str) -> list[SourceObject]:
@@ -91,15 +88,6 @@ def unlanded_objects(store: ObjectStore, wave: str, sources: list[SourceObject])
     prefix = raw_prefix(wave)
     return [info.key for info in store.list(prefix)
             if info.key not in listed and is_raw_file(info.key[len(prefix):])]
-
-
-def earlier_waves(instance: dg.DagsterInstance, wave: str) -> list[str]:
-    """The waves registered before `wave` (the order they were added in), isolated ones left out."""
-    if wave in ISOLATED_WAVES:
-        return []
-    order = list(instance.get_dynamic_partitions(WAVES))
-    before = order[: order.index(wave)] if wave in order else [w for w in order if w != wave]
-    return [w for w in before if w not in ISOLATED_WAVES]
 
 
 def _write_parquet(store: ObjectStore, key: str, frame: pl.DataFrame, scratch: Path) -> None:

@@ -14,12 +14,9 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from mri_assets.assets.clustering import clusters, wave_embeddings
-from mri_assets.assets.ingest import slices
 from mri_assets.assets.support.automation import apart_from_smoke
 from mri_assets.assets.support.monitoring import push_figures, queue_gauges
 from mri_assets.assets.support.partitions import wave_partitions
-from mri_assets.core.clustering import PcaModel
 from mri_assets.core.expert_labels import expert_label_per_image
 from mri_assets.core.selection import (
     ENTROPY_SELECTION,
@@ -32,19 +29,21 @@ from mri_assets.core.selection import (
     stratified_random_batch,
 )
 from mri_assets.core.training.checkpoint import embedding_head_from_checkpoint
-from mri_assets.core.wave_keys import checkpoint_key, clusters_key, manifest_key, pca_key
+from mri_assets.core.wave_keys import checkpoint_key, clusters_key
 from mri_assets.resources.label_store import LabelStore
 from mri_assets.resources.metrics import MetricsResource
 from mri_assets.resources.object_store import ObjectStore
 from mri_assets.resources.settings import ClusteringSettings, LabelingSettings
+from mri_assets.resources.wave_store import WaveStore
 
 
 def wave_projection(store: ObjectStore, wave: str) -> tuple[list[str], np.ndarray]:
     """The wave's image ids and their PCA coordinates (the fitted transform, never refitted)."""
-    shards, ids, _ = wave_embeddings(store, wave)
-    pca = PcaModel.from_bytes(store.get_bytes(pca_key(wave)))
-    coords = np.concatenate([pca.transform(block) for block in shards()]) if ids else np.zeros((0, 1))
-    return ids, coords
+    waves = WaveStore(store)
+    embedded, pca = waves.wave_embeddings(wave), waves.pca(wave)
+    coords = np.concatenate([pca.transform(block) for block in embedded.shards()]) \
+        if embedded.ids else np.zeros((0, 1))
+    return embedded.ids, coords
 
 
 def classifier_probs(instance: dg.DagsterInstance, store: ObjectStore, wave: str,
@@ -62,7 +61,8 @@ def classifier_probs(instance: dg.DagsterInstance, store: ObjectStore, wave: str
     head = embedding_head_from_checkpoint(store.get_bytes(key))
     if head is None:
         return None, f"the classifier of wave {trained_on} was saved without its stage-1 head; retrain it"
-    shards, ids, model_id = wave_embeddings(store, wave)
+    embedded = WaveStore(store).wave_embeddings(wave)
+    shards, ids, model_id = embedded.shards, embedded.ids, embedded.model_id
     if model_id != head.embedding_model_id:
         return None, (f"the classifier of wave {trained_on} reads embeddings of {head.embedding_model_id}, "
                       f"wave {wave} is embedded by {model_id}")
@@ -71,20 +71,6 @@ def classifier_probs(instance: dg.DagsterInstance, store: ObjectStore, wave: str
     probs = np.concatenate([head.predict_proba(block, model_id) for block in shards()]) if ids \
         else np.zeros((0, len(classes)))
     return probs, f"classifier of wave {trained_on} (its stage-1 head on embeddings of {model_id})"
-
-
-def wave_ok_slices(store: ObjectStore, wave: str) -> pl.DataFrame:
-    """The wave's `ok` manifest rows: `image_id`, `patient_key`, `source_key`, `split`."""
-    manifest = pl.read_parquet(io.BytesIO(store.get_bytes(manifest_key(wave))),
-                               columns=["image_id", "patient_key", "source_key", "split", "status"])
-    return manifest.filter(pl.col("status") == "ok").drop("status")
-
-
-def split_of(store: ObjectStore, wave: str, image_ids: list[str]) -> np.ndarray:
-    manifest = pl.read_parquet(io.BytesIO(store.get_bytes(manifest_key(wave))),
-                               columns=["image_id", "split", "status"])
-    lookup = dict(manifest.filter(pl.col("status") == "ok").select("image_id", "split").iter_rows())
-    return np.array([lookup.get(i, "train") for i in image_ids])
 
 
 # A wave's first batch follows its slices by `eager()`, beside the backbone, never after it:
@@ -100,7 +86,7 @@ QUEUE_ONCE_PER_WAVE = (
 
 @dg.asset(
     partitions_def=wave_partitions,
-    deps=[slices, clusters],
+    deps=[dg.AssetKey("slices"), dg.AssetKey("clusters")],
     group_name="labeling",
     kinds={"sqlalchemy"},
     automation_condition=apart_from_smoke(QUEUE_ONCE_PER_WAVE),
@@ -131,7 +117,7 @@ def labeling_queue(
         if object_store.exists(clusters_key(wave)) else \
         (None, f"wave {wave} has no clusters yet (backbone, embeddings and PCA come first)")
     if probs is None:
-        ok = wave_ok_slices(object_store, wave)
+        ok = WaveStore(object_store).ok_slices(wave)
         ids = ok["image_id"].to_list()
         exclude = np.array([i in labeled for i in ids], dtype=bool)
         holdout = (ok["split"] == "holdout").to_numpy()
@@ -149,7 +135,7 @@ def labeling_queue(
         assignment = frame[f"cluster_k{clustering.drift_k}"].to_numpy().astype(np.int64)
         uncertainty = queue_uncertainty(coords, assignment, probs, detail)
         exclude = np.array([i in labeled for i in ids], dtype=bool)
-        holdout = split_of(object_store, wave, ids) == "holdout"
+        holdout = WaveStore(object_store).splits(wave, ids) == "holdout"
         picked = select_for_labeling(uncertainty.entropy, coords, assignment, n_train,
                                      labeling.seed, exclude=exclude, holdout=holdout,
                                      duplicate_radius=labeling.duplicate_radius)

@@ -8,9 +8,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from mri_assets.assets.backbone import embedding_backbone
-from mri_assets.assets.clustering import wave_embeddings
-from mri_assets.assets.labeling import split_of
+from mri_assets.assets.support.backbones import embedding_backbone
 from mri_assets.assets.support.gpu import GPU_POOL, gpu_step_tags
 from mri_assets.assets.support.locations import stored_at
 from mri_assets.assets.support.partitions import wave_partitions
@@ -44,6 +42,7 @@ from mri_assets.resources.compute import ComputeResource
 from mri_assets.resources.mlflow_tracking import MlflowTracking
 from mri_assets.resources.object_store import ObjectStore
 from mri_assets.resources.settings import LabelingSettings, PseudoLabelSettings, TrainingSettings
+from mri_assets.resources.wave_store import WaveStore
 
 GATE_CHECK = "pseudo_label_gate"
 BASELINE_CHECK = "maintains_supervised_baseline"
@@ -51,8 +50,8 @@ REGISTERED_MODEL = "mri_assets_classifier"
 
 
 def wave_matrix(store: ObjectStore, wave: str) -> tuple[list[str], np.ndarray, str]:
-    shards, ids, model_id = wave_embeddings(store, wave)
-    return ids, np.concatenate(list(shards())), model_id
+    embedded = WaveStore(store).wave_embeddings(wave)
+    return embedded.ids, embedded.matrix(), embedded.model_id
 
 
 def label_codes(ids: list[str], expert: pl.DataFrame, classes: tuple[str, ...]) -> np.ndarray:
@@ -125,7 +124,7 @@ def pseudo_labels(
     classes = tuple(labeling.classes)
     ids, embeddings, model_id = wave_matrix(object_store, wave)
     codes = label_codes(ids, expert_labels, classes)
-    holdout = split_of(object_store, wave, ids) == "holdout"
+    holdout = WaveStore(object_store).splits(wave, ids) == "holdout"
     reference = (codes >= 0) & ~holdout
     evaluation = (codes >= 0) & holdout
     # Holdout slices are for evaluation only: an unlabeled one is never pseudo-labeled, or the
@@ -137,7 +136,7 @@ def pseudo_labels(
     rows_of = wave_slice_rows(object_store, wave)
     id_array = np.array(ids)
     device, _, _ = compute.device_and_precision()
-    teacher = ClassifierModel(embedding_backbone(object_store, compute, wave)[0], classes,
+    teacher = ClassifierModel(embedding_backbone(WaveStore(object_store), compute, wave)[0], classes,
                               seed=training.seed)
     data = TrainingData(
         train=LabeledSlices(rows_of(list(id_array[reference])),
@@ -241,7 +240,7 @@ def classifier(
     classes = tuple(labeling.classes)
     ids, embeddings, model_id = wave_matrix(object_store, wave)
     codes = label_codes(ids, expert_labels, classes)
-    holdout = split_of(object_store, wave, ids) == "holdout"
+    holdout = WaveStore(object_store).splits(wave, ids) == "holdout"
     position = {image_id: row for row, image_id in enumerate(ids)}
     expert_ids = [i for i, c, h in zip(ids, codes, holdout) if c >= 0 and not h]
     eval_ids = [i for i, c, h in zip(ids, codes, holdout) if c >= 0 and h]
@@ -269,7 +268,7 @@ def classifier(
         stage2_rows=stage2_rows,
     )
     device, _, _ = compute.device_and_precision()
-    model = ClassifierModel(embedding_backbone(object_store, compute, wave)[0], classes,
+    model = ClassifierModel(embedding_backbone(WaveStore(object_store), compute, wave)[0], classes,
                             seed=training.seed)
     config = train_config(training)
     with Progress(f"classifier {wave}: stage 2", "steps", log=context.log.info) as shown:

@@ -18,7 +18,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from mri_assets.assets.clustering import KS, clusters, wave_embeddings
+from mri_assets.core.clustering import DEFAULT_KS as KS
 from mri_assets.core.clustering import cluster_scores
 from mri_assets.core.fingerprint import (
     compare_fingerprints,
@@ -30,6 +30,7 @@ from mri_assets.core.fingerprint import (
 from mri_assets.core.wave_keys import clusters_key, manifest_key, raw_prefix, truth_key
 from mri_assets.resources.compute import ComputeResource
 from mri_assets.resources.object_store import ObjectStore
+from mri_assets.resources.wave_store import WaveStore
 
 SMOKE_WAVE = "smoke"
 SMOKE_SLICES = 1000
@@ -114,8 +115,9 @@ def current_fingerprint(
 ) -> tuple[dict, tuple[list[str], np.ndarray]]:
     """This run's fingerprint and its embeddings (content keys, float16 rows)."""
     manifest = pl.read_parquet(io.BytesIO(store.get_bytes(manifest_key(wave))))
-    shards, ids, model_id = wave_embeddings(store, wave)
-    vectors = np.concatenate(list(shards())) if ids else np.zeros((0, 1), dtype=np.float16)
+    embedded = WaveStore(store).wave_embeddings(wave)
+    ids, model_id = embedded.ids, embedded.model_id
+    vectors = embedded.matrix() if ids else np.zeros((0, 1), dtype=np.float16)
     metrics = truth_scores(store, wave, manifest)
     fingerprint = smoke_fingerprint(manifest, (ids, vectors), metrics, device_type, model_id)
     return fingerprint, keyed_embeddings(manifest, (ids, vectors))
@@ -170,7 +172,7 @@ class SmokeCheckConfig(dg.Config):
 
 
 @dg.asset_check(
-    asset=clusters,
+    asset=dg.AssetKey("clusters"),
     name=SMOKE_CHECK,
     description="the smoke wave reproduces the committed fingerprint (manifest, embeddings, ARI/NMI)",
 )

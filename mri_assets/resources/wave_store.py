@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 
@@ -21,6 +24,35 @@ from mri_assets.core.wave_layout import WaveLayout, wave_layout, write_wave_layo
 from mri_assets.resources.object_store import ObjectInfo, ObjectStore
 
 BACKBONE_RECORD_FORMAT = "mri_assets.backbone_record/1"
+
+
+def splits_of(manifest: pl.DataFrame, image_ids: list[str]) -> np.ndarray:
+    """The split of each of `image_ids` in `manifest` (its `image_id`, `split`, `status`
+    columns), `train` for an id with no `ok` row."""
+    ok = manifest.filter(pl.col("status") == "ok").select("image_id", "split")
+    lookup = dict(ok.iter_rows())
+    return np.array([lookup.get(i, "train") for i in image_ids])
+
+
+@dataclass(frozen=True)
+class WaveEmbeddings:
+    """A handle on a wave's embedding shards: their ids and model id read, the vectors read
+    shard by shard when asked (`shards()`), or all at once (`matrix()`)."""
+
+    wave: str
+    paths: tuple[Path, ...]
+    ids: list[str]
+    model_id: str
+
+    def shards(self) -> Iterator[np.ndarray]:
+        """The float16 vectors of each shard, in shard order."""
+        from mri_assets.core.embed import read_embeddings  # core.embed brings torch
+
+        for path in self.paths:
+            yield read_embeddings(path)[1]
+
+    def matrix(self) -> np.ndarray:
+        return np.concatenate(list(self.shards()))
 
 
 class WaveStore:
@@ -62,6 +94,15 @@ class WaveStore:
         return pl.read_parquet(io.BytesIO(self.store.get_bytes(keys.manifest_key(wave))),
                                columns=columns)
 
+    def ok_slices(self, wave: str) -> pl.DataFrame:
+        """The wave's `ok` manifest rows: `image_id`, `patient_key`, `source_key`, `split`."""
+        frame = self.manifest(wave, ["image_id", "patient_key", "source_key", "split", "status"])
+        return frame.filter(pl.col("status") == "ok").drop("status")
+
+    def splits(self, wave: str, image_ids: list[str]) -> np.ndarray:
+        """The split of each of `image_ids` (`train` for an id the manifest has no `ok` row of)."""
+        return splits_of(self.manifest(wave, ["image_id", "split", "status"]), image_ids)
+
     def manifest_path(self, wave: str) -> Path:
         """A local path of the manifest (the store's file, or the download cache of S3)."""
         return self.store.local_path(keys.manifest_key(wave))
@@ -93,6 +134,25 @@ class WaveStore:
         """The shard's embeddings (`image_id`, `embedding`; schema metadata `model_id`, `dim`)."""
         with pa.memory_map(str(self.embeddings_path(wave, shard))) as source:
             return pa.ipc.open_file(source).read_all()
+
+    def wave_embeddings(self, wave: str) -> WaveEmbeddings:
+        """The wave's embedding shards, those its layout records (whatever MRI_ASSETS_SHARDS is
+        now), with their ids and the one model id they share (refused when they mix models)."""
+        from mri_assets.core.embed import read_embedding_ids  # core.embed brings torch
+
+        paths = tuple(self.embeddings_path(wave, shard) for shard in range(self.shard_count(wave)))
+        ids: list[str] = []
+        model_ids: set[str] = set()
+        for path in paths:
+            shard_ids, meta = read_embedding_ids(path)
+            ids.extend(shard_ids)
+            model_ids.add(meta["model_id"])
+        if len(model_ids) > 1:
+            raise ValueError(
+                f"wave {wave} mixes embeddings of several models {sorted(model_ids)}: "
+                "re-materialize its embeddings with one model"
+            )
+        return WaveEmbeddings(wave, paths, ids, model_ids.pop() if model_ids else "none")
 
     def put_embeddings(self, wave: str, shard: int, path: Path) -> str:
         key = keys.embeddings_key(wave, shard)

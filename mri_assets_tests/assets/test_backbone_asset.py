@@ -6,18 +6,15 @@ import dagster as dg
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mri_assets.assets.backbone import (
-    REGISTERED_BACKBONE,
-    PretrainSettings,
-    embedding_backbone,
-    read_record,
-    record_key,
-)
-from mri_assets.assets.embeddings import embeddings_key
+from mri_assets.assets.backbone import REGISTERED_BACKBONE, PretrainSettings
+from mri_assets.assets.support.backbones import embedding_backbone
 from mri_assets.assets.support.partitions import wave_shard_key
 from mri_assets.core.backbone import read_backbone_meta
 from mri_assets.core.embed import read_embedding_ids
+from mri_assets.core.wave_keys import backbone_record_key as record_key
+from mri_assets.core.wave_keys import embeddings_key
 from mri_assets.core.wave_layout import wave_shard_count
+from mri_assets.resources.wave_store import WaveStore
 from mri_assets_tests.assets.wave_fixtures import land_sample_wave, local_defs, materialize
 
 TINY = PretrainSettings(policy="first", epochs=1, batch_size=8, min_slices=0)
@@ -53,7 +50,7 @@ def test_the_first_wave_trains_a_backbone_that_later_waves_adopt_and_embeddings_
     assert trained["source"] == "trained" and trained["trained_on"] == "pilot"
     assert trained["model_id"].startswith("resnet18:ssl:") and trained["model_id"].endswith("@128")
     assert trained["steps"] >= 1 and trained["cpu_minutes"] >= 0
-    record = read_record(store, "pilot")
+    record = WaveStore(store).backbone_record("pilot")
     meta = read_backbone_meta(store.get_bytes(record["checkpoint_key"]))
     assert meta["n_slices"] == trained["slices"] and meta["config_epochs"] == 1
     tracking = defs.resources["mlflow"]
@@ -79,10 +76,10 @@ def test_the_first_wave_trains_a_backbone_that_later_waves_adopt_and_embeddings_
                          "embeddings")
     assert embedded["model_id"] == trained["model_id"]
 
-    stale = {**read_record(store, "scale"), "model_id": "resnet18:ssl:000000000000@128"}
+    stale = {**WaveStore(store).backbone_record("scale"), "model_id": "resnet18:ssl:000000000000@128"}
     store.put_bytes(record_key("scale"), json.dumps(stale).encode())
     with pytest.raises(ValueError, match="re-materialize backbone for wave scale"):
-        embedding_backbone(store, defs.resources["compute"], "scale")
+        embedding_backbone(WaveStore(store), defs.resources["compute"], "scale")
 
 
 def test_policy_off_and_waves_without_a_backbone_embed_with_the_compute_weights(

@@ -5,7 +5,6 @@ import polars as pl
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mri_assets.assets.labeling import split_of
 from mri_assets.assets.retraining import REGISTERED_MODEL
 from mri_assets.cli.operations import label_from_csv
 from mri_assets.core.home import MriHome
@@ -14,6 +13,7 @@ from mri_assets.definitions import build_defs
 from mri_assets.definitions.local_run import dagster_instance, materialize_wave
 from mri_assets.deployment import Deployment
 from mri_assets.resources.settings import LabelingSettings, PseudoLabelSettings, TrainingSettings
+from mri_assets.resources.wave_store import WaveStore
 from mri_assets_tests.assets.wave_fixtures import land_sample_wave
 
 QUEUE_FIRST = "manifest slices labeling_queue"  # the first queue needs no backbone
@@ -113,7 +113,7 @@ def test_classifier_is_registered_and_compared_with_the_baseline(labeled_wave):
     assert set(pseudo.columns) >= {"image_id", "label", "confidence", "knn_agreement", "promoted"}
     assert pseudo.filter(pl.col("promoted"))["confidence"].min() >= lenient.confidence_threshold
     store = defs.resources["object_store"]
-    splits = split_of(store, "pilot", pseudo["image_id"].to_list())
+    splits = WaveStore(store).splits("pilot", pseudo["image_id"].to_list())
     assert pseudo.height > 0 and "holdout" not in set(splits), "holdout slices are never pseudo-labeled"
 
 

@@ -38,6 +38,18 @@ def wave_and_shard(context: dg.AssetExecutionContext) -> tuple[str, int]:
 # The nightly smoke's wave: a partition of `waves` like any other, but only its own job
 # (`smoke_run`) materializes it; automation, the sensors and the queue leave it alone.
 SMOKE_WAVE = "smoke"
+# Waves that are neither checked against other waves for duplicates nor a reference for them,
+# nor adopt another wave's backbone: the smoke wave must give the same results in any home.
+ISOLATED_WAVES = frozenset({SMOKE_WAVE})
+
+
+def earlier_waves(instance: dg.DagsterInstance, wave: str) -> list[str]:
+    """The waves registered before `wave` (the order they were added in), isolated ones left out."""
+    if wave in ISOLATED_WAVES:
+        return []
+    order = list(instance.get_dynamic_partitions(WAVES))
+    before = order[: order.index(wave)] if wave in order else [w for w in order if w != wave]
+    return [w for w in before if w not in ISOLATED_WAVES]
 
 
 def wave_of_partition(partition_key: str) -> str:
