@@ -53,6 +53,9 @@ def _env(home: Path, size: int) -> dict[str, str]:
     if size > 1000:
         env["MRI_ASSETS_BACKBONE_POLICY"] = "off"
     env.pop("PYTEST_CURRENT_TEST", None)
+    # A user's checkout keeps compiled bytecode (__pycache__) after its first import; with this
+    # variable set (some sandboxes set it) every run worker compiles the code location again.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     return env
 
 

@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import dagster as dg
 import pytest
 
@@ -21,3 +25,15 @@ def test_every_profile_builds_definitions_with_the_same_assets(profile, tmp_path
 def test_an_unknown_profile_is_refused_with_the_allowed_names(tmp_path):
     with pytest.raises(ProfileError, match="local, celery, k8s"):
         build_defs("kubernetes", MriHome(tmp_path))
+
+
+def test_the_code_location_loads_without_mlflow_matplotlib_or_scipy(tmp_path):
+    """Every Dagster run worker imports the code location before its first step; the libraries
+    only some steps use (MLflow, matplotlib, scipy.spatial) wait for the step that calls them."""
+    late = ("mlflow", "matplotlib", "scipy")
+    probe = ("import sys, mri_assets.definitions; "
+             f"print(' '.join(m for m in {late!r} if m in sys.modules))")
+    env = {**os.environ, "MRI_ASSETS_HOME": str(tmp_path)}
+    loaded = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                            text=True, check=True, timeout=300).stdout.split()
+    assert loaded == [], f"importing the code location imported {loaded}"

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 from itertools import accumulate
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
 from mri_assets.core.costs import CATEGORIES, CostLedger, Projection
 from mri_assets.core.plots import figure_png
 
 _COLOURS = {"compute": "tab:blue", "storage": "tab:green", "labeling": "tab:orange"}
+
+
+def _pyplot():
+    """pyplot on the Agg backend, imported when a chart is drawn: every Dagster run worker imports
+    this module (through the `wave_costs` asset), and most runs draw nothing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def burndown_png(
@@ -26,6 +32,7 @@ def burndown_png(
     rows = ledger.spend_by_wave()
     waves = [row.wave or "(no wave)" for row in rows]
     last_measured = max((i for i, row in enumerate(rows) if row.total > 0), default=-1)
+    plt = _pyplot()
     figure, axis = plt.subplots(figsize=(8, 4.5), dpi=dpi)
     try:
         for category in CATEGORIES:

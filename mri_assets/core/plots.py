@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from mri_assets.core.clustering import labeled_mask
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+# matplotlib is imported when a figure is drawn: the asset modules import this module, and every
+# Dagster run worker imports them all, most runs drawing nothing.
 
 MAX_PLOT_POINTS = 20_000
 UNLABELED = "unlabeled"
@@ -55,6 +60,9 @@ def projection_png(
     index = _subsample(len(coords), max_points, seed)
     x, y = coords[index, 0], coords[index, 1]
 
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(11, 5), dpi=90)
     FigureCanvasAgg(figure)
     by_cluster, by_label = figure.subplots(1, 2)
@@ -88,6 +96,9 @@ def projection_png(
 def confusion_png(matrix: np.ndarray, class_names: Sequence[str], title: str) -> bytes:
     """A confusion matrix (rows = truth, columns = prediction) with counts in the cells."""
     matrix = np.asarray(matrix)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(5.5, 4.8), dpi=100)
     FigureCanvasAgg(figure)
     axis = figure.subplots()

@@ -43,7 +43,6 @@ from typing import Literal
 
 import numpy as np
 import polars as pl
-from scipy.spatial.distance import cdist
 
 Balance = Literal["equal", "proportional"]
 TRAIN_KIND = "train"
@@ -530,6 +529,9 @@ def naive_select(
     pool, coords_pca, exclude = _prepare(
         entropy, coords_pca, clusters, n, seed, exclude, holdout, pool_factor, balance
     )
+    # Imported here: only this baseline needs it, and scipy.spatial takes about a second to load.
+    from scipy.spatial.distance import cdist
+
     p = pool.coords.astype(np.float64)
     pairwise = cdist(p, p)
     excluded = coords_pca[np.flatnonzero(exclude)].astype(np.float64)

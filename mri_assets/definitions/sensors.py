@@ -42,7 +42,8 @@ def real_waves(instance: dg.DagsterInstance) -> list[str]:
     return [wave for wave in instance.get_dynamic_partitions(WAVES) if wave != SMOKE_WAVE]
 
 
-@dg.sensor(job=ingest_wave_job, minimum_interval_seconds=10,
+# Every 5 s, the sensor daemon's own loop: a wave's marker waits at most that long for its run.
+@dg.sensor(job=ingest_wave_job, minimum_interval_seconds=5,
            default_status=dg.DefaultSensorStatus.RUNNING)
 def wave_sensor(context: dg.SensorEvaluationContext, object_store: ObjectStore):
     """The one way a landed wave starts: for every `raw/WAVE/_READY` marker whose wave has no

@@ -15,17 +15,21 @@ import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dagster import ConfigurableResource
 from filelock import FileLock
-from mlflow.entities import Metric, Param, RunStatus, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
-from mlflow.tracking import MlflowClient
 from pydantic import Field
 
 from mri_assets.core.temporaries import scratch_prefix, temp_prefix
+
+if TYPE_CHECKING:
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+# MLflow (and the pandas, FastAPI and SQLAlchemy models it imports, about 1.5 s) is imported by
+# the methods that talk to it, not with this module: every Dagster run worker imports the code
+# location, and most runs of a wave never log to MLflow.
 
 WAVE_TAG = "mri_assets.wave"
 STAGE_TAG = "mri_assets.stage"
@@ -125,10 +129,15 @@ class MlflowTracking(ConfigurableResource):
         return str(folder)
 
     def client(self) -> MlflowClient:
+        from mlflow.tracking import MlflowClient
+
         self.prepare()
         return MlflowClient(tracking_uri=self.tracking_uri)
 
     def experiment_id(self, client: MlflowClient | None = None) -> str:
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
         client = client or self.client()
         experiment = client.get_experiment_by_name(self.experiment_name)
         if experiment is not None:
@@ -177,6 +186,8 @@ class MlflowTracking(ConfigurableResource):
         a rematerialization changes params, which MLflow keeps immutable). The run ends
         FINISHED, or FAILED when the block raises.
         """
+        from mlflow.entities import RunStatus, RunTag
+
         client = self.client()
         run_id = self.find_wave_run(wave, stage)
         if run_id is not None and new_run:
@@ -203,6 +214,8 @@ class MlflowTracking(ConfigurableResource):
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         """Log params; a key already logged with a different value is an error (MLflow params
         are immutable: start the wave's run with `new_run=True`)."""
+        from mlflow.entities import Param
+
         client = self.client()
         existing = client.get_run(run_id).data.params
         fresh: list[Param] = []
@@ -219,6 +232,8 @@ class MlflowTracking(ConfigurableResource):
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float | None], step: int = 0) -> None:
         """Log numeric metrics; None values (e.g. ARI not computable) are not logged as numbers."""
+        from mlflow.entities import Metric
+
         now = int(time.time() * 1000)
         entries = [
             Metric(key, float(value), now, step)
@@ -228,6 +243,8 @@ class MlflowTracking(ConfigurableResource):
         self._log_batch(self.client(), run_id, metrics=entries)
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
         self._log_batch(self.client(), run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifact_bytes(
