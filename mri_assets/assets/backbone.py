@@ -55,7 +55,8 @@ from mri_assets.core.wave_layout import wave_shard_count
 from mri_assets.resources.compute import ComputeResource
 from mri_assets.resources.mlflow_tracking import MlflowTracking
 from mri_assets.resources.object_store import ObjectStore
-from mri_assets.resources.wave_store import WaveStore
+from mri_assets.resources.wave_io import WAVE_IO_MANAGER
+from mri_assets.resources.wave_store import WaveStore, backbone_record
 
 POLICIES = ("first", "every", "off")
 REGISTERED_BACKBONE = "mri_assets_backbone"
@@ -162,6 +163,7 @@ def wave_training_slices(store: ObjectStore, wave: str, include_holdout: bool, m
     partitions_def=wave_partitions,
     deps=[dg.AssetKey("slices")],
     group_name="embed",
+    io_manager_key=WAVE_IO_MANAGER,
     kinds={"pytorch", "mlflow"},
     pool=GPU_POOL,
     op_tags=gpu_step_tags(),
@@ -184,18 +186,18 @@ def backbone(
     adopted = _latest_earlier(object_store, earlier) if pretrain.policy == "first" else None
     if compute.checkpoint_key:
         model, _ = embedding_backbone(WaveStore(object_store), compute, wave)
-        record = WaveStore(object_store).put_backbone_record(wave, {
+        record = backbone_record(wave, {
             "source": "classifier", "model_id": model.model_id, "checkpoint_key": None,
             "trained_on": None, "reason": f"compute.checkpoint_key={compute.checkpoint_key} embeds"})
     elif wave in ISOLATED_WAVES or pretrain.policy == "off":
         model = compute.build_backbone()
         why = "isolated wave: the compute resource's fixed model" if wave in ISOLATED_WAVES \
             else "pretrain.policy=off"
-        record = WaveStore(object_store).put_backbone_record(wave, {
+        record = backbone_record(wave, {
             "source": "compute", "model_id": model.model_id, "checkpoint_key": None,
             "trained_on": None, "reason": why})
     elif adopted is not None:
-        record = WaveStore(object_store).put_backbone_record(wave, {
+        record = backbone_record(wave, {
             "source": "adopted", "model_id": adopted["model_id"],
             "checkpoint_key": adopted["checkpoint_key"], "trained_on": adopted["trained_on"],
             "reason": f"policy first: wave {adopted['trained_on']} trained the backbone"})
@@ -203,7 +205,7 @@ def backbone(
             object_store, wave, pretrain.include_holdout, pretrain.sample_limit(config),
             pretrain.seed))) < pretrain.min_slices:
         model = compute.build_backbone()
-        record = WaveStore(object_store).put_backbone_record(wave, {
+        record = backbone_record(wave, {
             "source": "compute", "model_id": model.model_id, "checkpoint_key": None,
             "trained_on": None,
             "reason": f"only {n} training slices, fewer than pretrain.min_slices="
@@ -280,7 +282,7 @@ def _train(context: dg.AssetExecutionContext, store: ObjectStore, compute: Compu
             run_id, result.checkpoint, REGISTERED_BACKBONE,
             build_backbone(compute.arch, checkpoint=result.checkpoint, input_size=compute.input_size),
             tags=dagster_tags(context, mlflow))
-    record = WaveStore(store).put_backbone_record(wave, {
+    record = backbone_record(wave, {
         "source": "trained", "model_id": result.model_id, "checkpoint_key": key,
         "trained_on": wave, "reason": f"self-supervised on {result.n_slices} slices of wave {wave}"})
     context.log.info(f"{wave}: {record['reason']} in {result.seconds:.0f} s "

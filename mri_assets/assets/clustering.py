@@ -1,7 +1,6 @@
 """Clustering for drift monitoring: PCA keeping 90 % of the variance, KMeans at k = 2, 3, 4."""
 
 import base64
-import io
 
 import dagster as dg
 import polars as pl
@@ -12,41 +11,41 @@ from mri_assets.assets.support.monitoring import cluster_gauges, push_figures
 from mri_assets.assets.support.partitions import wave_partitions
 from mri_assets.assets.support.provenance import dagster_tags, mlflow_run_metadata
 from mri_assets.core.clustering import DEFAULT_KS as KS
-from mri_assets.core.clustering import cluster_scores, cluster_wave, fit_streaming_pca
+from mri_assets.core.clustering import PcaModel, cluster_scores, cluster_wave, fit_streaming_pca
 from mri_assets.core.expert_labels import align_labels, expert_label_per_image
 from mri_assets.core.plots import projection_png
-from mri_assets.core.wave_keys import clusters_key, pca_key
+from mri_assets.core.wave_keys import pca_key
 from mri_assets.resources.label_store import LabelStore
 from mri_assets.resources.metrics import MetricsResource
 from mri_assets.resources.mlflow_tracking import MlflowTracking
 from mri_assets.resources.object_store import ObjectStore
 from mri_assets.resources.settings import ClusteringSettings
-from mri_assets.resources.wave_store import WaveStore
+from mri_assets.resources.wave_io import WAVE_IO_MANAGER
+from mri_assets.resources.wave_store import WaveEmbeddings
 
 
 @dg.asset(
     partitions_def=wave_partitions,
-    deps=[dg.AssetKey("embeddings")],
     group_name="drift",
     kinds={"numpy", "mlflow"},
     automation_condition=EAGER,
+    io_manager_key=WAVE_IO_MANAGER,
 )
 def pca_model(
     context: dg.AssetExecutionContext,
+    embeddings: WaveEmbeddings,
     object_store: ObjectStore,
     mlflow: MlflowTracking,
     clustering: ClusteringSettings,
-) -> dg.Output[dict]:
+) -> dg.Output[PcaModel]:
     """PCA fitted once per wave, streaming over its shards; keeps the fewest components ≥ 90 %."""
     wave = context.partition_key
-    embedded = WaveStore(object_store).wave_embeddings(wave)
-    shards, ids, model_id = embedded.shards, embedded.ids, embedded.model_id
+    shards, ids, model_id = embeddings.shards, embeddings.ids, embeddings.model_id
     context.log.info(f"pca_model {wave}: fitting on {len(ids)} embeddings")
     pca = fit_streaming_pca(shards(), clustering.variance_target)
     context.log.info(f"pca_model {wave}: {pca.n_components} components keep "
                      f"{pca.explained_variance_total:.1%} of the variance")
     data = pca.to_bytes()
-    object_store.put_bytes(pca_key(wave), data)
     tags = {**dagster_tags(context, mlflow), "model_id": model_id}
     with mlflow.start_wave_run(wave, "pca", tags=tags, new_run=True) as run_id:
         mlflow.log_params(run_id, {"model_id": model_id, "variance_target": clustering.variance_target,
@@ -54,7 +53,7 @@ def pca_model(
         mlflow.log_metrics(run_id, {"explained_variance": pca.explained_variance_total})
         mlflow.log_artifact_bytes(run_id, "pca.npz", data, artifact_path="models")
     return dg.Output(
-        {"wave": wave, "key": pca_key(wave), "model_id": model_id, "n_components": pca.n_components},
+        pca,
         metadata={
             "n_components": pca.n_components,
             "explained_variance": round(pca.explained_variance_total, 4),
@@ -69,14 +68,15 @@ def pca_model(
 
 @dg.asset(
     partitions_def=wave_partitions,
-    deps=[dg.AssetKey("pca_model")],
     group_name="drift",
     kinds={"polars", "mlflow"},
     automation_condition=EAGER,
+    io_manager_key=WAVE_IO_MANAGER,
 )
 def clusters(
     context: dg.AssetExecutionContext,
-    object_store: ObjectStore,
+    embeddings: WaveEmbeddings,
+    pca_model: PcaModel,
     label_store: LabelStore,
     mlflow: MlflowTracking,
     clustering: ClusteringSettings,
@@ -84,10 +84,8 @@ def clusters(
 ) -> dg.Output[pl.DataFrame]:
     """KMeans at k = 2, 3, 4 on the wave's PCA projection; ARI/NMI on the labeled subset."""
     wave = context.partition_key
-    waves = WaveStore(object_store)
-    embedded = waves.wave_embeddings(wave)
-    shards, ids, model_id = embedded.shards, embedded.ids, embedded.model_id
-    pca = waves.pca(wave)
+    shards, ids, model_id = embeddings.shards, embeddings.ids, embeddings.model_id
+    pca = pca_model
     context.log.info(f"clusters {wave}: KMeans at k = {', '.join(map(str, KS))} on {len(ids)} "
                      f"slices ({pca.n_components} PCA components)")
     result = cluster_wave(shards, KS, seed=clustering.seed, pca=pca)
@@ -97,9 +95,6 @@ def clusters(
     plotted_truth = [truth[i] for i in result.plot_index]
     png = projection_png(result.plot_coords, result.labels[clustering.drift_k][result.plot_index],
                          plotted_truth, f"wave {wave}: PCA projection")
-    buffer = io.BytesIO()
-    frame.write_parquet(buffer)
-    object_store.put_bytes(clusters_key(wave), buffer.getvalue())
     tags = {**dagster_tags(context, mlflow), "model_id": model_id}
     with mlflow.start_wave_run(wave, "clusters", tags=tags, new_run=True) as run_id:
         mlflow.log_params(run_id, {"model_id": model_id, "n_components": pca.n_components,

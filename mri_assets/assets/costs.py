@@ -22,7 +22,7 @@ from mri_assets.assets.support.partitions import (
 from mri_assets.assets.support.provenance import dagster_tags, mlflow_run_metadata
 from mri_assets.core.costs import CostLedger
 from mri_assets.core.costs_plot import burndown_png
-from mri_assets.core.wave_keys import bytes_by_wave, manifest_key
+from mri_assets.core.wave_keys import bytes_by_wave
 from mri_assets.resources.cost_settings import CostSettings
 from mri_assets.resources.label_store import LabelStore
 from mri_assets.resources.metrics import MetricsResource, cost_gauges
@@ -116,14 +116,9 @@ def measured_embedding_img_per_s(ledger: CostLedger) -> float | None:
     return images / seconds if images and seconds > 0 else None
 
 
-def _images_to_embed(store: ObjectStore, wave: str) -> int:
-    frame = pl.read_parquet(store.local_path(manifest_key(wave)), columns=["status"])
-    return int(frame.filter(pl.col("status") == "ok").height)
-
-
 @dg.asset(
     partitions_def=wave_partitions,
-    deps=[dg.AssetKey("manifest")],
+    ins={"manifest": dg.AssetIn(metadata={"columns": ["status"]})},
     group_name="costs",
     kinds={"python"},
     automation_condition=EAGER,
@@ -138,6 +133,7 @@ def _images_to_embed(store: ObjectStore, wave: str) -> int:
 )
 def gpu_budget(
     context: dg.AssetExecutionContext,
+    manifest: pl.LazyFrame,
     object_store: ObjectStore,
     label_store: LabelStore,
     cost: CostSettings,
@@ -157,7 +153,7 @@ def gpu_budget(
     ledger = measured_ledger(context.instance, cost, object_store, label_store)
     measured = measured_embedding_img_per_s(ledger)
     img_per_s = measured if measured is not None else cost.fallback_img_per_s()
-    images = _images_to_embed(object_store, wave)
+    images = manifest.filter(pl.col("status") == "ok").select(pl.len()).collect().item()
     node_type = ledger.rates.embedding_node_type
     verdict = ledger.check_gpu_step("embedding", images, img_per_s, node_type)
     context.log.info(f"wave {wave}: {verdict.message}")

@@ -17,6 +17,7 @@ from mri_assets.resources.compute import ComputeResource
 from mri_assets.resources.dvc_tracking import DvcTracking
 from mri_assets.resources.metrics import MetricsResource
 from mri_assets.resources.object_store import ObjectStore
+from mri_assets.resources.wave_io import WAVE_IO_MANAGER
 from mri_assets.resources.wave_store import WaveStore
 
 
@@ -25,6 +26,7 @@ from mri_assets.resources.wave_store import WaveStore
     deps=[dg.AssetKey("slices"), dg.AssetKey("gpu_budget"), dg.AssetKey("backbone")],
     group_name="embed",
     kinds={"pytorch", "dvc"},
+    io_manager_key=WAVE_IO_MANAGER,
     pool=GPU_POOL,
     op_tags=gpu_step_tags(),
     retry_policy=dg.RetryPolicy(max_retries=2, delay=5),

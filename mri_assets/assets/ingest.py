@@ -54,6 +54,7 @@ from mri_assets.resources.landing import LandingError, is_raw_file, landed_objec
 from mri_assets.resources.metrics import MetricsResource
 from mri_assets.resources.object_store import LocalObjectStore, ObjectStore, ObjectStoreError
 from mri_assets.resources.settings import IngestSettings
+from mri_assets.resources.wave_io import WAVE_IO_MANAGER
 
 RECONCILE_CHECK = "counts_reconcile"
 
@@ -125,6 +126,7 @@ def _summary_table(manifest: pl.DataFrame, column: str) -> dict[str, int]:
     partitions_def=wave_partitions,
     group_name="ingest",
     kinds={"polars", "parquet"},
+    io_manager_key=WAVE_IO_MANAGER,
     check_specs=[dg.AssetCheckSpec(RECONCILE_CHECK, asset="manifest", blocking=True,
                                    description="listed = ok + duplicate + quarantined")],
 )
@@ -171,7 +173,6 @@ def manifest(context: dg.AssetExecutionContext, object_store: ObjectStore, inges
             pl.col("source_key").map_elements(object_store.uri, return_dtype=pl.String)
             .alias("source_uri"),
         )
-        _write_parquet(object_store, manifest_key(wave), frame, scratch)
         staged_count = _stage_shards(object_store, wave, staged, n_shards)
         write_wave_layout(object_store, WaveLayout(wave, n_shards))
     seconds = time.perf_counter() - started
@@ -224,13 +225,12 @@ def manifest(context: dg.AssetExecutionContext, object_store: ObjectStore, inges
 
 @dg.asset(
     partitions_def=wave_shard_partitions,
-    deps=[manifest],
     group_name="ingest",
     kinds={"numpy"},
     automation_condition=EAGER,
 )
 @each_shard
-def slices(context: dg.AssetExecutionContext, object_store: ObjectStore,
+def slices(context: dg.AssetExecutionContext, manifest: pl.LazyFrame, object_store: ObjectStore,
            ingest: IngestSettings) -> dg.Output[dict]:
     """The shard's `ok` slices, 256 px uint8, lossless, in a memmap-able `.npy` with an index.
 
@@ -247,7 +247,7 @@ def slices(context: dg.AssetExecutionContext, object_store: ObjectStore,
         raise dg.Failure(f"wave {wave} was written with {n_shards} shards (its layout); shard "
                          f"{shard:02d} holds nothing: MRI_ASSETS_SHARDS is larger than the wave's")
     started = time.perf_counter()
-    wanted = manifest_shard_rows(object_store.local_path(manifest_key(wave)), shard)
+    wanted = manifest_shard_rows(manifest, shard)
     staged_key = staged_pixels_key(wave, shard)
     n_bytes = object_store.size(staged_key)
     n_rows = staged_rows(n_bytes, SLICE_SIZE)
@@ -260,7 +260,7 @@ def slices(context: dg.AssetExecutionContext, object_store: ObjectStore,
             f"(published as {npy_key}) no longer match their crc32 (first: "
             f"{bad['image_id'].head(5).to_list()} at rows {bad['row'].head(5).to_list()}); "
             "decoding them again from the raw objects")
-        _rebuild_rows(object_store, wave, staged_key, bad, index, ingest)
+        _rebuild_rows(object_store, wave, manifest, staged_key, bad, index, ingest)
     object_store.copy(staged_key, npy_key)
     with object_store.scratch_dir() as scratch_dir:
         _write_parquet(object_store, index_key, index, Path(scratch_dir))
@@ -291,11 +291,11 @@ def _row_reader(store: ObjectStore, key: str):
     return read
 
 
-def _rebuild_rows(store: ObjectStore, wave: str, staged_key: str, bad: pl.DataFrame,
-                  index: pl.DataFrame, ingest: IngestSettings) -> None:
+def _rebuild_rows(store: ObjectStore, wave: str, manifest: pl.LazyFrame, staged_key: str,
+                  bad: pl.DataFrame, index: pl.DataFrame, ingest: IngestSettings) -> None:
     """Write a new staged `.npy` (a new file, never the damaged one in place) with the `bad` rows
     decoded again from their raw objects, check every indexed row of it, and publish it."""
-    rows = (pl.scan_parquet(store.local_path(manifest_key(wave)))
+    rows = (manifest
             .filter(pl.col("image_id").is_in(bad["image_id"].implode()))
             .select(REDECODE_COLUMNS).collect())
     decode = DecodeSettings(wave=wave, window=ingest.window(), modalities=ingest.modalities(),

@@ -8,7 +8,6 @@ still trains. Once the classifier can score the wave, a batch (the `active_learn
 its predictive entropy + k-center diversity + cluster balance (`select_for_labeling`).
 """
 
-import io
 
 import dagster as dg
 import numpy as np
@@ -29,12 +28,13 @@ from mri_assets.core.selection import (
     stratified_random_batch,
 )
 from mri_assets.core.training.checkpoint import embedding_head_from_checkpoint
-from mri_assets.core.wave_keys import checkpoint_key, clusters_key
+from mri_assets.core.wave_keys import checkpoint_key
 from mri_assets.resources.label_store import LabelStore
 from mri_assets.resources.metrics import MetricsResource
 from mri_assets.resources.object_store import ObjectStore
 from mri_assets.resources.settings import ClusteringSettings, LabelingSettings
-from mri_assets.resources.wave_store import WaveStore
+from mri_assets.resources.wave_io import MISSING_OK
+from mri_assets.resources.wave_store import WaveStore, splits_of
 
 
 def wave_projection(store: ObjectStore, wave: str) -> tuple[list[str], np.ndarray]:
@@ -73,6 +73,9 @@ def classifier_probs(instance: dg.DagsterInstance, store: ObjectStore, wave: str
     return probs, f"classifier of wave {trained_on} (its stage-1 head on embeddings of {model_id})"
 
 
+# The manifest's columns the queue reads: the first batch's strata and every batch's holdout.
+QUEUE_COLUMNS = ["image_id", "patient_key", "source_key", "split", "status"]
+
 # A wave's first batch follows its slices by `eager()`, beside the backbone, never after it:
 # `clusters` is a dependency for the lineage (later batches read them) that the condition
 # ignores, and only while the wave has no queue yet: a clusters refresh (new labels,
@@ -86,13 +89,17 @@ QUEUE_ONCE_PER_WAVE = (
 
 @dg.asset(
     partitions_def=wave_partitions,
-    deps=[dg.AssetKey("slices"), dg.AssetKey("clusters")],
+    deps=[dg.AssetKey("slices")],
+    ins={"manifest": dg.AssetIn(metadata={"columns": QUEUE_COLUMNS}),
+         "clusters": dg.AssetIn(metadata={MISSING_OK: True})},
     group_name="labeling",
     kinds={"sqlalchemy"},
     automation_condition=apart_from_smoke(QUEUE_ONCE_PER_WAVE),
 )
 def labeling_queue(
     context: dg.AssetExecutionContext,
+    manifest: pl.DataFrame,
+    clusters: pl.DataFrame | None,
     object_store: ObjectStore,
     label_store: LabelStore,
     clustering: ClusteringSettings,
@@ -114,10 +121,10 @@ def labeling_queue(
     n_holdout = min(labeling.holdout_per_wave, room)
     n_train = min(labeling.batch_size, max(room - n_holdout, 0))
     probs, detail = classifier_probs(context.instance, object_store, wave, labeling.classes) \
-        if object_store.exists(clusters_key(wave)) else \
+        if clusters is not None else \
         (None, f"wave {wave} has no clusters yet (backbone, embeddings and PCA come first)")
     if probs is None:
-        ok = WaveStore(object_store).ok_slices(wave)
+        ok = manifest.filter(pl.col("status") == "ok").drop("status")
         ids = ok["image_id"].to_list()
         exclude = np.array([i in labeled for i in ids], dtype=bool)
         holdout = (ok["split"] == "holdout").to_numpy()
@@ -130,12 +137,11 @@ def labeling_queue(
         selection, source = FIRST_BATCH_SELECTION, "none (no classifier for this wave yet)"
     else:
         ids, coords = wave_projection(object_store, wave)
-        assigned = pl.read_parquet(io.BytesIO(object_store.get_bytes(clusters_key(wave))))
-        frame = pl.DataFrame({"image_id": ids}).join(assigned, on="image_id", how="left")
+        frame = pl.DataFrame({"image_id": ids}).join(clusters, on="image_id", how="left")
         assignment = frame[f"cluster_k{clustering.drift_k}"].to_numpy().astype(np.int64)
         uncertainty = queue_uncertainty(coords, assignment, probs, detail)
         exclude = np.array([i in labeled for i in ids], dtype=bool)
-        holdout = WaveStore(object_store).splits(wave, ids) == "holdout"
+        holdout = splits_of(manifest, ids) == "holdout"
         picked = select_for_labeling(uncertainty.entropy, coords, assignment, n_train,
                                      labeling.seed, exclude=exclude, holdout=holdout,
                                      duplicate_radius=labeling.duplicate_radius)

@@ -36,22 +36,28 @@ from mri_assets.core.training.two_stage import (
     TrainingData,
     train_two_stage,
 )
-from mri_assets.core.wave_keys import baseline_key, checkpoint_key, pca_key
+from mri_assets.core.wave_keys import baseline_key, checkpoint_key
 from mri_assets.core.wave_layout import wave_shard_count
 from mri_assets.resources.compute import ComputeResource
 from mri_assets.resources.mlflow_tracking import MlflowTracking
 from mri_assets.resources.object_store import ObjectStore
 from mri_assets.resources.settings import LabelingSettings, PseudoLabelSettings, TrainingSettings
-from mri_assets.resources.wave_store import WaveStore
+from mri_assets.resources.wave_io import MISSING_OK
+from mri_assets.resources.wave_store import WaveEmbeddings, WaveStore, splits_of
 
 GATE_CHECK = "pseudo_label_gate"
 BASELINE_CHECK = "maintains_supervised_baseline"
 REGISTERED_MODEL = "mri_assets_classifier"
 
 
-def wave_matrix(store: ObjectStore, wave: str) -> tuple[list[str], np.ndarray, str]:
-    embedded = WaveStore(store).wave_embeddings(wave)
-    return embedded.ids, embedded.matrix(), embedded.model_id
+# What the retraining assets receive besides the labels: the wave's embeddings (a handle), the
+# manifest's splits, its PCA (the kNN space) and its backbone's record (the network they tune).
+SPLIT_COLUMNS = ["image_id", "split", "status"]
+WAVE_INPUTS = {
+    "embeddings": dg.AssetIn(),
+    "manifest": dg.AssetIn(metadata={"columns": SPLIT_COLUMNS}),
+    "backbone": dg.AssetIn(metadata={MISSING_OK: True}),
+}
 
 
 def label_codes(ids: list[str], expert: pl.DataFrame, classes: tuple[str, ...]) -> np.ndarray:
@@ -64,13 +70,14 @@ def label_codes(ids: list[str], expert: pl.DataFrame, classes: tuple[str, ...]) 
     return np.array([position.get(per_image.get(i), -1) for i in ids], dtype=np.int64)
 
 
-def neighbour_space(store: ObjectStore, wave: str, embeddings: np.ndarray, space: str) -> np.ndarray:
+def neighbour_space(pca: PcaModel | None, embeddings: np.ndarray, space: str) -> np.ndarray:
     """Where neighbours are searched: the raw embeddings, or the wave's fitted PCA projection."""
     if space == "embedding":
         return embeddings
     if space != "pca":
         raise ValueError(f"pseudo.knn_space must be 'pca' or 'embedding', got {space!r}")
-    pca = PcaModel.from_bytes(store.get_bytes(pca_key(wave)))
+    if pca is None:
+        raise TrainingError("pseudo.knn_space=pca needs the wave's pca_model: materialize it first")
     return np.concatenate([pca.transform(embeddings[s : s + 65_536])
                            for s in range(0, len(embeddings), 65_536)])
 
@@ -94,6 +101,7 @@ def train_config(training: TrainingSettings) -> TrainConfig:
 
 @dg.asset(
     partitions_def=wave_partitions,
+    ins={**WAVE_INPUTS, "pca_model": dg.AssetIn(metadata={MISSING_OK: True})},
     group_name="retraining",
     kinds={"pytorch"},
     check_specs=[dg.AssetCheckSpec(GATE_CHECK, asset="pseudo_labels", blocking=True,
@@ -102,6 +110,10 @@ def train_config(training: TrainingSettings) -> TrainConfig:
 def pseudo_labels(
     context: dg.AssetExecutionContext,
     expert_labels: pl.DataFrame,
+    embeddings: WaveEmbeddings,
+    manifest: pl.DataFrame,
+    backbone: dict | None,
+    pca_model: PcaModel | None,
     object_store: ObjectStore,
     compute: ComputeResource,
     labeling: LabelingSettings,
@@ -122,9 +134,10 @@ def pseudo_labels(
     """
     wave = context.partition_key
     classes = tuple(labeling.classes)
-    ids, embeddings, model_id = wave_matrix(object_store, wave)
+    ids, model_id = embeddings.ids, embeddings.model_id
+    embeddings = embeddings.matrix()
     codes = label_codes(ids, expert_labels, classes)
-    holdout = WaveStore(object_store).splits(wave, ids) == "holdout"
+    holdout = splits_of(manifest, ids) == "holdout"
     reference = (codes >= 0) & ~holdout
     evaluation = (codes >= 0) & holdout
     # Holdout slices are for evaluation only: an unlabeled one is never pseudo-labeled, or the
@@ -136,7 +149,7 @@ def pseudo_labels(
     rows_of = wave_slice_rows(object_store, wave)
     id_array = np.array(ids)
     device, _, _ = compute.device_and_precision()
-    teacher = ClassifierModel(embedding_backbone(WaveStore(object_store), compute, wave)[0], classes,
+    teacher = ClassifierModel(embedding_backbone(WaveStore(object_store), compute, wave, backbone)[0], classes,
                               seed=training.seed)
     data = TrainingData(
         train=LabeledSlices(rows_of(list(id_array[reference])),
@@ -154,7 +167,7 @@ def pseudo_labels(
     queries = unlabeled | evaluation
     probs = np.zeros((len(ids), len(classes)), dtype=np.float32)
     probs[queries] = head.predict_proba(embeddings[queries], model_id)
-    space = neighbour_space(object_store, wave, embeddings, pseudo.knn_space)
+    space = neighbour_space(pca_model, embeddings, pseudo.knn_space)
     consensus = knn_consensus(space[queries], space[reference], codes[reference],
                               k=pseudo.knn_k, n_classes=len(classes))
     rule = promote(probs[queries], consensus, pseudo.confidence_threshold)
@@ -209,6 +222,7 @@ def _finetune_rows(expert_ids: list[str], pseudo_ids: list[str], cap: int, seed:
 
 @dg.asset(
     partitions_def=wave_partitions,
+    ins=WAVE_INPUTS,
     group_name="retraining",
     kinds={"pytorch", "mlflow"},
     pool=GPU_POOL,
@@ -220,6 +234,9 @@ def classifier(
     context: dg.AssetExecutionContext,
     pseudo_labels: pl.DataFrame,
     expert_labels: pl.DataFrame,
+    embeddings: WaveEmbeddings,
+    manifest: pl.DataFrame,
+    backbone: dict | None,
     object_store: ObjectStore,
     compute: ComputeResource,
     mlflow: MlflowTracking,
@@ -238,9 +255,10 @@ def classifier(
     wave = context.partition_key
     started = time.perf_counter()
     classes = tuple(labeling.classes)
-    ids, embeddings, model_id = wave_matrix(object_store, wave)
+    ids, model_id = embeddings.ids, embeddings.model_id
+    embeddings = embeddings.matrix()
     codes = label_codes(ids, expert_labels, classes)
-    holdout = WaveStore(object_store).splits(wave, ids) == "holdout"
+    holdout = splits_of(manifest, ids) == "holdout"
     position = {image_id: row for row, image_id in enumerate(ids)}
     expert_ids = [i for i, c, h in zip(ids, codes, holdout) if c >= 0 and not h]
     eval_ids = [i for i, c, h in zip(ids, codes, holdout) if c >= 0 and h]
@@ -268,7 +286,7 @@ def classifier(
         stage2_rows=stage2_rows,
     )
     device, _, _ = compute.device_and_precision()
-    model = ClassifierModel(embedding_backbone(WaveStore(object_store), compute, wave)[0], classes,
+    model = ClassifierModel(embedding_backbone(WaveStore(object_store), compute, wave, backbone)[0], classes,
                             seed=training.seed)
     config = train_config(training)
     with Progress(f"classifier {wave}: stage 2", "steps", log=context.log.info) as shown:

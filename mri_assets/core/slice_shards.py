@@ -80,10 +80,11 @@ def staged_rows(n_bytes: int, size: int) -> int:
     return max(0, n_bytes - HEADER_BYTES) // (size * size)
 
 
-def manifest_shard_rows(manifest_path: Path, shard: int) -> pl.DataFrame:
-    """The `ok` rows of one shard, as `shard_index` takes them, read from the manifest Parquet."""
+def manifest_shard_rows(manifest: Path | pl.LazyFrame, shard: int) -> pl.DataFrame:
+    """The `ok` rows of one shard, as `shard_index` takes them, read from the manifest (its
+    Parquet file, or a scan of it)."""
     return (
-        pl.scan_parquet(manifest_path)
+        (manifest if isinstance(manifest, pl.LazyFrame) else pl.scan_parquet(manifest))
         .filter((pl.col("shard") == shard) & (pl.col("status") == "ok"))
         .select("image_id", "slice_row", "payload_crc32", "split", "slice_index", "source_uri")
         .collect()

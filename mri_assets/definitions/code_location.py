@@ -24,6 +24,7 @@ from mri_assets.resources.settings import (
     RetrainSettings,
     TrainingSettings,
 )
+from mri_assets.resources.wave_io import WAVE_IO_MANAGER, wave_io_manager
 
 
 class _RangePickledIOManager(PickledObjectFilesystemIOManager):
@@ -104,6 +105,7 @@ def resources_for(deployment: Deployment) -> dict:
         "object_store": object_store_for(deployment),
         "ingest": IngestSettings(salt=secret_config(deployment.salt, IngestSettings().salt)),
         "io_manager": _io_manager(deployment),
+        WAVE_IO_MANAGER: wave_io_manager,
         "compute": _compute(deployment),
         "dvc": _dvc(deployment),
         "mlflow": _mlflow(deployment),

@@ -26,6 +26,11 @@ from mri_assets.resources.object_store import ObjectInfo, ObjectStore
 BACKBONE_RECORD_FORMAT = "mri_assets.backbone_record/1"
 
 
+def backbone_record(wave: str, fields: dict) -> dict:
+    """The `backbone` asset's decision for `wave`, as it is stored (`models/backbone/WAVE.json`)."""
+    return {"format": BACKBONE_RECORD_FORMAT, "wave": wave, **fields}
+
+
 def splits_of(manifest: pl.DataFrame, image_ids: list[str]) -> np.ndarray:
     """The split of each of `image_ids` in `manifest` (its `image_id`, `split`, `status`
     columns), `train` for an id with no `ok` row."""
@@ -89,6 +94,15 @@ class WaveStore:
 
     def has_manifest(self, wave: str) -> bool:
         return self.store.exists(keys.manifest_key(wave))
+
+    def put_manifest(self, wave: str, frame: pl.DataFrame) -> str:
+        """Write the wave's manifest (zstd, with statistics: readers filter by shard and status)."""
+        key = keys.manifest_key(wave)
+        with self.store.scratch_dir() as scratch:
+            path = Path(scratch) / "manifest.parquet"
+            frame.write_parquet(path, compression="zstd", statistics=True)
+            self.store.put_file(key, path)
+        return key
 
     def manifest(self, wave: str, columns: list[str] | None = None) -> pl.DataFrame:
         return pl.read_parquet(io.BytesIO(self.store.get_bytes(keys.manifest_key(wave))),
@@ -167,7 +181,7 @@ class WaveStore:
         return json.loads(self.store.get_bytes(key)) if self.store.exists(key) else None
 
     def put_backbone_record(self, wave: str, record: dict) -> dict:
-        record = {"format": BACKBONE_RECORD_FORMAT, "wave": wave, **record}
+        record = backbone_record(wave, record)
         self.store.put_bytes(keys.backbone_record_key(wave),
                              json.dumps(record, sort_keys=True, indent=1).encode())
         return record
