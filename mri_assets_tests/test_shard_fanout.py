@@ -3,6 +3,8 @@ run plan of a wave per profile (one run over the shards locally, a run per shard
 
 from __future__ import annotations
 
+import hashlib
+
 import dagster as dg
 import numpy as np
 import polars as pl
@@ -125,6 +127,37 @@ def test_a_range_run_materializes_every_shard_with_its_own_figures(mri_home, tmp
     for shard in range(n_shards):
         stored = mri_home / "dagster" / "storage" / "slices" / f"{shard:02d}" / WAVE
         assert stored.exists(), stored
+
+
+def test_a_range_run_of_embeddings_tracks_every_shard_in_dvc_with_the_md5_it_records(
+        mri_home, tmp_path):
+    """The shards of a range run go to DVC together (one `dvc add`, one `dvc push`, after the last
+    shard): each shard's materialization still names its own file and the md5 DVC recorded."""
+    landing = tmp_path / "landing"
+    build_sample_data(landing, n_slices=40, seed=0)
+    store = LocalObjectStore(root=str(mri_home / "store"))
+    land_wave(LocalObjectStore(root=str(landing)), "", store, WAVE, IngestSettings().salt)
+    defs = build_defs("local", MriHome(mri_home))
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(WAVES, [WAVE])
+    assert _materialize(defs, instance, "manifest", WAVE).success
+    last = wave_shard_count(store, WAVE) - 1
+    for asset in ("slices", "embeddings"):
+        assert dg.materialize(
+            assets=list(defs.assets), selection=[dg.AssetKey(asset)], instance=instance,
+            resources=defs.resources, run_config=QUIET_CONSOLE,
+            tags=shard_range_tags(WAVE, 0, last)).success
+
+    records = instance.fetch_materializations(dg.AssetKey("embeddings"), limit=100).records
+    assert len(records) == last + 1
+    dvc = defs.resources["dvc"]
+    for record in records:
+        shard = int(record.partition_key.split("|")[0])
+        metadata = {k: v.value for k, v in record.asset_materialization.metadata.items()}
+        stored = store.local_path(embeddings_key(WAVE, shard))
+        assert metadata["dvc_path"] == embeddings_key(WAVE, shard)
+        assert metadata["dvc_md5"] == dvc.record(metadata["dvc_path"]).md5 == hashlib.md5(
+            stored.read_bytes()).hexdigest()
 
 
 def _automation(defs: dg.Definitions):

@@ -89,6 +89,32 @@ def test_retracking_changed_content_gives_a_new_revision(mri_home: Path, tmp_pat
     assert tracking.read("embeddings/full-1/shard-02.arrow", md5=first.md5) == _shard_bytes(1)
 
 
+def test_a_batch_adds_and_pushes_its_files_together_with_the_records_it_returned(
+        mri_home: Path, tmp_path: Path):
+    tracking = local_dvc_tracking(mri_home)
+    paths = [f"embeddings/w1/shard-{shard:02d}.arrow" for shard in range(3)]
+    with tracking.batched() as batch:
+        records = [batch.track(_write(tmp_path / f"s{shard}", _shard_bytes(shard)), path)
+                   for shard, path in enumerate(paths)]
+        assert not (Path(tracking.repo_dir) / f"{paths[0]}.dvc").exists()  # nothing added yet
+    for shard, (path, record) in enumerate(zip(paths, records, strict=True)):
+        assert record.md5 == hashlib.md5(_shard_bytes(shard)).hexdigest()
+        assert tracking.record(path) == record  # what DVC wrote in the .dvc file
+    for path in paths[1:]:
+        (Path(tracking.repo_dir) / path).unlink()
+    _forget_local_copies(tracking, paths[0])  # and the cache: what is read comes from the remote
+    assert [tracking.read(path) for path in paths] == [_shard_bytes(shard) for shard in range(3)]
+
+
+def test_a_batch_whose_block_fails_adds_and_pushes_nothing(mri_home: Path, tmp_path: Path):
+    tracking = local_dvc_tracking(mri_home)
+    with pytest.raises(RuntimeError, match="shard 01 failed"), tracking.batched() as batch:
+        batch.track(_write(tmp_path / "s0", _shard_bytes(0)), "embeddings/w1/shard-00.arrow")
+        raise RuntimeError("shard 01 failed")
+    assert not (Path(tracking.repo_dir) / "embeddings/w1/shard-00.arrow.dvc").exists()
+    assert not any((mri_home / "dvc-remote").rglob("*"))
+
+
 def test_a_revision_never_pushed_is_a_clear_error(mri_home: Path, tmp_path: Path):
     tracking = local_dvc_tracking(mri_home)
     tracking.track(_write(tmp_path / "a", _shard_bytes(1)), "embeddings/pilot/shard-01.arrow")

@@ -10,6 +10,7 @@ the upper shard partitions of older waves in the UI, but no reader loses their s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import dagster as dg
@@ -96,20 +97,27 @@ def each_shard(compute):
     wave's shards in one run, `sensors.WaveAutomationSensor`) calls it once per shard, in shard
     order, with a context whose `partition_key` is that shard's; each shard's metadata goes to its
     own materialization and the output is `{partition key: value}` (`RangeFilesystemIOManager`
-    stores each value where a one-shard run would). A failing shard fails the step."""
+    stores each value where a one-shard run would). A failing shard fails the step.
+
+    A resource with a `batched()` context (`DvcTracking`) is handed to the shards as its batch,
+    so the range pays its per-call cost once (one `dvc add` and one `dvc push` for the range's
+    files), when every shard has succeeded and before any is recorded."""
 
     @functools.wraps(compute)
     def run(context: dg.AssetExecutionContext, *args, **kwargs):
         if not context.has_partition_key_range:
             return compute(context, *args, **kwargs)
         values = {}
-        for key in context.partition_keys:
-            shard_key = wave_shard_partitions.get_partition_key_from_str(str(key))
-            output = compute(_OneShard(context, shard_key), *args, **kwargs)
-            if isinstance(output, dg.Output):
-                context.add_asset_metadata(dict(output.metadata or {}), partition_key=str(key))
-                output = output.value
-            values[str(key)] = output
+        with contextlib.ExitStack() as batches:
+            kwargs = {name: batches.enter_context(value.batched()) if hasattr(value, "batched")
+                      else value for name, value in kwargs.items()}
+            for key in context.partition_keys:
+                shard_key = wave_shard_partitions.get_partition_key_from_str(str(key))
+                output = compute(_OneShard(context, shard_key), *args, **kwargs)
+                if isinstance(output, dg.Output):
+                    context.add_asset_metadata(dict(output.metadata or {}), partition_key=str(key))
+                    output = output.value
+                values[str(key)] = output
         return dg.Output(values)
 
     return run
