@@ -368,3 +368,38 @@ def test_no_asset_module_imports_another():
                 for module in asset_modules() for dep in sorted(GRAPH[module][0])
                 if dep in asset_modules()]
     assert breaches == []
+
+
+# Thin assets (issue 23): an asset body loads, calls core, writes and says what it did; the
+# metadata and the MLflow runs are built by helpers (`assets/support/reports.py`, core).
+MAX_ASSET_LINES = 60
+ASSET_DECORATORS = {"asset", "multi_asset", "graph_asset", "asset_check", "multi_asset_check"}
+
+
+def long_assets(tree: ast.AST, limit: int = MAX_ASSET_LINES) -> list[tuple[str, int]]:
+    """(name, lines) of every asset- or check-decorated function in `tree` longer than `limit`
+    lines, counted from its `def` line to its last line (signature and docstring included)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and any(
+                _callee(decorator) in ASSET_DECORATORS for decorator in node.decorator_list):
+            lines = node.end_lineno - node.lineno + 1
+            if lines > limit:
+                found.append((node.name, lines))
+    return sorted(found)
+
+
+def test_the_long_asset_finder_counts_decorated_assets_only():
+    body = [f"    x{k} = {k}" for k in range(59)]
+    code = "\n".join(["@dg.asset(group_name='g')", "def at_limit():", *body,
+                      "@asset", "def over():", *body, "    y = 1",
+                      "@dg.asset_check(asset='a')", "def check():", *body, "    y = 1",
+                      "def plain():", *body, "    y = 1"])
+    assert long_assets(ast.parse(code)) == [("check", 61), ("over", 61)]
+
+
+def test_no_asset_body_is_over_60_lines():
+    long = {module: found for module in asset_modules()
+            if (found := long_assets(ast.parse(MODULES[module].read_text())))}
+    assert long == {}, f"asset bodies over {MAX_ASSET_LINES} lines (move metadata and MLflow " \
+                       f"logging into helpers): {long}"

@@ -83,12 +83,18 @@ def list_raw_sources(store: ObjectStore, wave: str) -> list[SourceObject]:
     return sources
 
 
-def unlanded_objects(store: ObjectStore, wave: str, sources: list[SourceObject]) -> list[str]:
-    """Raw objects under the wave's prefix that its landing does not list (left out of the wave)."""
+def unlanded_objects(store: ObjectStore, wave: str, sources: list[SourceObject],
+                     warn=None) -> list[str]:
+    """Raw objects under the wave's prefix that its landing does not list (left out of the wave),
+    said to `warn` when there are any."""
     listed = {source.key for source in sources}
     prefix = raw_prefix(wave)
-    return [info.key for info in store.list(prefix)
-            if info.key not in listed and is_raw_file(info.key[len(prefix):])]
+    unlisted = [info.key for info in store.list(prefix)
+                if info.key not in listed and is_raw_file(info.key[len(prefix):])]
+    if unlisted and warn is not None:
+        warn(f"wave {wave}: {len(unlisted)} objects under {prefix} are not in its landing and "
+             f"are left out (first: {unlisted[:3]}); land the wave again to include them")
+    return unlisted
 
 
 def _write_parquet(store: ObjectStore, key: str, frame: pl.DataFrame, scratch: Path) -> None:
@@ -154,19 +160,15 @@ def manifest(context: dg.AssetExecutionContext, object_store: ObjectStore, inges
     except (LandingError, ValueError) as error:
         raise dg.Failure(description=str(error), allow_retries=False) from None
     context.log.info(f"wave {wave}: {len(sources)} landed objects under {raw_prefix(wave)}")
-    unlisted = unlanded_objects(object_store, wave, sources)
-    if unlisted:
-        context.log.warning(f"wave {wave}: {len(unlisted)} objects under {raw_prefix(wave)} are "
-                            f"not in its landing and are left out (first: {unlisted[:3]}); land "
-                            "the wave again to include them")
-    before = earlier_waves(context.instance, wave)
+    unlisted = unlanded_objects(object_store, wave, sources, context.log.warning)
     earlier_manifests = [(w, str(object_store.local_path(manifest_key(w))))
-                         for w in before if object_store.exists(manifest_key(w))]
+                         for w in earlier_waves(context.instance, wave)
+                         if object_store.exists(manifest_key(w))]
     with object_store.scratch_dir() as scratch_dir:
-        scratch = Path(scratch_dir)
         with Progress(f"manifest {wave}: decoding", "objects", len(sources),
                       log=context.log.info) as shown:
-            rows, staged = decode_wave(sources, decode, scratch / "spill", workers, shown.advance)
+            rows, staged = decode_wave(sources, decode, Path(scratch_dir) / "spill", workers,
+                                       shown.advance)
         earlier = earlier_ok_slices(earlier_manifests, rows["pixel_sha256"])
         frame = finish_manifest(rows, settings, earlier).with_columns(
             pl.lit(wave).alias("wave"),
@@ -175,52 +177,44 @@ def manifest(context: dg.AssetExecutionContext, object_store: ObjectStore, inges
         )
         staged_count = _stage_shards(object_store, wave, staged, n_shards)
         write_wave_layout(object_store, WaveLayout(wave, n_shards))
-    seconds = time.perf_counter() - started
     check = reconcile([s.key for s in sources], frame)
     counts = _summary_table(frame, "status")
-    reasons = (
-        frame.filter(pl.col("status") == "quarantined")
-        .group_by("reason").len().sort("len", descending=True).head(20)
-    )
     push_figures(metrics, "manifest", {"wave": wave}, manifest_gauges(
         wave, frame.height - counts.get("quarantined", 0), counts.get("quarantined", 0)))
-    yield dg.Output(
-        frame,
-        metadata={
-            "objects_listed": len(sources),
-            "slices": frame.height,
-            "ok": counts.get("ok", 0),
-            "duplicate": counts.get("duplicate", 0),
-            "quarantined": counts.get("quarantined", 0),
-            "staged_slices": staged_count,
-            "duplicates_of_earlier_waves": frame.filter(
-                (pl.col("status") == "duplicate")
-                & pl.col("duplicate_of").is_in(earlier["image_id"].implode())).height,
-            "earlier_waves_checked": dg.MetadataValue.json([w for w, _ in earlier_manifests]),
-            "unlanded_objects_left_out": len(unlisted),
-            "shards": n_shards,
-            "splits": dg.MetadataValue.json(_summary_table(frame.filter(pl.col("status") == "ok"), "split")),
-            "formats": dg.MetadataValue.json(_summary_table(frame, "format")),
-            "quarantine_reasons": dg.MetadataValue.md(_markdown_table(reasons)),
-            "seconds": round(seconds, 2),
-            "slices_per_s": round(frame.height / max(seconds, 1e-9), 1),
-            "store_path": stored_at(object_store, manifest_key(wave)),
-            "salt": "development salt: set MRI_ASSETS_SALT" if ingest.uses_dev_salt() else "secret",
-            "dagster/row_count": frame.height,
-        },
-    )
-    yield dg.AssetCheckResult(
-        check_name=RECONCILE_CHECK,
-        passed=check.passed,
-        metadata={
-            "listed_objects": check.listed_objects,
-            "rows": check.rows,
-            "ok": check.ok,
-            "duplicate": check.duplicate,
-            "quarantined": check.quarantined,
-            "detail": check.describe(),
-        },
-    )
+    yield dg.Output(frame, metadata={
+        **manifest_metadata(frame, earlier, time.perf_counter() - started),
+        "objects_listed": len(sources), "staged_slices": staged_count,
+        "earlier_waves_checked": dg.MetadataValue.json([w for w, _ in earlier_manifests]),
+        "unlanded_objects_left_out": len(unlisted), "shards": n_shards,
+        "store_path": stored_at(object_store, manifest_key(wave)),
+        "salt": "development salt: set MRI_ASSETS_SALT" if ingest.uses_dev_salt() else "secret",
+    })
+    yield dg.AssetCheckResult(check_name=RECONCILE_CHECK, passed=check.passed, metadata={
+        "listed_objects": check.listed_objects, "rows": check.rows, "ok": check.ok,
+        "duplicate": check.duplicate, "quarantined": check.quarantined,
+        "detail": check.describe()})
+
+
+def manifest_metadata(frame: pl.DataFrame, earlier: pl.DataFrame, seconds: float) -> dict:
+    """The manifest's counts by status, split, format and quarantine reason, and its speed."""
+    counts = _summary_table(frame, "status")
+    reasons = (frame.filter(pl.col("status") == "quarantined")
+               .group_by("reason").len().sort("len", descending=True).head(20))
+    return {
+        "slices": frame.height,
+        "ok": counts.get("ok", 0),
+        "duplicate": counts.get("duplicate", 0),
+        "quarantined": counts.get("quarantined", 0),
+        "duplicates_of_earlier_waves": frame.filter(
+            (pl.col("status") == "duplicate")
+            & pl.col("duplicate_of").is_in(earlier["image_id"].implode())).height,
+        "splits": dg.MetadataValue.json(_summary_table(frame.filter(pl.col("status") == "ok"), "split")),
+        "formats": dg.MetadataValue.json(_summary_table(frame, "format")),
+        "quarantine_reasons": dg.MetadataValue.md(_markdown_table(reasons)),
+        "seconds": round(seconds, 2),
+        "slices_per_s": round(frame.height / max(seconds, 1e-9), 1),
+        "dagster/row_count": frame.height,
+    }
 
 
 @dg.asset(

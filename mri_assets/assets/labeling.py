@@ -124,30 +124,13 @@ def labeling_queue(
         if clusters is not None else \
         (None, f"wave {wave} has no clusters yet (backbone, embeddings and PCA come first)")
     if probs is None:
-        ok = manifest.filter(pl.col("status") == "ok").drop("status")
-        ids = ok["image_id"].to_list()
-        exclude = np.array([i in labeled for i in ids], dtype=bool)
-        holdout = (ok["split"] == "holdout").to_numpy()
-        patients = ok["patient_key"].to_numpy()
-        picked = stratified_random_batch(patients, series_of(ok["source_key"].to_list()), n_train,
-                                         labeling.seed, exclude=exclude, holdout=holdout)
-        patient_codes = np.unique(patients, return_inverse=True)[1].astype(np.int64).reshape(-1)
-        reserved = holdout_for_evaluation(patient_codes, holdout, n_holdout, labeling.seed,
-                                          exclude=exclude, stratum="patient")
+        ids, picked, reserved = _first_batch(manifest, labeled, n_train, n_holdout, labeling)
         selection, source = FIRST_BATCH_SELECTION, "none (no classifier for this wave yet)"
     else:
-        ids, coords = wave_projection(object_store, wave)
-        frame = pl.DataFrame({"image_id": ids}).join(clusters, on="image_id", how="left")
-        assignment = frame[f"cluster_k{clustering.drift_k}"].to_numpy().astype(np.int64)
-        uncertainty = queue_uncertainty(coords, assignment, probs, detail)
-        exclude = np.array([i in labeled for i in ids], dtype=bool)
-        holdout = splits_of(manifest, ids) == "holdout"
-        picked = select_for_labeling(uncertainty.entropy, coords, assignment, n_train,
-                                     labeling.seed, exclude=exclude, holdout=holdout,
-                                     duplicate_radius=labeling.duplicate_radius)
-        reserved = holdout_for_evaluation(assignment, holdout, n_holdout, labeling.seed,
-                                          exclude=exclude)
-        selection, source = ENTROPY_SELECTION, uncertainty.source
+        ids, picked, reserved, source = _entropy_batch(
+            object_store, wave, manifest, clusters, probs, detail, labeled, n_train,
+            n_holdout, clustering, labeling)
+        selection = ENTROPY_SELECTION
     context.log.info(f"{wave}: {selection} ({detail})")
     queued = label_store.enqueue(wave, queue_items(ids, picked, reserved), labeling.classes)
     after = label_store.stats()
@@ -168,6 +151,41 @@ def labeling_queue(
         "entropy_source": source,
         "entropy_source_detail": detail,
     })
+
+
+def _first_batch(manifest: pl.DataFrame, labeled: set[str], n_train: int, n_holdout: int,
+                 labeling: LabelingSettings) -> tuple[list[str], Selection, Selection]:
+    """A patient-stratified random batch of the manifest's `ok` slices, and holdout items."""
+    ok = manifest.filter(pl.col("status") == "ok").drop("status")
+    ids = ok["image_id"].to_list()
+    exclude = np.array([i in labeled for i in ids], dtype=bool)
+    holdout = (ok["split"] == "holdout").to_numpy()
+    patients = ok["patient_key"].to_numpy()
+    picked = stratified_random_batch(patients, series_of(ok["source_key"].to_list()), n_train,
+                                     labeling.seed, exclude=exclude, holdout=holdout)
+    patient_codes = np.unique(patients, return_inverse=True)[1].astype(np.int64).reshape(-1)
+    reserved = holdout_for_evaluation(patient_codes, holdout, n_holdout, labeling.seed,
+                                      exclude=exclude, stratum="patient")
+    return ids, picked, reserved
+
+
+def _entropy_batch(store: ObjectStore, wave: str, manifest: pl.DataFrame, clusters: pl.DataFrame,
+                   probs: np.ndarray, detail: str, labeled: set[str], n_train: int, n_holdout: int,
+                   clustering: ClusteringSettings, labeling: LabelingSettings):
+    """The classifier's entropy + k-center diversity + cluster balance, and holdout items per
+    cluster: (ids, picked, reserved, entropy source)."""
+    ids, coords = wave_projection(store, wave)
+    frame = pl.DataFrame({"image_id": ids}).join(clusters, on="image_id", how="left")
+    assignment = frame[f"cluster_k{clustering.drift_k}"].to_numpy().astype(np.int64)
+    uncertainty = queue_uncertainty(coords, assignment, probs, detail)
+    exclude = np.array([i in labeled for i in ids], dtype=bool)
+    holdout = splits_of(manifest, ids) == "holdout"
+    picked = select_for_labeling(uncertainty.entropy, coords, assignment, n_train,
+                                 labeling.seed, exclude=exclude, holdout=holdout,
+                                 duplicate_radius=labeling.duplicate_radius)
+    reserved = holdout_for_evaluation(assignment, holdout, n_holdout, labeling.seed,
+                                      exclude=exclude)
+    return ids, picked, reserved, uncertainty.source
 
 
 def queue_items(ids: list[str], picked: Selection, reserved: Selection) -> list[dict]:

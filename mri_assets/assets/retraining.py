@@ -1,7 +1,5 @@
 """Safe pseudo-labels and the two-stage classifier, compared with a supervised-only baseline."""
 
-import base64
-import json
 import time
 
 import dagster as dg
@@ -12,7 +10,8 @@ from mri_assets.assets.support.backbones import embedding_backbone
 from mri_assets.assets.support.gpu import GPU_POOL, gpu_step_tags
 from mri_assets.assets.support.locations import stored_at
 from mri_assets.assets.support.partitions import wave_partitions
-from mri_assets.assets.support.provenance import dagster_tags, mlflow_run_metadata
+from mri_assets.assets.support.provenance import mlflow_run_metadata
+from mri_assets.assets.support.reports import classifier_metadata, log_classifier_run
 from mri_assets.core.clustering import PcaModel
 from mri_assets.core.expert_labels import expert_label_per_image
 from mri_assets.core.plots import confusion_png
@@ -36,7 +35,6 @@ from mri_assets.core.training.two_stage import (
     TrainingData,
     train_two_stage,
 )
-from mri_assets.core.wave_keys import baseline_key, checkpoint_key
 from mri_assets.core.wave_layout import wave_shard_count
 from mri_assets.resources.compute import ComputeResource
 from mri_assets.resources.mlflow_tracking import MlflowTracking
@@ -134,40 +132,71 @@ def pseudo_labels(
     """
     wave = context.partition_key
     classes = tuple(labeling.classes)
-    ids, model_id = embeddings.ids, embeddings.model_id
-    embeddings = embeddings.matrix()
+    ids, model_id, embeddings = embeddings.ids, embeddings.model_id, embeddings.matrix()
     codes = label_codes(ids, expert_labels, classes)
     holdout = splits_of(manifest, ids) == "holdout"
-    reference = (codes >= 0) & ~holdout
-    evaluation = (codes >= 0) & holdout
-    # Holdout slices are for evaluation only: an unlabeled one is never pseudo-labeled, or the
-    # classifier would train on the holdout patients it is then measured on.
-    unlabeled = (codes < 0) & ~holdout
+    reference, evaluation, unlabeled = _label_masks(codes, holdout)
     if not reference.any():
         raise TrainingError(
             f"wave {wave} has no expert labels outside the holdout split: label queued items first")
-    rows_of = wave_slice_rows(object_store, wave)
-    id_array = np.array(ids)
     device, _, _ = compute.device_and_precision()
-    teacher = ClassifierModel(embedding_backbone(WaveStore(object_store), compute, wave, backbone)[0], classes,
-                              seed=training.seed)
-    data = TrainingData(
-        train=LabeledSlices(rows_of(list(id_array[reference])),
-                            [classes[c] for c in codes[reference]], embeddings[reference]),
-        holdout=LabeledSlices(rows_of(list(id_array[evaluation])),
-                              [classes[c] for c in codes[evaluation]]),
-        embeddings_model_id=model_id,
-    )
+    teacher = ClassifierModel(embedding_backbone(WaveStore(object_store), compute, wave, backbone)[0],
+                              classes, seed=training.seed)
+    data = _expert_data(wave_slice_rows(object_store, wave), np.array(ids), codes, classes,
+                        embeddings, model_id, reference, evaluation)
     config = train_config(training)
     with Progress(f"pseudo_labels {wave}: supervised baseline, stage 2", "steps",
                   log=context.log.info) as shown:
         report = train_two_stage(teacher, data, config, device, progress=shown)
-    object_store.put_bytes(baseline_key(wave), json.dumps(report.as_dict(), default=float).encode())
+    WaveStore(object_store).put_baseline(wave, report.as_dict())
     head = fit_embedding_head(data.train.embeddings, data.train.labels, classes, config, model_id)
+    space = neighbour_space(pca_model, embeddings, pseudo.knn_space)
+    frame, gate, figures = _promote(ids, codes, classes, head, embeddings, space, model_id,
+                                    (reference, evaluation, unlabeled), pseudo)
+    context.log.info(f"{wave}: gate {'passed' if gate.passed else 'FAILED'}: {gate.reason}")
+    yield dg.Output(frame, metadata={
+        **figures, "model_id": model_id, "confidence_threshold": pseudo.confidence_threshold,
+        "knn_k": pseudo.knn_k, "knn_space": pseudo.knn_space,
+        "baseline_macro_f1": round(report.macro_f1, 4), "baseline_stage2_kept": report.stage2_kept,
+        "teacher": TEACHER,
+    })
+    yield dg.AssetCheckResult(check_name=GATE_CHECK, passed=bool(gate.passed),
+                              metadata=gate.as_metadata())
+
+
+def _label_masks(codes: np.ndarray, holdout: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(reference, evaluation, unlabeled): expert-labeled outside the holdout, expert-labeled in
+    it, unlabeled outside it. Holdout slices are for evaluation only: an unlabeled one is never
+    pseudo-labeled, or the classifier would train on the holdout patients it is measured on."""
+    return (codes >= 0) & ~holdout, (codes >= 0) & holdout, (codes < 0) & ~holdout
+
+
+def _expert_data(rows_of, ids: np.ndarray, codes: np.ndarray, classes: tuple[str, ...],
+                 embeddings: np.ndarray, model_id: str, reference: np.ndarray,
+                 evaluation: np.ndarray) -> TrainingData:
+    """The supervised baseline's data: the expert labels outside the holdout, and in it."""
+    return TrainingData(
+        train=LabeledSlices(rows_of(list(ids[reference])),
+                            [classes[c] for c in codes[reference]], embeddings[reference]),
+        holdout=LabeledSlices(rows_of(list(ids[evaluation])),
+                              [classes[c] for c in codes[evaluation]]),
+        embeddings_model_id=model_id,
+    )
+
+
+TEACHER = ("a linear head on the cached embeddings, fitted to every expert label outside the "
+           "holdout (stage 1 alone)")
+
+
+def _promote(ids: list[str], codes: np.ndarray, classes: tuple[str, ...], head, embeddings: np.ndarray,
+             space: np.ndarray, model_id: str, masks: tuple[np.ndarray, np.ndarray, np.ndarray],
+             pseudo: PseudoLabelSettings):
+    """The teacher's predictions on the unlabeled slices, promoted by the rule where the gate
+    (the rule measured on the labeled holdout) passes: (frame, gate, figures for metadata)."""
+    reference, evaluation, unlabeled = masks
     queries = unlabeled | evaluation
     probs = np.zeros((len(ids), len(classes)), dtype=np.float32)
     probs[queries] = head.predict_proba(embeddings[queries], model_id)
-    space = neighbour_space(pca_model, embeddings, pseudo.knn_space)
     consensus = knn_consensus(space[queries], space[reference], codes[reference],
                               k=pseudo.knn_k, n_classes=len(classes))
     rule = promote(probs[queries], consensus, pseudo.confidence_threshold)
@@ -190,8 +219,7 @@ def pseudo_labels(
     reference_pred = head.predict_proba(embeddings[reference], model_id).argmax(1)
     doubtful = contradicted_expert_labels(codes[reference], reference_pred, loo.majority, loo.tie)
     second_reads = [i for i, d in zip(np.array(ids)[reference], doubtful) if d]
-    context.log.info(f"{wave}: gate {'passed' if gate.passed else 'FAILED'}: {gate.reason}")
-    yield dg.Output(frame, metadata={
+    return frame, gate, {
         "unlabeled": int(unlabeled.sum()),
         "rule_would_promote": int(rule[in_unlabeled].sum()),
         "promoted": int(frame["promoted"].sum()),
@@ -199,17 +227,42 @@ def pseudo_labels(
         "holdout_evaluated": int(evaluation.sum()),
         "second_read_candidates": dg.MetadataValue.json(second_reads[:50]),
         "n_second_read_candidates": len(second_reads),
-        "model_id": model_id,
-        "confidence_threshold": pseudo.confidence_threshold,
-        "knn_k": pseudo.knn_k,
-        "knn_space": pseudo.knn_space,
-        "baseline_macro_f1": round(report.macro_f1, 4),
-        "baseline_stage2_kept": report.stage2_kept,
-        "teacher": "a linear head on the cached embeddings, fitted to every expert label outside "
-                   "the holdout (stage 1 alone)",
-    })
-    yield dg.AssetCheckResult(check_name=GATE_CHECK, passed=bool(gate.passed),
-                              metadata=gate.as_metadata())
+    }
+
+
+def _classifier_data(rows_of, ids: list[str], codes: np.ndarray, holdout: np.ndarray,
+                     classes: tuple[str, ...], embeddings: np.ndarray, model_id: str,
+                     pseudo_labels: pl.DataFrame, training: TrainingSettings) -> tuple[TrainingData, dict]:
+    """The classifier's data: the expert labels and the promoted pseudo-labels outside the
+    holdout (stage 2 on at most `training.max_finetune_images` of them), evaluated on the
+    expert-labeled holdout; and its counts for the metadata."""
+    position = {image_id: row for row, image_id in enumerate(ids)}
+    expert_ids = [i for i, c, h in zip(ids, codes, holdout) if c >= 0 and not h]
+    eval_ids = [i for i, c, h in zip(ids, codes, holdout) if c >= 0 and h]
+    promoted = pseudo_labels.filter(pl.col("promoted"))
+    in_holdout = [i for i in promoted["image_id"].to_list() if holdout[position[i]]]
+    if in_holdout:
+        raise TrainingError(
+            f"{len(in_holdout)} promoted pseudo-labels lie in the holdout split (first: {in_holdout[:3]}); "
+            "re-materialize pseudo_labels: holdout slices are for evaluation only")
+    pseudo_ids = promoted["image_id"].to_list()
+    pseudo_label = dict(promoted.select("image_id", "label").iter_rows())
+    train_ids = expert_ids + pseudo_ids
+    train_labels = [classes[codes[position[i]]] for i in expert_ids] + [pseudo_label[i] for i in pseudo_ids]
+    # Stage 1 (cached embeddings) uses every label; the cap only bounds stage 2's images.
+    finetune_pseudo = set(_finetune_rows(expert_ids, pseudo_ids, training.max_finetune_images,
+                                         training.seed))
+    stage2_rows = list(range(len(expert_ids))) + [
+        len(expert_ids) + n for n, i in enumerate(pseudo_ids) if i in finetune_pseudo]
+    data = TrainingData(
+        train=LabeledSlices(rows_of(train_ids), train_labels,
+                            embeddings[[position[i] for i in train_ids]]),
+        holdout=LabeledSlices(rows_of(eval_ids), [classes[codes[position[i]]] for i in eval_ids]),
+        embeddings_model_id=model_id,
+        stage2_rows=stage2_rows,
+    )
+    return data, {"expert_labels": len(expert_ids), "pseudo_labels": len(pseudo_ids),
+                  "stage2_images": len(stage2_rows), "holdout": len(eval_ids)}
 
 
 def _finetune_rows(expert_ids: list[str], pseudo_ids: list[str], cap: int, seed: int) -> list[str]:
@@ -255,95 +308,36 @@ def classifier(
     wave = context.partition_key
     started = time.perf_counter()
     classes = tuple(labeling.classes)
-    ids, model_id = embeddings.ids, embeddings.model_id
-    embeddings = embeddings.matrix()
+    ids, model_id, embeddings = embeddings.ids, embeddings.model_id, embeddings.matrix()
     codes = label_codes(ids, expert_labels, classes)
     holdout = splits_of(manifest, ids) == "holdout"
-    position = {image_id: row for row, image_id in enumerate(ids)}
-    expert_ids = [i for i, c, h in zip(ids, codes, holdout) if c >= 0 and not h]
-    eval_ids = [i for i, c, h in zip(ids, codes, holdout) if c >= 0 and h]
-    promoted = pseudo_labels.filter(pl.col("promoted"))
-    in_holdout = [i for i in promoted["image_id"].to_list() if holdout[position[i]]]
-    if in_holdout:
-        raise TrainingError(
-            f"{len(in_holdout)} promoted pseudo-labels lie in the holdout split (first: {in_holdout[:3]}); "
-            "re-materialize pseudo_labels: holdout slices are for evaluation only")
-    pseudo_ids = promoted["image_id"].to_list()
-    pseudo_label = dict(promoted.select("image_id", "label").iter_rows())
-    train_ids = expert_ids + pseudo_ids
-    train_labels = [classes[codes[position[i]]] for i in expert_ids] + [pseudo_label[i] for i in pseudo_ids]
-    # Stage 1 (cached embeddings) uses every label; the cap only bounds stage 2's images.
-    finetune_pseudo = set(_finetune_rows(expert_ids, pseudo_ids, training.max_finetune_images,
-                                         training.seed))
-    stage2_rows = list(range(len(expert_ids))) + [
-        len(expert_ids) + n for n, i in enumerate(pseudo_ids) if i in finetune_pseudo]
-    rows_of = wave_slice_rows(object_store, wave)
-    data = TrainingData(
-        train=LabeledSlices(rows_of(train_ids), train_labels,
-                            embeddings[[position[i] for i in train_ids]]),
-        holdout=LabeledSlices(rows_of(eval_ids), [classes[codes[position[i]]] for i in eval_ids]),
-        embeddings_model_id=model_id,
-        stage2_rows=stage2_rows,
-    )
+    data, counts = _classifier_data(wave_slice_rows(object_store, wave), ids, codes, holdout,
+                                    classes, embeddings, model_id, pseudo_labels, training)
     device, _, _ = compute.device_and_precision()
-    model = ClassifierModel(embedding_backbone(WaveStore(object_store), compute, wave, backbone)[0], classes,
-                            seed=training.seed)
+    model = ClassifierModel(embedding_backbone(WaveStore(object_store), compute, wave, backbone)[0],
+                            classes, seed=training.seed)
     config = train_config(training)
     with Progress(f"classifier {wave}: stage 2", "steps", log=context.log.info) as shown:
         semi = train_two_stage(model, data, config, device, progress=shown)
-    baseline = json.loads(object_store.get_bytes(baseline_key(wave)))
+    baseline = WaveStore(object_store).baseline(wave)
     baseline_f1 = float(baseline["final_eval"]["macro_f1"])
-    seconds = time.perf_counter() - started
-    meta = {"wave": wave, "embedding_model_id": model_id, "expert_labels": len(expert_ids),
-            "pseudo_labels": len(pseudo_ids), "stage2_images": len(stage2_rows),
-            "holdout": len(eval_ids),
-            "macro_f1": semi.macro_f1, "baseline_macro_f1": baseline_f1}
-    meta.update({"stage1_macro_f1": semi.stage1_eval.macro_f1,
-                 "stage2_gain_macro_f1": semi.stage2_gain, "stage2_kept": semi.stage2_kept,
-                 **semi.backbone_shift})
+    meta = {"wave": wave, "embedding_model_id": model_id, **counts, "macro_f1": semi.macro_f1,
+            "baseline_macro_f1": baseline_f1, "stage1_macro_f1": semi.stage1_eval.macro_f1,
+            "stage2_gain_macro_f1": semi.stage2_gain, "stage2_kept": semi.stage2_kept,
+            **semi.backbone_shift}
     checkpoint = save_checkpoint(model, classes, meta, embedding_head=semi.stage1_head,
                                  embedding_model_id=model_id)
     png = confusion_png(semi.confusion, classes, f"wave {wave}: holdout confusion")
-    tags = {**dagster_tags(context, mlflow), "model_id": model_id}
-    with mlflow.start_wave_run(wave, "classifier", tags=tags, new_run=True) as run_id:
-        mlflow.log_params(run_id, {**{k: v for k, v in meta.items() if "f1" not in k},
-                                   "lr_stage2": str(config.stage2_lrs), "seed": config.seed})
-        mlflow.log_metrics(run_id, {**semi.metrics(), "baseline_holdout_macro_f1": baseline_f1})
-        mlflow.log_dict(run_id, "baseline_report.json", baseline)
-        mlflow.log_png(run_id, "confusion.png", png)
-        version = mlflow.register_checkpoint(run_id, checkpoint, REGISTERED_MODEL, model,
-                                             tags=dagster_tags(context, mlflow))
-    object_store.put_bytes(checkpoint_key(wave), checkpoint)
-    yield dg.Output(
-        {"wave": wave, "checkpoint": checkpoint_key(wave), "classes": list(classes),
-         "macro_f1": semi.macro_f1, "baseline_macro_f1": baseline_f1},
-        metadata={
-            "macro_f1": round(semi.macro_f1, 4),
-            "baseline_macro_f1": round(baseline_f1, 4),
-            "macro_f1_gain": round(semi.macro_f1 - baseline_f1, 4),
-            "stage1_macro_f1": round(semi.stage1_eval.macro_f1, 4),
-            "stage2_gain_macro_f1": round(semi.stage2_gain, 4),
-            "stage2_kept": semi.stage2_kept,
-            "stage2_selection": dg.MetadataValue.json(
-                {k: round(v, 4) if isinstance(v, float) else v
-                 for k, v in semi.stage2_selection.items()}),
-            **{name: round(value, 5) for name, value in semi.backbone_shift.items()},
-            "embedding_model_id": model_id,
-            "expert_labels": len(expert_ids),
-            "pseudo_labels_used": len(pseudo_ids),
-            "stage2_images": len(stage2_rows),
-            "holdout": len(eval_ids),
-            "seconds": round(seconds, 1),
-            "device": str(device),
-            "checkpoint": stored_at(object_store, checkpoint_key(wave)),
-            **mlflow_run_metadata(mlflow, run_id),
-            "registered_model": f"{REGISTERED_MODEL} v{version}",
-            "confusion": dg.MetadataValue.md(
-                f"![confusion](data:image/png;base64,{base64.b64encode(png).decode()})"),
-        },
-    )
-    yield dg.AssetCheckResult(
-        check_name=BASELINE_CHECK, passed=bool(semi.macro_f1 >= baseline_f1),
-        metadata={"macro_f1": semi.macro_f1, "baseline_macro_f1": baseline_f1,
-                  "threshold": "macro_f1 >= baseline_macro_f1"},
-    )
+    run_id, version = log_classifier_run(context, mlflow, meta, config, semi, baseline, png,
+                                         checkpoint, model, REGISTERED_MODEL)
+    key = WaveStore(object_store).put_checkpoint(wave, checkpoint)
+    value = {"wave": wave, "checkpoint": key, "classes": list(classes),
+             "macro_f1": semi.macro_f1, "baseline_macro_f1": baseline_f1}
+    yield dg.Output(value, metadata={
+        **classifier_metadata(semi, baseline_f1, counts, png), "embedding_model_id": model_id,
+        "seconds": round(time.perf_counter() - started, 1), "device": str(device),
+        "checkpoint": stored_at(object_store, key), **mlflow_run_metadata(mlflow, run_id),
+        "registered_model": f"{REGISTERED_MODEL} v{version}"})
+    yield dg.AssetCheckResult(check_name=BASELINE_CHECK, passed=bool(semi.macro_f1 >= baseline_f1),
+                              metadata={"macro_f1": semi.macro_f1, "baseline_macro_f1": baseline_f1,
+                                        "threshold": "macro_f1 >= baseline_macro_f1"})
