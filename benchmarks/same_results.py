@@ -6,7 +6,8 @@ Runs the demo's pilot on a fresh home in this process: sample data (seed `--seed
 `labeling_queue` again (the classifier's entropy queue). Prints one JSON object of digests:
 
 - `manifest`: sha256 of the manifest's rows sorted by `image_id` (CSV; the home's folder in
-  `source_uri` replaced by `HOME`, so two homes compare), and its row count;
+  `source_uri` replaced by `HOME`, so two homes compare; `slice_row`, the workers' arrival
+  order in the staged file, left out), and its row count;
 - `embeddings`: sha256 of every shard's `.arrow` file, byte for byte;
 - `pca`: sha256 of the PCA file; `clusters`: sha256 of the cluster assignments (CSV, sorted);
 - `first_queue`, `second_queue`: sha256 of the queued items (image id, priority, reason, kind)
@@ -102,7 +103,10 @@ def main() -> None:
     f1 = classifier[0].asset_materialization.metadata["macro_f1"].value if classifier else None
     print(json.dumps({
         "slices": args.slices, "seed": args.seed, "runs": runs,
-        "manifest": {"rows": manifest.height, "sha256": _frame_sha(manifest, home)},
+        # `slice_row` is where a decoding worker's append landed in the staged file: arrival
+        # order, which differs from run to run by design (docs/internals.md, staging).
+        "manifest": {"rows": manifest.height,
+                     "sha256": _frame_sha(manifest.drop("slice_row"), home)},
         "embeddings": {path.name: _sha(path.read_bytes()) for path in embeddings},
         "pca": _sha((store / "models" / "pca" / f"{PILOT}.npz").read_bytes()),
         "clusters": {"rows": clusters.height, "sha256": _frame_sha(clusters, home)},
