@@ -27,10 +27,11 @@ def test_an_unknown_profile_is_refused_with_the_allowed_names(tmp_path):
         build_defs("kubernetes", MriHome(tmp_path))
 
 
-def test_the_code_location_loads_without_mlflow_matplotlib_or_scipy(tmp_path):
+def test_the_code_location_loads_without_torch_mlflow_matplotlib_or_scipy(tmp_path):
     """Every Dagster run worker imports the code location before its first step; the libraries
-    only some steps use (MLflow, matplotlib, scipy.spatial) wait for the step that calls them."""
-    late = ("mlflow", "matplotlib", "scipy")
+    only some steps use (torch and torchvision, MLflow, matplotlib, scipy.spatial) wait for the
+    step that calls them: a run of `slices` or `clusters` never imports torch."""
+    late = ("torch", "torchvision", "mlflow", "matplotlib", "scipy")
     probe = ("import sys, mri_assets.definitions; "
              f"print(' '.join(m for m in {late!r} if m in sys.modules))")
     env = {**os.environ, "MRI_ASSETS_HOME": str(tmp_path)}

@@ -20,11 +20,11 @@ MLflow (run (wave, `backbone`), registered as `mri_assets_backbone`); its model 
 """
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import dagster as dg
 import numpy as np
 import polars as pl
-import torch
 from pydantic import Field
 
 from mri_assets.assets.support.automation import EAGER
@@ -33,21 +33,13 @@ from mri_assets.assets.support.gpu import GPU_POOL, gpu_step_tags
 from mri_assets.assets.support.locations import stored_at
 from mri_assets.assets.support.partitions import ISOLATED_WAVES, earlier_waves, wave_partitions
 from mri_assets.assets.support.provenance import dagster_tags, mlflow_run_metadata
-from mri_assets.core.backbone import build_backbone
 from mri_assets.core.cpu_peak import cpu_peak
-from mri_assets.core.embed import SliceShard
-from mri_assets.core.precision import resolve_precision
-from mri_assets.core.pretrain import (
+from mri_assets.core.pretrain_schedule import (
     BUDGET_BUYS,
     EXPECTED_SHARE_OF_PEAK,
     STEP_BUDGETS,
-    IndexedSlices,
     PretrainConfig,
-    PretrainPlan,
     budget_kind,
-    patient_spread_sample,
-    plan_pretraining,
-    pretrain_backbone,
 )
 from mri_assets.core.progress import Progress
 from mri_assets.core.wave_keys import backbone_key, manifest_key, slice_keys
@@ -57,6 +49,14 @@ from mri_assets.resources.mlflow_tracking import MlflowTracking
 from mri_assets.resources.object_store import ObjectStore
 from mri_assets.resources.wave_io import WAVE_IO_MANAGER
 from mri_assets.resources.wave_store import WaveStore, backbone_record
+
+if TYPE_CHECKING:
+    import torch
+
+    from mri_assets.core.pretrain import IndexedSlices, PretrainPlan
+
+# torch (core.pretrain, core.backbone, core.embed) is imported by the functions that train or read
+# slices: every Dagster run worker imports this module, and only the backbone step may train.
 
 POLICIES = ("first", "every", "off")
 REGISTERED_BACKBONE = "mri_assets_backbone"
@@ -131,10 +131,13 @@ def _latest_earlier(store: ObjectStore, waves: list[str]) -> dict | None:
 
 
 def wave_training_slices(store: ObjectStore, wave: str, include_holdout: bool, max_slices: int,
-                         seed: int) -> IndexedSlices:
+                         seed: int) -> "IndexedSlices":
     """The wave's slices through the crc32-checking shard reader, holdout left out unless asked,
     at most `max_slices` of them when that is set: a seeded sample spread over the wave's
     patients (`core.pretrain.patient_spread_sample`)."""
+    from mri_assets.core.embed import SliceShard
+    from mri_assets.core.pretrain import IndexedSlices, patient_spread_sample
+
     shards, positions, image_ids = [], [], []
     for shard in range(wave_shard_count(store, wave)):
         npy_key, index_key = slice_keys(wave, shard)
@@ -179,6 +182,8 @@ def backbone(
     """Which backbone embeds the wave: trained self-supervised on its slices, adopted from an
     earlier wave, or the compute resource's weights (see the module docstring)."""
     wave = context.partition_key
+    from mri_assets.core.precision import resolve_precision
+
     device, _, _ = compute.device_and_precision()
     precision = resolve_precision(device, compute.precision, purpose="training")
     config = replace(pretrain.config(budget_kind(device, precision)), precision=precision)
@@ -219,7 +224,7 @@ def backbone(
     })
 
 
-def budget_line(wave: str, plan: PretrainPlan, config: PretrainConfig, device: torch.device,
+def budget_line(wave: str, plan: "PretrainPlan", config: PretrainConfig, device: "torch.device",
                 n_slices: int) -> str:
     """What the pretraining is about to spend, said before it starts: its step budget, the time
     that implies on this device and what the budget buys."""
@@ -237,13 +242,13 @@ def budget_line(wave: str, plan: PretrainPlan, config: PretrainConfig, device: t
             f"{BUDGET_BUYS}")
 
 
-def _estimate_seconds(plan: PretrainPlan, precision: str, device: torch.device) -> float:
+def _estimate_seconds(plan: "PretrainPlan", precision: str, device: "torch.device") -> float:
     if device.type != "cpu":
         return float("nan")
     return plan.seconds_at(cpu_peak().gflops(precision) * EXPECTED_SHARE_OF_PEAK[precision] * 1e9)
 
 
-def _share_of_peak(achieved: float, precision: str, device: torch.device) -> dict:
+def _share_of_peak(achieved: float, precision: str, device: "torch.device") -> dict:
     if device.type != "cpu":
         return {}
     peak = cpu_peak()
@@ -254,7 +259,10 @@ def _share_of_peak(achieved: float, precision: str, device: torch.device) -> dic
 
 def _train(context: dg.AssetExecutionContext, store: ObjectStore, compute: ComputeResource,
            pretrain: PretrainSettings, mlflow: MlflowTracking, config: PretrainConfig,
-           training: IndexedSlices) -> dg.Output[dict]:
+           training: "IndexedSlices") -> dg.Output[dict]:
+    from mri_assets.core.backbone import build_backbone
+    from mri_assets.core.pretrain import plan_pretraining, pretrain_backbone
+
     wave = context.partition_key
     device, _, device_note = compute.device_and_precision()
     plan = plan_pretraining(len(training), config, compute.arch, compute.input_size)

@@ -10,7 +10,6 @@ from mri_assets.assets.support.gpu import GPU_POOL, gpu_step_tags
 from mri_assets.assets.support.locations import stored_at
 from mri_assets.assets.support.monitoring import push_figures, throughput_gauges
 from mri_assets.assets.support.partitions import each_shard, wave_and_shard, wave_shard_partitions
-from mri_assets.core.embed import embed_shard, write_embeddings
 from mri_assets.core.progress import Progress
 from mri_assets.core.wave_keys import embeddings_key, slice_keys
 from mri_assets.resources.compute import ComputeResource
@@ -42,6 +41,8 @@ def embeddings(
 ) -> dg.Output[dict]:
     """The shard's slices through the wave's backbone (`backbone` asset, or the classifier's when
     `compute.checkpoint_key` is set): `image_id` + float16 vector, in the store and DVC."""
+    from mri_assets.core.embed import embed_shard, write_embeddings  # torch: imported by this step
+
     wave, shard = wave_and_shard(context)
     npy_key, index_key = slice_keys(wave, shard)
     model, backbone_source = embedding_backbone(WaveStore(object_store), compute, wave)

@@ -27,7 +27,6 @@ from mri_assets.core.selection import (
     series_of,
     stratified_random_batch,
 )
-from mri_assets.core.training.checkpoint import embedding_head_from_checkpoint
 from mri_assets.core.wave_keys import checkpoint_key
 from mri_assets.resources.label_store import LabelStore
 from mri_assets.resources.metrics import MetricsResource
@@ -58,6 +57,8 @@ def classifier_probs(instance: dg.DagsterInstance, store: ObjectStore, wave: str
     key = checkpoint_key(trained_on)
     if not store.exists(key):
         return None, f"the classifier of wave {trained_on} has no checkpoint at {key}"
+    from mri_assets.core.training.checkpoint import embedding_head_from_checkpoint  # brings torch
+
     head = embedding_head_from_checkpoint(store.get_bytes(key))
     if head is None:
         return None, f"the classifier of wave {trained_on} was saved without its stage-1 head; retrain it"

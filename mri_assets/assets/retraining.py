@@ -1,6 +1,7 @@
 """Safe pseudo-labels and the two-stage classifier, compared with a supervised-only baseline."""
 
 import time
+from typing import TYPE_CHECKING
 
 import dagster as dg
 import numpy as np
@@ -16,25 +17,8 @@ from mri_assets.core.clustering import PcaModel
 from mri_assets.core.expert_labels import expert_label_per_image
 from mri_assets.core.plots import confusion_png
 from mri_assets.core.progress import Progress
-from mri_assets.core.pseudo import (
-    contradicted_expert_labels,
-    gate_metrics,
-    knn_consensus,
-    leave_one_out_consensus,
-    promote,
-)
 from mri_assets.core.slice_shards import locate, read_npy, slice_keys, slice_locations
-from mri_assets.core.training.checkpoint import save_checkpoint
-from mri_assets.core.training.embedding_head import fit_embedding_head
 from mri_assets.core.training.errors import TrainingError
-from mri_assets.core.training.inputs import SliceRows
-from mri_assets.core.training.model import ClassifierModel
-from mri_assets.core.training.two_stage import (
-    LabeledSlices,
-    TrainConfig,
-    TrainingData,
-    train_two_stage,
-)
 from mri_assets.core.wave_layout import wave_shard_count
 from mri_assets.resources.compute import ComputeResource
 from mri_assets.resources.mlflow_tracking import MlflowTracking
@@ -42,6 +26,12 @@ from mri_assets.resources.object_store import ObjectStore
 from mri_assets.resources.settings import LabelingSettings, PseudoLabelSettings, TrainingSettings
 from mri_assets.resources.wave_io import MISSING_OK
 from mri_assets.resources.wave_store import WaveEmbeddings, WaveStore, splits_of
+
+if TYPE_CHECKING:
+    from mri_assets.core.training.two_stage import TrainConfig, TrainingData
+
+# The pseudo-labelling and training modules (torch) are imported by the functions that use them:
+# every Dagster run worker imports this module, and only these steps train.
 
 GATE_CHECK = "pseudo_label_gate"
 BASELINE_CHECK = "maintains_supervised_baseline"
@@ -83,6 +73,8 @@ def neighbour_space(pca: PcaModel | None, embeddings: np.ndarray, space: str) ->
 def wave_slice_rows(store: ObjectStore, wave: str):
     """A function image ids -> `SliceRows` over the wave's memmapped slice shards (all of those
     its layout records)."""
+    from mri_assets.core.training.inputs import SliceRows
+
     shards = range(wave_shard_count(store, wave))
     indexes = [pl.read_parquet(store.local_path(slice_keys(wave, s)[1])) for s in shards]
     arrays = [read_npy(store.local_path(slice_keys(wave, s)[0])) for s in shards]
@@ -90,7 +82,17 @@ def wave_slice_rows(store: ObjectStore, wave: str):
     return lambda image_ids: SliceRows(arrays, *locate(locations, image_ids))
 
 
-def train_config(training: TrainingSettings) -> TrainConfig:
+def _trainer():
+    """(ClassifierModel, train_two_stage), imported when a step trains (they bring torch)."""
+    from mri_assets.core.training.model import ClassifierModel
+    from mri_assets.core.training.two_stage import train_two_stage
+
+    return ClassifierModel, train_two_stage
+
+
+def train_config(training: TrainingSettings) -> "TrainConfig":
+    from mri_assets.core.training.two_stage import TrainConfig
+
     return TrainConfig(seed=training.seed, head_epochs=training.head_epochs,
                        finetune_epochs=training.finetune_epochs, head_lr=training.head_lr,
                        lr_head=training.lr_head, lr_layer4=training.lr_layer4,
@@ -130,6 +132,8 @@ def pseudo_labels(
     labeled holdout slices; below the F1 threshold nothing is promoted and the blocking check
     stops the classifier.
     """
+    from mri_assets.core.training.embedding_head import fit_embedding_head
+    ClassifierModel, train_two_stage = _trainer()
     wave = context.partition_key
     classes = tuple(labeling.classes)
     ids, model_id, embeddings = embeddings.ids, embeddings.model_id, embeddings.matrix()
@@ -173,8 +177,10 @@ def _label_masks(codes: np.ndarray, holdout: np.ndarray) -> tuple[np.ndarray, ..
 
 def _expert_data(rows_of, ids: np.ndarray, codes: np.ndarray, classes: tuple[str, ...],
                  embeddings: np.ndarray, model_id: str, reference: np.ndarray,
-                 evaluation: np.ndarray) -> TrainingData:
+                 evaluation: np.ndarray) -> "TrainingData":
     """The supervised baseline's data: the expert labels outside the holdout, and in it."""
+    from mri_assets.core.training.two_stage import LabeledSlices, TrainingData
+
     return TrainingData(
         train=LabeledSlices(rows_of(list(ids[reference])),
                             [classes[c] for c in codes[reference]], embeddings[reference]),
@@ -193,6 +199,14 @@ def _promote(ids: list[str], codes: np.ndarray, classes: tuple[str, ...], head, 
              pseudo: PseudoLabelSettings):
     """The teacher's predictions on the unlabeled slices, promoted by the rule where the gate
     (the rule measured on the labeled holdout) passes: (frame, gate, figures for metadata)."""
+    from mri_assets.core.pseudo import (
+        contradicted_expert_labels,
+        gate_metrics,
+        knn_consensus,
+        leave_one_out_consensus,
+        promote,
+    )
+
     reference, evaluation, unlabeled = masks
     queries = unlabeled | evaluation
     probs = np.zeros((len(ids), len(classes)), dtype=np.float32)
@@ -232,10 +246,12 @@ def _promote(ids: list[str], codes: np.ndarray, classes: tuple[str, ...], head, 
 
 def _classifier_data(rows_of, ids: list[str], codes: np.ndarray, holdout: np.ndarray,
                      classes: tuple[str, ...], embeddings: np.ndarray, model_id: str,
-                     pseudo_labels: pl.DataFrame, training: TrainingSettings) -> tuple[TrainingData, dict]:
+                     pseudo_labels: pl.DataFrame, training: TrainingSettings) -> tuple["TrainingData", dict]:
     """The classifier's data: the expert labels and the promoted pseudo-labels outside the
     holdout (stage 2 on at most `training.max_finetune_images` of them), evaluated on the
     expert-labeled holdout; and its counts for the metadata."""
+    from mri_assets.core.training.two_stage import LabeledSlices, TrainingData
+
     position = {image_id: row for row, image_id in enumerate(ids)}
     expert_ids = [i for i, c, h in zip(ids, codes, holdout) if c >= 0 and not h]
     eval_ids = [i for i, c, h in zip(ids, codes, holdout) if c >= 0 and h]
@@ -305,6 +321,8 @@ def classifier(
     (`stage2_kept`). Evaluation uses the holdout split only. A failed run leaves the previous
     checkpoint in place.
     """
+    from mri_assets.core.training.checkpoint import save_checkpoint
+    ClassifierModel, train_two_stage = _trainer()
     wave = context.partition_key
     started = time.perf_counter()
     classes = tuple(labeling.classes)

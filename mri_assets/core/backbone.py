@@ -28,8 +28,8 @@ import torchvision
 from torch import nn
 from torch.nn import functional as F
 
-ARCHS = {"resnet18": 512, "resnet50": 2048}
-WEIGHTS = ("none", "imagenet")
+from mri_assets.core.compute_choices import ARCHS, WEIGHTS
+
 CHECKPOINT_WEIGHTS = "checkpoint"
 BACKBONE_FORMAT = "mri_assets.backbone/1"
 ORIGINS = ("ssl",)

@@ -19,11 +19,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from mri_assets.core.compute_choices import DEVICES
 from mri_assets.core.precision import autocast_for
 from mri_assets.core.progress import ProgressHook
 from mri_assets.core.slice_shards import payload_crc32
 
-DEVICES = ("auto", "cpu", "cuda")
 INDEX_COLUMNS = ("image_id", "row", "payload_crc32")
 SLICE_SIDE = 256
 

@@ -26,7 +26,8 @@ import contextlib
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from mri_assets.core.compute_choices import PRECISIONS
+
 PURPOSES = ("inference", "training")
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

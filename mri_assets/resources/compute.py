@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-import dagster as dg
-import torch
+from typing import TYPE_CHECKING
 
-from mri_assets.core.backbone import ARCHS, WEIGHTS, Backbone, build_backbone
-from mri_assets.core.embed import DEVICES, resolve_device
-from mri_assets.core.precision import PRECISIONS, resolve_precision
+import dagster as dg
+
+from mri_assets.core.compute_choices import ARCHS, DEVICES, PRECISIONS, WEIGHTS
+
+if TYPE_CHECKING:
+    import torch
+
+    from mri_assets.core.backbone import Backbone
+
+# torch and the modules built on it are imported by the methods that need them: every Dagster run
+# worker imports the code location (and this resource) before its first step, and most steps of a
+# wave never touch torch (about 4 s of a run worker's start on two cores).
 
 MAX_BATCH_SIZE = 65536
 
@@ -61,11 +69,16 @@ class ComputeResource(dg.ConfigurableResource):
 
     def device_and_precision(self) -> tuple[torch.device, str, str]:
         """(device, precision, note); the note says when `auto` fell back to the CPU."""
+        from mri_assets.core.embed import resolve_device
+        from mri_assets.core.precision import resolve_precision
+
         self.validate()
         device, note = resolve_device(self.device)
         return device, resolve_precision(device, self.precision, purpose="inference"), note
 
     def build_backbone(self, checkpoint: bytes | None = None) -> Backbone:
+        from mri_assets.core.backbone import build_backbone
+
         self.validate()
         return build_backbone(
             self.arch, self.weights, self.seed, checkpoint=checkpoint, input_size=self.input_size,

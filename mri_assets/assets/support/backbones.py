@@ -3,11 +3,14 @@ teacher and student): the `backbone` asset's decision, or what overrides it."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from mri_assets.assets.support.partitions import ISOLATED_WAVES
-from mri_assets.core.backbone import Backbone
-from mri_assets.core.training.checkpoint import backbone_checkpoint
 from mri_assets.resources.compute import ComputeResource
 from mri_assets.resources.wave_store import WaveStore
+
+if TYPE_CHECKING:
+    from mri_assets.core.backbone import Backbone
 
 
 def embedding_backbone(waves: WaveStore, compute: ComputeResource, wave: str,
@@ -19,6 +22,8 @@ def embedding_backbone(waves: WaveStore, compute: ComputeResource, wave: str,
     store when not given); with none, the compute resource's weights (seeded or ImageNet)."""
     store = waves.store
     if compute.checkpoint_key:
+        from mri_assets.core.training.checkpoint import backbone_checkpoint  # brings torch
+
         model = compute.build_backbone(checkpoint=backbone_checkpoint(store.get_bytes(compute.checkpoint_key)))
         return model, f"classifier checkpoint {compute.checkpoint_key}"
     if wave in ISOLATED_WAVES:

@@ -1,0 +1,93 @@
+"""The pretraining schedule and its budget per device kind, without importing torch: the
+`backbone` asset's settings are built from these when the code location is imported (every Dagster
+run worker does, before its first step); `pretrain` trains by them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+# The default schedule's optimiser steps per device kind (`budget_kind`): a fixed budget, whatever
+# the wave's size. Chosen from `benchmarks/pretrain.py` (ARI at k = 4 against the budget).
+STEP_BUDGETS = {"gpu": 1000, "cpu-bf16": 160, "cpu-fp32": 120}
+# What the CPU budgets buy, said before training starts (benchmarks/pretrain.py on the demo pilot).
+BUDGET_BUYS = "pilot ARI at k=4 about 0.4 (benchmarks/pretrain.py)"
+# The share of the CPU's peak (`core.cpu_peak`) a pretraining step reaches, measured by
+# benchmarks/pretrain.py; it turns a budget into the time estimate logged before training.
+EXPECTED_SHARE_OF_PEAK = {"fp32": 0.4, "bf16": 0.1}
+
+
+def budget_kind(device: torch.device | str, precision: str) -> str:
+    """`gpu`, `cpu-bf16` or `cpu-fp32`: which row of `STEP_BUDGETS` a device runs."""
+    if str(device).split(":")[0] == "cuda":
+        return "gpu"
+    return "cpu-bf16" if precision == "bf16" else "cpu-fp32"
+
+
+class PretrainError(ValueError):
+    """Pretraining cannot start or had to stop; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """The schedule. `batch_size` counts slices per step (each gives two views)."""
+
+    seed: int = 0
+    epochs: int = 8
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_fraction: float = 0.1
+    temperature: float = 0.2
+    projection_dim: int = 128
+    view_fraction: float = 0.75
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    max_rotation_deg: float = 10.0
+    max_steps: int | None = None
+    steps: int = 0
+    bn_recalibration_slices: int = 4096
+    precision: str = "auto"
+    rotation_weight: float = 0.0
+    rotation_view_fraction: float = 0.5
+    contrastive_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        checks = (
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 2, f"batch_size must be >= 2 (negatives), got {self.batch_size}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.warmup_fraction < 1, f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}"),
+            (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
+            (self.projection_dim >= 1, f"projection_dim must be >= 1, got {self.projection_dim}"),
+            (0.25 <= self.view_fraction <= 1, f"view_fraction must be in [0.25, 1], got {self.view_fraction}"),
+            (0 < self.crop_scale[0] <= self.crop_scale[1] <= 4,
+             f"crop_scale must satisfy 0 < low <= high <= 4, got {self.crop_scale}"),
+            (0 <= self.max_rotation_deg <= 30,
+             f"max_rotation_deg must be in [0, 30] (orientations must stay apart), got {self.max_rotation_deg}"),
+            (self.max_steps is None or self.max_steps >= 1, f"max_steps must be None or >= 1, got {self.max_steps}"),
+            (self.steps >= 0, f"steps must be >= 0 (0: epochs decide), got {self.steps}"),
+            (self.rotation_weight >= 0, f"rotation_weight must be >= 0, got {self.rotation_weight}"),
+            (self.contrastive_weight >= 0, f"contrastive_weight must be >= 0, got {self.contrastive_weight}"),
+            (self.contrastive_weight > 0 or self.rotation_weight > 0,
+             "contrastive_weight and rotation_weight are both 0: nothing to learn"),
+            (0.25 <= self.rotation_view_fraction <= 1,
+             f"rotation_view_fraction must be in [0.25, 1], got {self.rotation_view_fraction}"),
+            (self.bn_recalibration_slices >= 0,
+             f"bn_recalibration_slices must be >= 0, got {self.bn_recalibration_slices}"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise PretrainError(f"PretrainConfig: {message}")
+
+    def view_size(self, input_size: int) -> int:
+        """Side of the training views: `view_fraction` of the input side, a multiple of 8."""
+        return max(32, round(input_size * self.view_fraction / 8) * 8)
+
+    def rotation_view_size(self, input_size: int) -> int:
+        """Side of the quarter-turn views (`rotation_view_fraction` of the input side)."""
+        return max(32, round(input_size * self.rotation_view_fraction / 8) * 8)
