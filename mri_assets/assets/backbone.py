@@ -181,9 +181,9 @@ def backbone(
 ) -> dg.Output[dict]:
     """Which backbone embeds the wave: trained self-supervised on its slices, adopted from an
     earlier wave, or the compute resource's weights (see the module docstring)."""
-    wave = context.partition_key
     from mri_assets.core.precision import resolve_precision
 
+    wave = context.partition_key
     device, _, _ = compute.device_and_precision()
     precision = resolve_precision(device, compute.precision, purpose="training")
     config = replace(pretrain.config(budget_kind(device, precision)), precision=precision)
