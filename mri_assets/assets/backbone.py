@@ -36,10 +36,10 @@ from mri_assets.assets.support.provenance import dagster_tags, mlflow_run_metada
 from mri_assets.core.cpu_peak import cpu_peak
 from mri_assets.core.pretrain_schedule import (
     BUDGET_BUYS,
-    EXPECTED_SHARE_OF_PEAK,
     STEP_BUDGETS,
     PretrainConfig,
     budget_kind,
+    expected_share_of_peak,
 )
 from mri_assets.core.progress import Progress
 from mri_assets.core.wave_keys import backbone_key, manifest_key, slice_keys
@@ -233,7 +233,7 @@ def budget_line(wave: str, plan: "PretrainPlan", config: PretrainConfig, device:
         f"the {kind} budget"
     estimate = f", {plan.total_flops / 1e12:.1f} TFLOP"
     if device.type == "cpu":
-        share = EXPECTED_SHARE_OF_PEAK[config.precision]
+        share = expected_share_of_peak(config.precision, cpu_peak().isa)
         estimate = (f", about {_estimate_seconds(plan, config.precision, device) / 60:.1f} min here "
                     f"({plan.total_flops / 1e12:.1f} TFLOP at {share:.0%} of "
                     f"{cpu_peak().detail(config.precision)})")
@@ -245,7 +245,8 @@ def budget_line(wave: str, plan: "PretrainPlan", config: PretrainConfig, device:
 def _estimate_seconds(plan: "PretrainPlan", precision: str, device: "torch.device") -> float:
     if device.type != "cpu":
         return float("nan")
-    return plan.seconds_at(cpu_peak().gflops(precision) * EXPECTED_SHARE_OF_PEAK[precision] * 1e9)
+    peak = cpu_peak()
+    return plan.seconds_at(peak.gflops(precision) * expected_share_of_peak(precision, peak.isa) * 1e9)
 
 
 def _share_of_peak(achieved: float, precision: str, device: "torch.device") -> dict:

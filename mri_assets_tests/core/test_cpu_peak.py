@@ -39,3 +39,15 @@ def test_a_onednn_isa_cap_gives_the_peak_of_the_capped_kernels(monkeypatch):
     assert capped.gflops("fp32") == capped.cores * 2.0 * 32 and "AMX" not in capped.isa
     assert module.cpu_peak("AVX512_CORE_BF16").gflops("bf16") == capped.cores * 2.0 * 128
     assert module.cpu_peak().gflops("bf16") == capped.cores * 2.0 * 1024
+
+
+def test_the_expected_share_of_an_avx2_peak_is_larger_than_of_an_avx512_peak_in_fp32():
+    from mri_assets.core.pretrain_schedule import expected_share_of_peak
+
+    avx2 = peak_from_flags({"avx", "avx2", "fma"}, "AuthenticAMD", 3.0, 2)
+    avx512 = peak_from_flags({"avx", "avx2", "fma", "avx512f", "avx512_bf16"}, "GenuineIntel", 3.0, 2)
+    assert expected_share_of_peak("fp32", avx2.isa) > expected_share_of_peak("fp32", avx512.isa)
+    # The estimate's rate: the AVX2 CPU's lower peak is partly made up by its larger share.
+    ratio = (avx512.gflops("fp32") * expected_share_of_peak("fp32", avx512.isa)
+             / (avx2.gflops("fp32") * expected_share_of_peak("fp32", avx2.isa)))
+    assert 1 < ratio < 2
