@@ -92,8 +92,9 @@ def test_automation_requests_embeddings_only_after_the_budget_check_passes(
         )
 
     while_refused, cursor = _embeddings_tick(defs, instance, cursor)
-    allowed = dg.materialize([gpu_budget], partition_key=WAVE, instance=instance,
-                             resources={**defs.resources, "cost": CostSettings()})
+    # gpu_budget receives the stored manifest as its input: manifest is in the assets, unselected
+    allowed = dg.materialize([manifest, gpu_budget], selection=[gpu_budget], partition_key=WAVE,
+                             instance=instance, resources={**defs.resources, "cost": CostSettings()})
     after_allowed, _ = _embeddings_tick(defs, instance, cursor)
 
     assert while_refused == set()
