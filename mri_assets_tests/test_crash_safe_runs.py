@@ -5,6 +5,8 @@ name their writer, the MLflow store built whole), each on its own.
 The kill tests land one small wave (48 sample slices, 2 shards) in fresh homes, run `mri-assets
 run` in a subprocess as a person would, and SIGKILL it
 
+- during `manifest`: the moment its step has written the wave's layout, before the IO manager
+  stores the manifest (the shards' pixels are staged, no manifest exists yet);
 - during `embeddings`: the moment the first embeddings shard reaches the store (the step is then
   storing it and tracking it in DVC; the run holds the `gpu` pool's only slot), and
 - during the first MLflow set-up: the moment the schema's temporary file appears.
@@ -205,6 +207,26 @@ def test_killed_during_embeddings_then_rerun_completes_with_the_same_outputs(
     for run_id in dead:
         assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.FAILURE
     assert _unfinished_runs(home) == [] and _gpu_claims(home) == []
+    assert outputs(home) == reference
+    assert stray_temporaries(home) == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_killed_between_the_layout_and_the_stored_manifest_then_rerun_completes_the_same(
+    fresh: tuple[Path, Path], reference: dict[str, object], tmp_path: Path
+):
+    """The `manifest` step stages the shards and writes the layout; the IO manager then stores
+    the manifest. A kill in between leaves staged pixels and a layout with no manifest."""
+    home, tmp = fresh
+    layout = home / "store" / "manifests" / WAVE / "layout.json"
+    process = start_run(home, tmp, tmp_path / "killed.log")
+    kill_when(process, layout.exists, "wave layout")
+    assert not (layout.parent / "manifest.parquet").exists(), "the kill came too late"
+    assert any((home / "store" / "staging" / WAVE).glob("shard-*.npy"))
+
+    result = mri_assets(home, tmp, "run", WAVE, "--select", SELECT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert outputs(home) == reference
     assert stray_temporaries(home) == []
 
