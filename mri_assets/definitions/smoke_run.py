@@ -14,7 +14,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from mri_assets.assets.clustering import clusters
+from mri_assets.assets.clustering import clusters, pca_model
+from mri_assets.assets.embeddings import embeddings
 from mri_assets.assets.smoke import (
     REFERENCE_DIR,
     SMOKE_CHECK,
@@ -103,7 +104,8 @@ def check_smoke(
 ) -> tuple[bool, str, str, dict]:
     """Run `smoke_reproduces` for the smoke wave: (passed, description, run id, metadata)."""
     result = dg.materialize(
-        assets=[clusters, smoke_reproduces],
+        # `clusters` carries the check; its inputs come along unselected, as the job needs them
+        assets=[embeddings, pca_model, clusters, smoke_reproduces],
         selection=dg.AssetSelection.checks(dg.AssetCheckKey(dg.AssetKey("clusters"), SMOKE_CHECK)),
         instance=instance,
         resources=defs.resources,
