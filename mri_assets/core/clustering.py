@@ -280,7 +280,7 @@ def fit_kmeans_multi(
     ks: Sequence[int] = DEFAULT_KS,
     seed: int = 0,
     sample_size: int = 20_000,
-    n_init: int = 3,
+    n_init: int = 10,
     max_passes: int = 20,
     tol: float = 1e-5,
     blas_threads: int | None = 1,
@@ -289,7 +289,9 @@ def fit_kmeans_multi(
 
     `batches_factory()` must yield the same PCA-projection batches (n_i, p) in the same order
     each time it is called. Initialisation: k-means++ (`n_init` tries) and Lloyd on a seeded
-    uniform sample; then full passes where one GEMM scores every k's centroids at once, until
+    uniform sample (tries cost sample-sized work only: with 3, one of five pilot backbones kept a
+    local optimum at ARI 0.24 where 10 found 0.31, the other four unchanged); then full passes
+    where one GEMM scores every k's centroids at once, until
     every centroid set moves less than `tol` (relative to the sample's variance).
     Deterministic for a seed and the same batches.
     `blas_threads` caps BLAS threads (None: library default); the products here are thin, and
