@@ -118,3 +118,11 @@ def test_a_step_budget_trains_on_a_patient_spread_sample_and_records_the_budget(
     assert trained["slices"] == 24
     assert trained["budget_kind"] in ("cpu-fp32", "cpu-bf16")
     assert trained["estimated_seconds"] > 0 and 0 < trained["share_of_peak"] < 1
+
+
+def test_the_crop_setting_reaches_the_schedule_and_a_bad_one_names_the_setting():
+    assert PretrainSettings().config("cpu-fp32").crop_scale == (0.4, 1.0)
+    assert PretrainSettings(crop_min_area=0.2).config("cpu-bf16").crop_scale == (0.2, 1.0)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match=r"pretrain.crop_min_area=.*above 0 and at most 1"):
+            PretrainSettings(crop_min_area=bad).config("cpu-fp32")
