@@ -10,7 +10,8 @@ cut — and drops what they vary.
 The augmentations run on the device, batched, on the slices resized once to the backbone's
 input side (the side it embeds at):
 
-- a random resized crop (20–100 % of the area, aspect 3:4–4:3) with a small rotation (±10°),
+- a random resized crop (`crop_scale`: 40–100 % of the area by the `backbone` asset's default,
+  aspect 3:4–4:3) with a small rotation (±10°),
   rendered at `view_fraction` of the input side (96 px for the local 128 px input);
 - a left/right flip, half the time. Never an up/down flip or a quarter turn: those would turn
   one orientation class into the look of another (a coronal slice upside down, a sagittal slice
