@@ -71,3 +71,20 @@ def test_runs_say_what_they_wait_for(tmp_path):
         wave_waits_sensor(context)
         assert instance.get_run_by_id(second).tags[WAITING_TAG] == words[second]
         assert instance.get_run_by_id(holder).tags[WAITING_TAG] == "running"
+
+
+def test_mri_assets_status_prints_each_unfinished_run_of_a_wave(tmp_path, capsys):
+    from mri_assets.cli.main import main
+    from mri_assets.core.home import MriHome
+    from mri_assets.definitions.local_run import dagster_instance
+
+    home = tmp_path / "home"
+    assert main(["--home", str(home), "status", WAVE]) == 0
+    assert capsys.readouterr().out.strip() == f"no unfinished run of wave {WAVE}"
+    instance = dagster_instance(MriHome(home))
+    running = _run(instance, dg.DagsterRunStatus.STARTED, WAVE)
+    _run(instance, dg.DagsterRunStatus.STARTED, "w0")
+    assert main(["--home", str(home), "status", WAVE]) == 0
+    assert capsys.readouterr().out.strip() == f"{running[:8]} stage [{WAVE}]: running"
+    assert main(["--home", str(home), "status"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2

@@ -59,6 +59,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from mri_assets.definitions.wave_status import print_waits
+
+    return print_waits(_deployment(args).home, args.wave)
+
+
 def cmd_label_from_csv(args: argparse.Namespace) -> int:
     from mri_assets.cli.operations import label_from_csv
 
@@ -163,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("wave")
     run.add_argument("--select", help="Dagster asset selection, e.g. 'manifest slices'")
     run.set_defaults(func=cmd_run)
+
+    status = sub.add_parser("status", help="what each unfinished run waits for (a pool, the run "
+                            "limit) or that it runs")
+    status.add_argument("wave", nargs="?", default=None, help="only this wave's runs")
+    status.set_defaults(func=cmd_status)
 
     worker = sub.add_parser("worker", help="a dagster-celery worker for the celery profile "
                             "(env MRI_ASSETS_CELERY_BROKER, default redis://127.0.0.1:6379/0)")

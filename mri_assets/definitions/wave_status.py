@@ -4,14 +4,13 @@
 `wave_waits_sensor` writes it on each unfinished run as the tag `mri_assets/waiting_for`, which
 the UI shows on the run and in the runs list, and
 
-    python -m mri_assets.definitions.wave_status [WAVE]
+    mri-assets status [WAVE]
 
 prints it for a wave's unfinished runs (every wave's when none is named).
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import dagster as dg
@@ -101,20 +100,14 @@ def wave_waits_sensor(context: dg.SensorEvaluationContext):
     return dg.SkipReason(f"{changed} runs' waiting_for updated")
 
 
-def main(argv: list[str] | None = None) -> int:
+def print_waits(home, wave: str | None = None) -> int:
+    """Print what each unfinished run (of `wave`, or of every wave) waits for; `mri-assets status`."""
     from mri_assets.definitions.local_run import dagster_instance
-    from mri_assets.deployment import Deployment
 
-    args = sys.argv[1:] if argv is None else argv
-    wave = args[0] if args else None
-    instance = dagster_instance(Deployment.from_env().home, recover=False)
+    instance = dagster_instance(home, recover=False)
     waits = run_waits(instance, wave)
     if not waits:
         print(f"no unfinished run{' of wave ' + wave if wave else ''}")
     for wait in waits:
         print(f"{wait.run_id[:8]} {wait.job} [{wait.wave or '-'}]: {wait.waiting_for}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
