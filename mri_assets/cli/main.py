@@ -32,7 +32,7 @@ def cmd_sample_data(args: argparse.Namespace) -> int:
         Path(args.out), n_slices=args.slices, seed=args.seed, wave_style=args.wave_style,
         include_bad=not args.no_bad, progress=True, levels=args.levels,
     )
-    print(summary)
+    print(summary.describe())
     return 0
 
 

@@ -96,6 +96,24 @@ class SampleSummary:
     image_paths: tuple[Path, ...]
     bad_paths: tuple[Path, ...] = field(default_factory=tuple)
 
+    def describe(self) -> str:
+        """A few lines for a person: counts, where the files and the ground truth are (never the
+        list of files: a 100,000-slice sample has tens of thousands)."""
+        def counts(by_name: dict[str, int]) -> str:
+            return ", ".join(f"{name} {count:,}" for name, count in by_name.items())
+
+        files = sum(self.files_per_format.values())
+        head = f"{self.n_slices:,} slices of {self.n_patients:,} patients in {files:,} files"
+        lines = [f"{head} under {self.out_dir}",
+                 f"  per class: {counts(self.slices_per_class)}",
+                 f"  per format (slices): {counts(self.slices_per_format)}",
+                 f"  ground truth: {self.labels_csv}"]
+        if self.bad_paths:
+            lines.append(f"  {len(self.bad_paths)} broken or non-image files in "
+                         f"{self.bad_paths[0].parent.name}/ (ingestion quarantines them): "
+                         + ", ".join(path.name for path in self.bad_paths))
+        return "\n".join(lines)
+
 
 @dataclass(frozen=True)
 class _ExportedGroup:

@@ -199,3 +199,12 @@ def test_a_new_site_wave_changes_about_half_of_the_patients(t1_wave, tmp_path):
     before = np.asanyarray(nib.load(t1_wave.out_dir / nifti).dataobj)
     after = np.asanyarray(nib.load(mixed.out_dir / nifti).dataobj)
     assert after.shape == (before.shape[1], before.shape[0], *before.shape[2:]), "rows and columns swapped"
+
+
+def test_the_summary_a_person_reads_gives_counts_and_places_not_every_file(t1_wave):
+    text = t1_wave.describe()
+    assert text.splitlines()[0].startswith(f"{t1_wave.n_slices:,} slices of {t1_wave.n_patients:,} patients")
+    assert str(t1_wave.labels_csv) in text
+    assert all(name in text for name in t1_wave.slices_per_class)
+    assert not any(str(path) in text for path in t1_wave.image_paths)
+    assert len(text.splitlines()) <= 5
