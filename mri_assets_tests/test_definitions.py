@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -38,3 +39,19 @@ def test_the_code_location_loads_without_torch_mlflow_matplotlib_or_scipy(tmp_pa
     loaded = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
                             text=True, check=True, timeout=300).stdout.split()
     assert loaded == [], f"importing the code location imported {loaded}"
+
+
+def test_the_cli_instance_and_runs_point_at_the_checkout_wherever_the_modules_live(tmp_path):
+    """`mri-assets` sets up HOME/dagster with the repo's local instance settings, and records its
+    runs with the checkout as the code location's working directory (as workspace.yaml does)."""
+    from mri_assets.core.home import MriHome
+    from mri_assets.definitions.local_run import REPO_DAGSTER_YAML, dagster_instance
+    from mri_assets.definitions.location_runs import WORKING_DIRECTORY
+
+    repo = Path(__file__).resolve().parents[1]
+    assert REPO_DAGSTER_YAML == repo / "deploy" / "local" / "dagster.yaml"
+    assert REPO_DAGSTER_YAML.is_file()
+    assert Path(WORKING_DIRECTORY) == repo and (repo / "workspace.yaml").is_file()
+    home = MriHome(tmp_path / "home")
+    dagster_instance(home, recover=False).dispose()
+    assert (home.dagster / "dagster.yaml").read_bytes() == REPO_DAGSTER_YAML.read_bytes()

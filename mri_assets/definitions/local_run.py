@@ -49,7 +49,7 @@ from mri_assets.resources.mlflow_tracking import MlflowTracking
 from mri_assets.resources.object_store import SCRATCH_FOLDER
 
 QUIET_CONSOLE = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-REPO_DAGSTER_YAML = Path(__file__).resolve().parent.parent / "deploy" / "local" / "dagster.yaml"
+REPO_DAGSTER_YAML = Path(__file__).resolve().parents[2] / "deploy" / "local" / "dagster.yaml"
 
 
 def dagster_instance(home: MriHome, recover: bool = True) -> dg.DagsterInstance:

@@ -32,7 +32,7 @@ from mri_assets.definitions.jobs import STAGE_JOBS
 LOCATION_NAME = "mri_assets"
 LOCATION_MODULE = "mri_assets.definitions"
 DEFINITIONS_ATTRIBUTE = "defs"
-WORKING_DIRECTORY = str(Path(__file__).resolve().parent.parent)
+WORKING_DIRECTORY = str(Path(__file__).resolve().parents[2])
 
 
 @dataclass(frozen=True)
