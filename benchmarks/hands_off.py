@@ -147,7 +147,9 @@ def daemon_path(sample: Path, size: int, workdir: Path, timeout_s: float) -> dic
 def in_process_path(sample: Path, size: int, workdir: Path) -> dict:
     home = workdir / f"cli-{size}"
     home.mkdir(parents=True)
-    env = _env(home, size)
+    # `mri-assets` keeps its instance in the home; with DAGSTER_HOME at the repository, Dagster's
+    # usage log of the in-process run went to the repository's logs/ and .telemetry/.
+    env = {**_env(home, size), "DAGSTER_HOME": str(home / "dagster")}
     wave = f"bench-{size}"
     _cli(env, "ingest-wave", wave, "--source", str(sample))
     started = time.time()
