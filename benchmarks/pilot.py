@@ -156,7 +156,25 @@ def manifest_counts(deployment) -> dict[str, int]:
     return {str(k): int(v) for k, v in frame.group_by("status").len().iter_rows()}
 
 
-def pilot(slices: int, seed: int, home: Path) -> dict:
+def reused_sample(sample_dir: Path, slices: int, seed: int):
+    """A sample folder written earlier by `mri-assets sample-data --slices N --seed S` (with its
+    broken files): its summary, checked against `slices`; the seed is taken on trust."""
+    from types import SimpleNamespace
+
+    labels_csv = sample_dir / "labels.csv"
+    if not labels_csv.is_file():
+        raise SystemExit(f"--sample {sample_dir}: no labels.csv; write it with `mri-assets "
+                         f"sample-data --out {sample_dir} --slices {slices} --seed {seed}`")
+    with labels_csv.open() as handle:
+        rows = sum(1 for _ in handle) - 1
+    if rows != slices:
+        raise SystemExit(f"--sample {sample_dir} holds {rows} slices, not {slices}")
+    bad = sorted((sample_dir / "incoming-unsorted").glob("*"))
+    patients = sum(1 for path in sample_dir.glob("patient-*") if path.is_dir())
+    return SimpleNamespace(n_slices=rows, n_patients=patients, bad_paths=bad, labels_csv=labels_csv)
+
+
+def pilot(slices: int, seed: int, home: Path, sample: Path | None = None) -> dict:
     from mri_assets.assets.support.partitions import wave_shard_key
     from mri_assets.cli.operations import ingest_wave, instance_for
     from mri_assets.core.progress import Progress
@@ -165,12 +183,16 @@ def pilot(slices: int, seed: int, home: Path) -> dict:
 
     deployment = Deployment.from_env(home=home / "home", profile="local")
     deployment.home.ensure()
-    sample_dir = home / "sample"
+    sample_dir = sample or home / "sample"
 
-    print(f"sample data: {slices} T1 slices, seed {seed}, into {sample_dir}", flush=True)
     started = time.perf_counter()
-    summary = build_sample_data(sample_dir, n_slices=slices, seed=seed, wave_style="t1",
-                                include_bad=True, progress=True)
+    if sample is None:
+        print(f"sample data: {slices} T1 slices, seed {seed}, into {sample_dir}", flush=True)
+        summary = build_sample_data(sample_dir, n_slices=slices, seed=seed, wave_style="t1",
+                                    include_bad=True, progress=True)
+    else:
+        print(f"sample data: reusing {sample_dir}", flush=True)
+        summary = reused_sample(sample_dir, slices, seed)
     sample_data_s = time.perf_counter() - started
     print(f"  {sample_data_s:.1f} s: {summary.n_slices} slices, {summary.n_patients} patients, "
           f"{len(summary.bad_paths)} broken files", flush=True)
@@ -234,6 +256,9 @@ def main() -> dict:
                         "with native bf16, as on AVX2); default: the environment's, else auto")
     parser.add_argument("--home", help="an empty folder that keeps the sample and MRI_ASSETS_HOME "
                         "(default: a temporary folder, removed at the end)")
+    parser.add_argument("--sample", type=Path, help="a folder `mri-assets sample-data --out DIR "
+                        "--slices N --seed S` wrote before (the sample is not part of any figure "
+                        "but `sample_data_s`; writing 100,000 slices takes a while)")
     args = parser.parse_args()
     if args.home and Path(args.home).exists() and any(Path(args.home).iterdir()):
         parser.error(f"--home {args.home} is not empty: the figures are for a fresh home")
@@ -251,7 +276,7 @@ def main() -> dict:
     root.mkdir(parents=True, exist_ok=True)
     try:
         with terminal_bars(), without_debug_lines():
-            report = pilot(args.slices, args.seed, root)
+            report = pilot(args.slices, args.seed, root, args.sample)
     finally:
         if not args.home:
             shutil.rmtree(root, ignore_errors=True)
