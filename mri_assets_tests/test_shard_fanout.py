@@ -40,6 +40,20 @@ def _materialize(defs, instance, asset: str, partition_key: str) -> dg.ExecuteIn
     )
 
 
+def _wave_with_manifest(mri_home, tmp_path):
+    """A 40-slice sample landed as WAVE on the local profile, its manifest materialized: the
+    store, the definitions and the (ephemeral) instance."""
+    landing = tmp_path / "landing"
+    build_sample_data(landing, n_slices=40, seed=0)
+    store = LocalObjectStore(root=str(mri_home / "store"))
+    land_wave(LocalObjectStore(root=str(landing)), "", store, WAVE, IngestSettings().salt)
+    defs = build_defs("local", MriHome(mri_home))
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(WAVES, [WAVE])
+    assert _materialize(defs, instance, "manifest", WAVE).success
+    return store, defs, instance
+
+
 def _events(instance, run_id: str, event_type: dg.DagsterEventType) -> list:
     return [record.dagster_event for record in instance.all_logs(run_id, of_type=event_type)]
 
@@ -56,14 +70,7 @@ def _corrupt_first_slice(store: LocalObjectStore, shard: int) -> str:
 
 @pytest.mark.timeout(400)
 def test_a_corrupt_shard_fails_and_retries_alone_while_the_other_shards_materialize(mri_home, tmp_path):
-    landing = tmp_path / "landing"
-    build_sample_data(landing, n_slices=40, seed=0)
-    store = LocalObjectStore(root=str(mri_home / "store"))
-    land_wave(LocalObjectStore(root=str(landing)), "", store, WAVE, IngestSettings().salt)
-    defs = build_defs("local", MriHome(mri_home))
-    instance = dg.DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions(WAVES, [WAVE])
-    assert _materialize(defs, instance, "manifest", WAVE).success
+    store, defs, instance = _wave_with_manifest(mri_home, tmp_path)
 
     manifest = pl.read_parquet(store.local_path(manifest_key(WAVE)))
     shards = sorted(manifest.filter(pl.col("status") == "ok")["shard"].unique().to_list())[:3]
@@ -99,14 +106,7 @@ def test_a_corrupt_shard_fails_and_retries_alone_while_the_other_shards_material
 def test_a_range_run_materializes_every_shard_with_its_own_figures(mri_home, tmp_path):
     """The local profile's shard runs: one run over a wave's shards steps through each shard and
     records each one's own materialization (count) and stored output."""
-    landing = tmp_path / "landing"
-    build_sample_data(landing, n_slices=40, seed=0)
-    store = LocalObjectStore(root=str(mri_home / "store"))
-    land_wave(LocalObjectStore(root=str(landing)), "", store, WAVE, IngestSettings().salt)
-    defs = build_defs("local", MriHome(mri_home))
-    instance = dg.DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions(WAVES, [WAVE])
-    assert _materialize(defs, instance, "manifest", WAVE).success
+    store, defs, instance = _wave_with_manifest(mri_home, tmp_path)
     n_shards = wave_shard_count(store, WAVE)
     assert n_shards > 2
 
@@ -133,14 +133,7 @@ def test_a_range_run_of_embeddings_tracks_every_shard_in_dvc_with_the_md5_it_rec
         mri_home, tmp_path):
     """The shards of a range run go to DVC together (one `dvc add`, one `dvc push`, after the last
     shard): each shard's materialization still names its own file and the md5 DVC recorded."""
-    landing = tmp_path / "landing"
-    build_sample_data(landing, n_slices=40, seed=0)
-    store = LocalObjectStore(root=str(mri_home / "store"))
-    land_wave(LocalObjectStore(root=str(landing)), "", store, WAVE, IngestSettings().salt)
-    defs = build_defs("local", MriHome(mri_home))
-    instance = dg.DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions(WAVES, [WAVE])
-    assert _materialize(defs, instance, "manifest", WAVE).success
+    store, defs, instance = _wave_with_manifest(mri_home, tmp_path)
     last = wave_shard_count(store, WAVE) - 1
     for asset in ("slices", "embeddings"):
         assert dg.materialize(
