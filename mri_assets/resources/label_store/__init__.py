@@ -144,3 +144,10 @@ class LabelStore(
     _released_at: datetime | None = PrivateAttr(default=None)
     _writer_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _throttle_pruned_at: datetime | None = PrivateAttr(default=None)
+
+    def teardown_after_execution(self, context) -> None:
+        """A run leaves no connection open. SQLite folds its write-ahead log into the database
+        file when the last connection closes, so a run's labels are in `labels.db` when the run
+        ends, not whenever the garbage collector closes a connection later (in a later run, after
+        the home was copied or backed up)."""
+        self.dispose()
