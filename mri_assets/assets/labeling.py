@@ -9,6 +9,8 @@ its predictive entropy + k-center diversity + cluster balance (`select_for_label
 """
 
 
+from dataclasses import dataclass
+
 import dagster as dg
 import numpy as np
 import polars as pl
@@ -36,19 +38,22 @@ from mri_assets.resources.wave_io import MISSING_OK
 from mri_assets.resources.wave_store import WaveStore, splits_of
 
 
-def wave_projection(store: ObjectStore, wave: str) -> tuple[list[str], np.ndarray]:
-    """The wave's image ids and their PCA coordinates (the fitted transform, never refitted)."""
-    waves = WaveStore(store)
-    embedded, pca = waves.wave_embeddings(wave), waves.pca(wave)
-    coords = np.concatenate([pca.transform(block) for block in embedded.shards()]) \
-        if embedded.ids else np.zeros((0, 1))
-    return embedded.ids, coords
+@dataclass(frozen=True)
+class WaveScores:
+    """One pass over a wave's embeddings: the deployment's classifier's class probabilities and
+    the PCA coordinates of every slice (`ids` order)."""
+
+    ids: list[str]
+    probs: np.ndarray
+    coords: np.ndarray
+    detail: str
 
 
-def classifier_probs(instance: dg.DagsterInstance, store: ObjectStore, wave: str,
-                     classes: list[str]) -> tuple[np.ndarray | None, str]:
-    """The deployment's latest classifier's class probabilities for every slice of `wave` (its
-    stage-1 head on the wave's cached embeddings), or None and why not."""
+def classifier_scores(instance: dg.DagsterInstance, store: ObjectStore, wave: str,
+                      classes: list[str]) -> tuple[WaveScores | None, str]:
+    """The deployment's latest classifier's class probabilities (its stage-1 head on the wave's
+    cached embeddings) and the PCA coordinates of every slice of `wave`, read in one pass over
+    its shards; or None and why not."""
 
     records = instance.fetch_materializations(dg.AssetKey("classifier"), limit=1).records
     if not records:
@@ -62,16 +67,20 @@ def classifier_probs(instance: dg.DagsterInstance, store: ObjectStore, wave: str
     head = embedding_head_from_checkpoint(store.get_bytes(key))
     if head is None:
         return None, f"the classifier of wave {trained_on} was saved without its stage-1 head; retrain it"
-    embedded = WaveStore(store).wave_embeddings(wave)
-    shards, ids, model_id = embedded.shards, embedded.ids, embedded.model_id
-    if model_id != head.embedding_model_id:
+    waves = WaveStore(store)
+    embedded = waves.wave_embeddings(wave)
+    if embedded.model_id != head.embedding_model_id:
         return None, (f"the classifier of wave {trained_on} reads embeddings of {head.embedding_model_id}, "
-                      f"wave {wave} is embedded by {model_id}")
+                      f"wave {wave} is embedded by {embedded.model_id}")
     if set(head.class_names) != set(classes):
         return None, f"the classifier of wave {trained_on} has classes {list(head.class_names)}"
-    probs = np.concatenate([head.predict_proba(block, model_id) for block in shards()]) if ids \
-        else np.zeros((0, len(classes)))
-    return probs, f"classifier of wave {trained_on} (its stage-1 head on embeddings of {model_id})"
+    pca = waves.pca(wave)
+    probs, coords = [np.zeros((0, len(classes)))], [np.zeros((0, pca.n_components))]
+    for block in embedded.shards():
+        probs.append(head.predict_proba(block, embedded.model_id))
+        coords.append(pca.transform(block))
+    detail = f"classifier of wave {trained_on} (its stage-1 head on embeddings of {embedded.model_id})"
+    return WaveScores(embedded.ids, np.concatenate(probs), np.concatenate(coords), detail), detail
 
 
 # The manifest's columns the queue reads: the first batch's strata and every batch's holdout.
@@ -121,16 +130,15 @@ def labeling_queue(
     room = int(stats["budget_left_cases"])
     n_holdout = min(labeling.holdout_per_wave, room)
     n_train = min(labeling.batch_size, max(room - n_holdout, 0))
-    probs, detail = classifier_probs(context.instance, object_store, wave, labeling.classes) \
+    scores, detail = classifier_scores(context.instance, object_store, wave, labeling.classes) \
         if clusters is not None else \
         (None, f"wave {wave} has no clusters yet (backbone, embeddings and PCA come first)")
-    if probs is None:
+    if scores is None:
         ids, picked, reserved = _first_batch(manifest, labeled, n_train, n_holdout, labeling)
         selection, source = FIRST_BATCH_SELECTION, "none (no classifier for this wave yet)"
     else:
         ids, picked, reserved, source = _entropy_batch(
-            object_store, wave, manifest, clusters, probs, detail, labeled, n_train,
-            n_holdout, clustering, labeling)
+            scores, manifest, clusters, labeled, n_train, n_holdout, clustering, labeling)
         selection = ENTROPY_SELECTION
     context.log.info(f"{wave}: {selection} ({detail})")
     queued = label_store.enqueue(wave, queue_items(ids, picked, reserved), labeling.classes)
@@ -147,7 +155,7 @@ def labeling_queue(
         "queue_size": int(after["queue_size"]),
         "budget_left_cases": int(after["budget_left_cases"]),
         "budget_left_eur": float(after["budget_left_eur"]),
-        "mean_entropy_queued": float(np.mean(picked.entropy)) if len(picked) and probs is not None
+        "mean_entropy_queued": float(np.mean(picked.entropy)) if len(picked) and scores is not None
         else 0.0,
         "entropy_source": source,
         "entropy_source_detail": detail,
@@ -170,15 +178,15 @@ def _first_batch(manifest: pl.DataFrame, labeled: set[str], n_train: int, n_hold
     return ids, picked, reserved
 
 
-def _entropy_batch(store: ObjectStore, wave: str, manifest: pl.DataFrame, clusters: pl.DataFrame,
-                   probs: np.ndarray, detail: str, labeled: set[str], n_train: int, n_holdout: int,
+def _entropy_batch(scores: WaveScores, manifest: pl.DataFrame, clusters: pl.DataFrame,
+                   labeled: set[str], n_train: int, n_holdout: int,
                    clustering: ClusteringSettings, labeling: LabelingSettings):
     """The classifier's entropy + k-center diversity + cluster balance, and holdout items per
     cluster: (ids, picked, reserved, entropy source)."""
-    ids, coords = wave_projection(store, wave)
+    ids, coords = scores.ids, scores.coords
     frame = pl.DataFrame({"image_id": ids}).join(clusters, on="image_id", how="left")
     assignment = frame[f"cluster_k{clustering.drift_k}"].to_numpy().astype(np.int64)
-    uncertainty = queue_uncertainty(coords, assignment, probs, detail)
+    uncertainty = queue_uncertainty(coords, assignment, scores.probs, scores.detail)
     exclude = np.array([i in labeled for i in ids], dtype=bool)
     holdout = splits_of(manifest, ids) == "holdout"
     picked = select_for_labeling(uncertainty.entropy, coords, assignment, n_train,
