@@ -108,11 +108,6 @@ class WaveStore:
         return pl.read_parquet(io.BytesIO(self.store.get_bytes(keys.manifest_key(wave))),
                                columns=columns)
 
-    def ok_slices(self, wave: str) -> pl.DataFrame:
-        """The wave's `ok` manifest rows: `image_id`, `patient_key`, `source_key`, `split`."""
-        frame = self.manifest(wave, ["image_id", "patient_key", "source_key", "split", "status"])
-        return frame.filter(pl.col("status") == "ok").drop("status")
-
     def splits(self, wave: str, image_ids: list[str]) -> np.ndarray:
         """The split of each of `image_ids` (`train` for an id the manifest has no `ok` row of)."""
         return splits_of(self.manifest(wave, ["image_id", "split", "status"]), image_ids)
