@@ -33,7 +33,7 @@ from mri_assets.assets.support.gpu import GPU_POOL, gpu_step_tags
 from mri_assets.assets.support.locations import stored_at
 from mri_assets.assets.support.partitions import ISOLATED_WAVES, earlier_waves, wave_partitions
 from mri_assets.assets.support.provenance import dagster_tags, mlflow_run_metadata
-from mri_assets.core.cpu_peak import cpu_peak
+from mri_assets.core.cpu_peak import CpuPeak, cpu_peak
 from mri_assets.core.pretrain_schedule import (
     BUDGET_BUYS,
     STEP_BUDGETS,
@@ -241,20 +241,24 @@ def budget_line(wave: str, plan: "PretrainPlan", config: PretrainConfig, device:
         f"the {kind} budget"
     estimate = f", {plan.total_flops / 1e12:.1f} TFLOP"
     if device.type == "cpu":
-        share = expected_share_of_peak(config.precision, cpu_peak().isa)
-        estimate = (f", about {_estimate_seconds(plan, config.precision, device) / 60:.1f} min here "
-                    f"({plan.total_flops / 1e12:.1f} TFLOP at {share:.0%} of "
-                    f"{cpu_peak().detail(config.precision)})")
+        seconds, share, peak = _cpu_estimate(plan, config.precision)
+        estimate = (f", about {seconds / 60:.1f} min here ({plan.total_flops / 1e12:.1f} TFLOP at "
+                    f"{share:.0%} of {peak.detail(config.precision)})")
     return (f"{wave}: self-supervised pretraining, {plan.steps} steps of {plan.batch_size} slices "
             f"({source}, {config.precision}) on {n_slices} training slices{estimate}; "
             f"{BUDGET_BUYS}")
 
 
-def _estimate_seconds(plan: "PretrainPlan", precision: str, device: "torch.device") -> float:
-    if device.type != "cpu":
-        return float("nan")
+def _cpu_estimate(plan: "PretrainPlan", precision: str) -> tuple[float, float, CpuPeak]:
+    """The seconds `plan` takes on this CPU at the share of its peak pretraining reaches, that
+    share, and the peak."""
     peak = cpu_peak()
-    return plan.seconds_at(peak.gflops(precision) * expected_share_of_peak(precision, peak.isa) * 1e9)
+    share = expected_share_of_peak(precision, peak.isa)
+    return plan.seconds_at(peak.gflops(precision) * share * 1e9), share, peak
+
+
+def _estimate_seconds(plan: "PretrainPlan", precision: str, device: "torch.device") -> float:
+    return _cpu_estimate(plan, precision)[0] if device.type == "cpu" else float("nan")
 
 
 def _share_of_peak(achieved: float, precision: str, device: "torch.device") -> dict:
