@@ -136,7 +136,7 @@ def default_config(precision: str):
     from dataclasses import replace
 
     from mri_assets.core.precision import resolve_precision
-    from mri_assets.core.pretrain import budget_kind
+    from mri_assets.core.pretrain_schedule import budget_kind
 
     resolved = resolve_precision("cpu", precision, purpose="training")
     return replace(PretrainSettings().config(budget_kind("cpu", resolved)), precision=resolved)

@@ -44,16 +44,15 @@ from mri_assets.core.backbone import build_backbone
 from mri_assets.core.cpu_peak import cpu_peak
 from mri_assets.core.precision import resolve_precision
 from mri_assets.core.pretrain import (
-    STEP_BUDGETS,
     IndexedSlices,
     ProjectionHead,
     _parameter_groups,
-    budget_kind,
     plan_pretraining,
     pretrain_backbone,
     resized_base,
     step_loss,
 )
+from mri_assets.core.pretrain_schedule import STEP_BUDGETS, budget_kind
 from mri_assets.core.sample_slices import decoded_sample
 
 INPUT_SIZE = 128

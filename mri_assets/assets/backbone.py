@@ -74,7 +74,7 @@ class PretrainSettings(dg.ConfigurableResource):
     )
     steps: int = Field(
         default=0, description="optimiser steps of the schedule; 0 = the budget of the device kind "
-        "(core.pretrain.STEP_BUDGETS: GPU, CPU with native bf16, CPU in fp32). The budget does not "
+        "(core.pretrain_schedule.STEP_BUDGETS: GPU, CPU with native bf16, CPU in fp32). The budget does not "
         "grow with the wave: a larger wave trains on a seeded sample spread over patients")
     epochs: int = Field(default=0, description="passes over the training slices instead of a step "
                         "budget (0 = use `steps`)")
@@ -103,7 +103,7 @@ class PretrainSettings(dg.ConfigurableResource):
     seed: int = 0
 
     def config(self, budget_kind: str = "cpu-fp32") -> PretrainConfig:
-        """The schedule for a device of `budget_kind` (`core.pretrain.budget_kind`)."""
+        """The schedule for a device of `budget_kind` (`core.pretrain_schedule.budget_kind`)."""
         if self.policy not in POLICIES:
             raise ValueError(f"pretrain.policy={self.policy!r}: allowed values are {list(POLICIES)}")
         if self.max_slices < 0:

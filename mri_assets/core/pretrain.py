@@ -73,15 +73,8 @@ from mri_assets.core.backbone import (
 )
 from mri_assets.core.precision import autocast_for, resolve_precision
 
-# The schedule and its budgets live in pretrain_schedule (no torch there); named here too.
-from mri_assets.core.pretrain_schedule import (  # noqa: F401
-    BUDGET_BUYS,
-    EXPECTED_SHARE_OF_PEAK,
-    STEP_BUDGETS,
-    PretrainConfig,
-    PretrainError,
-    budget_kind,
-)
+# The schedule and its budgets (STEP_BUDGETS, budget_kind) live in pretrain_schedule, without torch.
+from mri_assets.core.pretrain_schedule import PretrainConfig, PretrainError
 
 ORIGIN = "ssl"
 PROJECTION_HIDDEN = 512
