@@ -1,6 +1,5 @@
 """Clustering for drift monitoring: PCA keeping 90 % of the variance, KMeans at k = 2, 3, 4."""
 
-import base64
 
 import dagster as dg
 import polars as pl
@@ -10,6 +9,7 @@ from mri_assets.assets.support.locations import stored_at
 from mri_assets.assets.support.monitoring import cluster_gauges, push_figures
 from mri_assets.assets.support.partitions import wave_partitions
 from mri_assets.assets.support.provenance import dagster_tags, mlflow_run_metadata
+from mri_assets.assets.support.reports import png_markdown
 from mri_assets.core.clustering import DEFAULT_KS as KS
 from mri_assets.core.clustering import PcaModel, cluster_scores, cluster_wave, fit_streaming_pca
 from mri_assets.core.expert_labels import align_labels, expert_label_per_image
@@ -110,7 +110,7 @@ def clusters(
         "labeled_slices": int(sum(t is not None for t in truth)),
         "drift_k": clustering.drift_k,
         **mlflow_run_metadata(mlflow, run_id),
-        "projection": dg.MetadataValue.md(_png_markdown(png)),
+        "projection": png_markdown("projection", png),
     }
     for k in KS:
         for name in ("ari", "nmi"):
@@ -120,6 +120,3 @@ def clusters(
         metadata["ari_reason"] = str(scores[clustering.drift_k]["reason"])
     return dg.Output(frame, metadata=metadata)
 
-
-def _png_markdown(png: bytes) -> str:
-    return f"![projection](data:image/png;base64,{base64.b64encode(png).decode()})"

@@ -5,7 +5,6 @@ carry the seconds their GPU step took, the object store lists the bytes kept, an
 holds the labels paid for. Nothing here estimates what a record can tell.
 """
 
-import base64
 from collections.abc import Iterable, Mapping
 
 import dagster as dg
@@ -20,6 +19,7 @@ from mri_assets.assets.support.partitions import (
     wave_shard_partitions,
 )
 from mri_assets.assets.support.provenance import dagster_tags, mlflow_run_metadata
+from mri_assets.assets.support.reports import png_markdown
 from mri_assets.core.costs import CostLedger
 from mri_assets.core.costs_plot import burndown_png
 from mri_assets.core.wave_keys import bytes_by_wave
@@ -178,9 +178,6 @@ def gpu_budget(
     )
 
 
-def _png_markdown(png: bytes) -> str:
-    return f"![spend vs caps](data:image/png;base64,{base64.b64encode(png).decode()})"
-
 
 @dg.asset(
     partitions_def=wave_partitions,
@@ -225,7 +222,7 @@ def wave_costs(
             "projected_plan_total_eur": round(projected_total, 2),
             "projected_plan_pct_of_usable": round(100 * projected_total / spend.usable_budget_eur, 2)
             if spend.usable_budget_eur else 0.0,
-            "burndown": dg.MetadataValue.md(_png_markdown(png)),
+            "burndown": png_markdown("spend vs caps", png),
             **mlflow_run_metadata(mlflow, run_id),
             "metrics_pushed": outcome.pushed,
         }
