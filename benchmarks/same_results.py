@@ -116,7 +116,7 @@ def main() -> None:
         "pseudo_labels": {"rows": pseudo.height, "promoted": int(pseudo["promoted"].sum()),
                           "sha256": _frame_sha(pseudo, home)},
         "classifier_macro_f1": f1,
-    }, indent=1, sort_keys=True))
+    }, sort_keys=True))
 
 
 if __name__ == "__main__":
