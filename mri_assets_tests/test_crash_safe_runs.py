@@ -76,10 +76,17 @@ def mri_assets(home: Path, tmp: Path, *args: str, timeout: float = RUN_TIMEOUT_S
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def start_run(home: Path, tmp: Path, log: Path) -> subprocess.Popen:
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def start_run(home: Path, tmp: Path, log: Path, background: bool = False) -> subprocess.Popen:
+    """`mri-assets run` of the test wave; `background`: started as a shell starts `cmd &` in a
+    script, with SIGINT ignored."""
     handle = open(log, "w")  # noqa: SIM115 - closed with the process by the caller
     return subprocess.Popen([str(BIN / "mri-assets"), "run", WAVE, "--select", SELECT],
-                            env=_env(home, tmp), stdout=handle, stderr=subprocess.STDOUT)
+                            env=_env(home, tmp), stdout=handle, stderr=subprocess.STDOUT,
+                            preexec_fn=_ignore_sigint if background else None)
 
 
 def kill_when(process: subprocess.Popen, ready, what: str) -> float:
@@ -252,16 +259,18 @@ def test_killed_during_the_first_mlflow_setup_then_rerun_completes_with_the_same
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+@pytest.mark.parametrize("background", [False, True], ids=["terminal", "background-job"])
 def test_sigterm_during_embeddings_stops_the_run_cleanly_without_retrying_the_step(
-    fresh: tuple[Path, Path], tmp_path: Path
+    fresh: tuple[Path, Path], tmp_path: Path, background: bool
 ):
     """Dagster retries an interrupted step under its RetryPolicy (embeddings: twice); a stop
-    asked by a signal must not redo the work, and must leave nothing behind."""
+    asked by a signal must not redo the work, and must leave nothing behind. The same when the
+    command runs as a script's background job (`cmd &`, SIGINT ignored)."""
     import dagster as dg
 
     home, tmp = fresh
     log = tmp_path / "stopped.log"
-    process = start_run(home, tmp, log)
+    process = start_run(home, tmp, log, background)
     first_shard = home / "store" / "embeddings" / WAVE / "shard-00.arrow"
     started = time.monotonic()
     while not first_shard.exists():

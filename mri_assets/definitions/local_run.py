@@ -326,10 +326,10 @@ def _stop_signals() -> Iterator[_StopSignals]:
     if threading.current_thread() is not threading.main_thread():
         yield _NoStopSignals()
         return
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        # Dagster's `capture_interrupts` (every in-process run) sets SIGTERM to SIGINT's handler
-        # when it ends: with SIGINT ignored (a background job) SIGTERM would stay ignored here
-        # and in every process started from here afterwards. Leave it as the caller had it.
+    if signal.getsignal(signal.SIGINT) not in (signal.default_int_handler, signal.SIG_IGN):
+        # The caller handles signals (a Dagster op). Dagster's `capture_interrupts` (every
+        # in-process run) sets SIGTERM to SIGINT's handler when it ends: leave SIGTERM as the
+        # caller had it.
         sigterm = signal.getsignal(signal.SIGTERM)
         try:
             yield _NoStopSignals()
@@ -337,6 +337,9 @@ def _stop_signals() -> Iterator[_StopSignals]:
             if sigterm is not None:
                 signal.signal(signal.SIGTERM, sigterm)
         return
+    # A terminal's process, or a script's background job (`cmd &`, SIGINT ignored): both stop on
+    # SIGTERM. While the wave runs SIGINT is handled too (a background job gets none from the
+    # terminal); the caller's handlers come back at the end.
     stop = _StopSignals()
     read_end, write_end = os.pipe()
     os.set_blocking(read_end, False)
