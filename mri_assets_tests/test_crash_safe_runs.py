@@ -76,17 +76,14 @@ def mri_assets(home: Path, tmp: Path, *args: str, timeout: float = RUN_TIMEOUT_S
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def _ignore_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def start_run(home: Path, tmp: Path, log: Path, background: bool = False) -> subprocess.Popen:
-    """`mri-assets run` of the test wave; `background`: started as a shell starts `cmd &` in a
-    script, with SIGINT ignored."""
+    """`mri-assets run` of the test wave; `background`: with SIGINT ignored, as a shell starts
+    `cmd &` in a script (here a shell that ignores SIGINT and execs the command)."""
     handle = open(log, "w")  # noqa: SIM115 - closed with the process by the caller
-    return subprocess.Popen([str(BIN / "mri-assets"), "run", WAVE, "--select", SELECT],
-                            env=_env(home, tmp), stdout=handle, stderr=subprocess.STDOUT,
-                            preexec_fn=_ignore_sigint if background else None)
+    command = [str(BIN / "mri-assets"), "run", WAVE, "--select", SELECT]
+    if background:
+        command = ["sh", "-c", 'trap "" INT; exec "$0" "$@"', *command]
+    return subprocess.Popen(command, env=_env(home, tmp), stdout=handle, stderr=subprocess.STDOUT)
 
 
 def kill_when(process: subprocess.Popen, ready, what: str) -> float:
