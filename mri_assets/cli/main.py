@@ -51,8 +51,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     report = run_wave(_deployment(args), args.wave, args.select)  # a bar per stage (local_run)
     if report.interrupted:
-        print(f"wave {args.wave}: stopped by {report.interrupted}; the same command continues "
-              f"it (run ids: {report.runs[-1:]})", file=sys.stderr)
+        print(f"wave {args.wave}: stopped by {report.interrupted}; the same command runs the "
+              f"selection again (run ids: {report.runs[-1:]})", file=sys.stderr)
     elif not report.success:
         print(f"wave {args.wave}: failed at {report.failed}; see the run in `make dev` "
               f"(run ids: {report.runs[-1:]})", file=sys.stderr)
