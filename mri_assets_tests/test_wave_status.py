@@ -67,10 +67,22 @@ def test_runs_say_what_they_wait_for(tmp_path):
             ("q2", "queued behind the run limit (2 runs at once), 4 runs ahead")]
         assert next(w.run_id for w in run_waits(instance)) == holder
 
+        alone = run_waits(instance, runs=[Queued("q0")])
+        assert [w.waiting_for for w in alone] == ["queued, next to start (the run queue's next pass)"]
+
         context = dg.build_sensor_context(instance=instance)
         wave_waits_sensor(context)
         assert instance.get_run_by_id(second).tags[WAITING_TAG] == words[second]
         assert instance.get_run_by_id(holder).tags[WAITING_TAG] == "running"
+
+        # A run that has ended no longer says it waits or runs.
+        instance.run_storage.handle_run_event(holder, dg.DagsterEvent(
+            event_type_value=dg.DagsterEventType.RUN_SUCCESS.value, job_name=stage.name))
+        later = dg.build_sensor_context(instance=instance, cursor=context.cursor)
+        wave_waits_sensor(later)
+        assert instance.get_run_by_id(holder).tags[WAITING_TAG] == "finished (success)"
+        assert instance.get_run_by_id(first).tags[WAITING_TAG] != "finished (success)"
+        assert holder not in later.cursor and first in later.cursor
 
 
 def test_mri_assets_status_prints_each_unfinished_run_of_a_wave(tmp_path, capsys):

@@ -11,6 +11,7 @@ prints it for a wave's unfinished runs (every wave's when none is named).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import dagster as dg
@@ -77,8 +78,9 @@ def run_waits(instance: dg.DagsterInstance, wave: str | None = None,
     for run in runs:
         if run.status == dg.DagsterRunStatus.QUEUED:
             limit_words = f"({_plural(limit, 'run')} at once)" if limit is not None else ""
-            words = (f"queued behind the run limit {limit_words}, "
-                     f"{_plural(len(active) + queued_before, 'run')} ahead")
+            ahead = len(active) + queued_before
+            words = (f"queued behind the run limit {limit_words}, {_plural(ahead, 'run')} ahead"
+                     if ahead else "queued, next to start (the run queue's next pass)")
             queued_before += 1
         else:
             words = pools.get(run.run_id, RUNNING)
@@ -87,16 +89,34 @@ def run_waits(instance: dg.DagsterInstance, wave: str | None = None,
     return found
 
 
+def finished_words(run: dg.DagsterRun) -> str:
+    """The tag a run keeps once it has ended, in place of what it waited for."""
+    return f"finished ({run.status.value.lower()})"
+
+
 @dg.sensor(minimum_interval_seconds=10, default_status=dg.DefaultSensorStatus.RUNNING)
 def wave_waits_sensor(context: dg.SensorEvaluationContext):
     """Writes on every unfinished run what it waits for (tag `mri_assets/waiting_for`): the run
-    limit, a pool's slots and how many runs are ahead, or `running`."""
+    limit, a pool's slots and how many runs are ahead, or `running`; and, once a run it tagged
+    has ended, `finished (success)` (or its other final status), so no ended run keeps saying
+    it waits. The cursor holds the runs tagged and not yet seen ended."""
+    tagged = set(json.loads(context.cursor)) if context.cursor else set()
     changed = 0
-    for wait in run_waits(context.instance):
+    waits = run_waits(context.instance)
+    for wait in waits:
         run = context.instance.get_run_by_id(wait.run_id)
         if run is not None and run.tags.get(WAITING_TAG) != wait.waiting_for:
             context.instance.add_run_tags(wait.run_id, {WAITING_TAG: wait.waiting_for})
             changed += 1
+    unfinished = {wait.run_id for wait in waits}
+    for run_id in sorted(tagged - unfinished):
+        run = context.instance.get_run_by_id(run_id)
+        if run is not None and run.is_finished:
+            context.instance.add_run_tags(run_id, {WAITING_TAG: finished_words(run)})
+            changed += 1
+        elif run is not None:
+            unfinished.add(run_id)  # between the two reads: look again next time
+    context.update_cursor(json.dumps(sorted(unfinished)))
     return dg.SkipReason(f"{changed} runs' waiting_for updated")
 
 
