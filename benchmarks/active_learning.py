@@ -66,7 +66,7 @@ from mri_assets.core.learning_curve import (
     probe_macro_f1,
     run_strategy,
 )
-from mri_assets.core.precision import cpu_has_native_bf16
+from mri_assets.core.precision import resolve_precision
 from mri_assets.core.pretrain import (
     IndexedSlices,
     plan_pretraining,
@@ -88,13 +88,15 @@ FIRST_BATCH = 200
 FIRST_BATCH_RULES = ("random", "stratified", "cluster_entropy")
 
 
-def embed(backbone: Backbone, images: np.ndarray, batch: int = 256) -> np.ndarray:
-    """float16 embeddings as the `embeddings` asset makes them (bf16 autocast where native)."""
+def embed(backbone: Backbone, images: np.ndarray, precision: str = "auto",
+          batch: int = 256) -> np.ndarray:
+    """float16 embeddings as the `embeddings` asset makes them at `precision` (auto: bf16
+    autocast where the CPU has native bf16). The fp32 path embeds in fp32 too, as a CPU without
+    bf16 does: its clustering can differ from the same model's bf16 embeddings."""
     backbone.eval()
-    precision = torch.bfloat16 if cpu_has_native_bf16() else None
+    bf16 = resolve_precision("cpu", precision) == "bf16"
     parts = []
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16,
-                                                enabled=precision is not None):
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for start in range(0, len(images), batch):
             pixels = torch.from_numpy(np.ascontiguousarray(images[start : start + batch])[:, None])
             parts.append(backbone(pixels).float())
@@ -135,7 +137,6 @@ def default_config(precision: str):
     """The `backbone` asset's default schedule for this CPU at `precision` (auto|fp32|bf16)."""
     from dataclasses import replace
 
-    from mri_assets.core.precision import resolve_precision
     from mri_assets.core.pretrain_schedule import budget_kind
 
     resolved = resolve_precision("cpu", precision, purpose="training")
@@ -168,8 +169,8 @@ def pilot_embeddings(sample: SampleSlices, holdout: np.ndarray, args: argparse.N
                 args.save_backbone.write_bytes(checkpoint)
         default = build_backbone(checkpoint=checkpoint, input_size=INPUT_SIZE)
     started = time.perf_counter()
-    x_default = embed(default, sample.images)
-    x_random = x_default if args.seeded else embed(random_init, sample.images)
+    x_default = embed(default, sample.images, args.precision)
+    x_random = x_default if args.seeded else embed(random_init, sample.images, args.precision)
     print(f"embedded in {time.perf_counter() - started:.0f} s", flush=True)
     return PilotEmbeddings(x_default, x_random, default.model_id, seconds, cpu_minutes)
 
@@ -248,7 +249,7 @@ def main() -> dict:
     parser.add_argument("--png", type=Path, default=DEFAULT_PNG)
     parser.add_argument("--gpu-tflops", type=float, default=50.0)
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                        help="pretraining precision (fp32: the path of CPUs without native bf16)")
+                        help="pretraining and embedding precision (fp32: the path of CPUs without native bf16)")
     parser.add_argument("--ari-seeds", type=int, default=3,
                         help="pretraining seeds for ari_k4_pilot_min_over_seeds (0: skip)")
     parser.add_argument("--budgets", default="60,120,240",

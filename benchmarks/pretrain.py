@@ -99,7 +99,7 @@ def ari_by_budget(sample, holdout: np.ndarray, config, budgets: list[int], seeds
             result = pretrain_backbone(IndexedSlices(sample.images[~holdout]), run_config, "cpu",
                                        input_size=INPUT_SIZE)
             model = build_backbone(checkpoint=result.checkpoint, input_size=INPUT_SIZE)
-            ari, _, _ = ari_k4(embed(model, sample.images), sample.labels)
+            ari, _, _ = ari_k4(embed(model, sample.images, config.precision), sample.labels)
             scores.append(ari)
             seconds.append(result.seconds)
             print(f"  {steps} steps, seed {seed}: ARI k=4 {ari:.3f} in {result.seconds:.0f} s "
