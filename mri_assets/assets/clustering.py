@@ -42,13 +42,15 @@ def pca_model(
     wave = context.partition_key
     shards, ids, model_id = embeddings.shards, embeddings.ids, embeddings.model_id
     context.log.info(f"pca_model {wave}: fitting on {len(ids)} embeddings")
-    pca = fit_streaming_pca(shards(), clustering.variance_target)
+    pca = fit_streaming_pca(shards(), clustering.variance_target,
+                            standardize=clustering.standardize)
     context.log.info(f"pca_model {wave}: {pca.n_components} components keep "
                      f"{pca.explained_variance_total:.1%} of the variance")
     data = pca.to_bytes()
     tags = {**dagster_tags(context, mlflow), "model_id": model_id}
     with mlflow.start_wave_run(wave, "pca", tags=tags, new_run=True) as run_id:
         mlflow.log_params(run_id, {"model_id": model_id, "variance_target": clustering.variance_target,
+                                   "standardize": clustering.standardize,
                                    "n_components": pca.n_components, "n_slices": len(ids)})
         mlflow.log_metrics(run_id, {"explained_variance": pca.explained_variance_total})
         mlflow.log_artifact_bytes(run_id, "pca.npz", data, artifact_path="models")
@@ -58,6 +60,7 @@ def pca_model(
             "n_components": pca.n_components,
             "explained_variance": round(pca.explained_variance_total, 4),
             "embedding_dim": pca.dim,
+            "standardized": pca.standardized,
             "slices": len(ids),
             "model_id": model_id,
             "store_path": stored_at(object_store, pca_key(wave)),

@@ -34,6 +34,10 @@ class PcaModel:
     explained_variance_ratio: np.ndarray  # (n_components,) float64
     n_samples: int
     variance_target: float
+    # (d,) float64: each embedding dimension is multiplied by it after centring, before the
+    # components (`standardizing_scale`); ones for a PCA of the raw embeddings (files written
+    # before it existed hold none and read as ones).
+    scale: np.ndarray | None = None
 
     @property
     def n_components(self) -> int:
@@ -47,11 +51,18 @@ class PcaModel:
     def explained_variance_total(self) -> float:
         return float(self.explained_variance_ratio.sum())
 
+    @property
+    def standardized(self) -> bool:
+        return self.scale is not None and not np.all(self.scale == 1.0)
+
     def transform(self, x: np.ndarray) -> np.ndarray:
         """Project embeddings (n, d) of any float dtype onto the components: (n, k) float32."""
         x = _check_batch(x, self.dim).astype(np.float32, copy=False)
-        offset = (self.mean @ self.components.T.astype(np.float64)).astype(np.float32)
-        projected = x @ self.components.T
+        scale = np.ones(self.dim) if self.scale is None else self.scale
+        # ((x - mean) * scale) @ C.T, with the scale folded into the components.
+        weights = (self.components.astype(np.float64) * scale).T
+        offset = (self.mean @ weights).astype(np.float32)
+        projected = x @ weights.astype(np.float32)
         projected -= offset
         return projected
 
@@ -65,6 +76,7 @@ class PcaModel:
             explained_variance_ratio=self.explained_variance_ratio,
             n_samples=np.int64(self.n_samples),
             variance_target=np.float64(self.variance_target),
+            scale=np.ones(self.dim) if self.scale is None else self.scale,
         )
         return buffer.getvalue()
 
@@ -78,6 +90,7 @@ class PcaModel:
                 explained_variance_ratio=npz["explained_variance_ratio"],
                 n_samples=int(npz["n_samples"]),
                 variance_target=float(npz["variance_target"]),
+                scale=npz["scale"] if "scale" in npz.files else None,
             )
 
 
@@ -116,13 +129,21 @@ def _shifted_moments(
 
 
 def fit_streaming_pca(
-    batches: Iterable[np.ndarray], variance_target: float = 0.9, blas_threads: int | None = 1
+    batches: Iterable[np.ndarray], variance_target: float = 0.9, blas_threads: int | None = 1,
+    standardize: bool = True,
 ) -> PcaModel:
     """Exact PCA from shards (n_i, d): keeps the fewest components reaching `variance_target`.
 
     Sums and cross-products of every shard are accumulated in float64 (memory O(d^2), however
     many slices), then the covariance is eigendecomposed once. `blas_threads` caps BLAS
     threads (None: the library default); one thread is fastest on a small shared CPU.
+
+    `standardize` (the default) fits the PCA to the embeddings with every dimension scaled to
+    unit variance (`standardizing_scale`), so that a few channels of large variance do not
+    decide the components alone. On the demo's pilot this made KMeans at k = 4 stable: an fp32
+    backbone's raw embeddings clustered at ARI 0.25 or 0.40 depending on perturbations of one
+    part in 10^5 (its bf16 embeddings, cosine 0.999997 to the fp32 ones); standardized, 0.40 on
+    both and on every KMeans seed, and the other backbones tried kept their ARI within 0.005.
     """
     if not 0.0 < variance_target <= 1.0:
         raise ClusteringError(f"variance_target must be in (0, 1], got {variance_target}")
@@ -153,6 +174,8 @@ def fit_streaming_pca(
     scatter_total = products - np.outer(sums, sums) / n_total
     mean_total = shift.astype(np.float64) + sums / n_total
     covariance = scatter_total / (n_total - 1)
+    scale = standardizing_scale(np.diag(covariance)) if standardize else np.ones(len(covariance))
+    covariance = covariance * np.outer(scale, scale)
     eigenvalues, eigenvectors = np.linalg.eigh(covariance)
     order = np.argsort(eigenvalues)[::-1]
     eigenvalues = np.clip(eigenvalues[order], 0.0, None)
@@ -174,7 +197,19 @@ def fit_streaming_pca(
         explained_variance_ratio=ratio[:k],
         n_samples=n_total,
         variance_target=variance_target,
+        scale=scale,
     )
+
+
+def standardizing_scale(variances: np.ndarray, floor_share: float = 0.01) -> np.ndarray:
+    """1 / standard deviation per embedding dimension, with `floor_share` of the mean variance
+    added first: a channel that hardly varies (a ReLU unit that is almost always 0) is not
+    blown up to the weight of one that carries the wave's structure."""
+    variances = np.clip(np.asarray(variances, dtype=np.float64), 0.0, None)
+    floor = floor_share * float(variances.mean()) if variances.size else 0.0
+    if floor <= 0.0:
+        return np.ones_like(variances)
+    return 1.0 / np.sqrt(variances + floor)
 
 
 # --------------------------------------------------------------------------- KMeans

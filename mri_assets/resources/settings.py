@@ -77,6 +77,10 @@ class ClusteringSettings(ConfigurableResource):
     """PCA/KMeans and the drift rule."""
 
     variance_target: float = Field(default=0.9, description="PCA keeps the fewest components reaching it")
+    standardize: bool = Field(
+        default=True,
+        description="fit the PCA to embeddings scaled to unit variance per dimension (false: raw "
+        "embeddings, where a few high-variance channels can decide the clusters)")
     seed: int = 0
     drift_k: int = Field(default=4, description="the k whose ARI is watched for drift")
     drift_threshold: float = Field(default=0.10, description="relative ARI drop that counts as drift")

@@ -15,6 +15,7 @@ from mri_assets.core.clustering import (
     fit_kmeans,
     fit_kmeans_multi,
     fit_streaming_pca,
+    standardizing_scale,
 )
 from mri_assets.core.plots import projection_png
 
@@ -40,11 +41,14 @@ def wave():
     return low_rank_embeddings()
 
 
-def test_pca_keeps_fewest_components_reaching_90_percent_like_numpy_svd(wave):
+@pytest.mark.parametrize("standardize", [False, True])
+def test_pca_keeps_fewest_components_reaching_90_percent_like_numpy_svd(wave, standardize):
     x, _ = wave
-    pca = fit_streaming_pca(shards_of(x), variance_target=0.9)
+    pca = fit_streaming_pca(shards_of(x), variance_target=0.9, standardize=standardize)
 
     centred = x.astype(np.float64) - x.astype(np.float64).mean(axis=0)
+    if standardize:
+        centred = centred * standardizing_scale(centred.var(axis=0, ddof=1))
     singular = np.linalg.svd(centred, compute_uv=False)
     cumulative = np.cumsum(singular**2) / np.sum(singular**2)
     k = pca.n_components
@@ -52,6 +56,46 @@ def test_pca_keeps_fewest_components_reaching_90_percent_like_numpy_svd(wave):
     assert cumulative[k - 2] < 0.9
     assert pca.explained_variance_total == pytest.approx(cumulative[k - 1], abs=1e-6)
     assert pca.components.dtype == np.float32 and pca.components.shape == (k, x.shape[1])
+    assert pca.standardized is standardize
+    # The projection is the centred (and scaled) embeddings on the components.
+    np.testing.assert_allclose(pca.transform(x[:20]), centred[:20] @ pca.components.T.astype(np.float64),
+                               atol=2e-3)
+
+
+def test_standardized_pca_does_not_let_one_loud_channel_decide_the_clusters(wave):
+    """A channel of large variance and no class information (as some ReLU units of a backbone
+    are) takes over the raw PCA and its KMeans; standardized, the clusters stay the classes."""
+    x, truth = wave
+    loud = x.astype(np.float32).copy()
+    loud[:, 0] = np.random.default_rng(5).normal(size=len(x)) * 200.0
+    scores = {}
+    for standardize in (False, True):
+        pca = fit_streaming_pca(shards_of(loud), standardize=standardize)
+        result = cluster_wave(lambda pca=pca: iter(shards_of(loud)), (4,), seed=0, pca=pca)
+        scores[standardize] = cluster_scores(list(truth), result.labels[4])["ari"]
+    assert scores[True] > 0.9
+    assert scores[False] < 0.5
+
+
+def test_standardizing_scale_floors_channels_that_hardly_vary():
+    scale = standardizing_scale(np.array([4.0, 1.0, 0.0, 1e-12]))
+    floor = 0.01 * np.mean([4.0, 1.0, 0.0, 1e-12])
+    np.testing.assert_allclose(scale[:2], [1 / np.sqrt(4.0 + floor), 1 / np.sqrt(1.0 + floor)])
+    assert scale[2] == pytest.approx(1 / np.sqrt(floor)) and np.isfinite(scale).all()
+    np.testing.assert_array_equal(standardizing_scale(np.zeros(3)), np.ones(3))
+
+
+def test_a_pca_file_written_before_standardizing_reads_as_a_raw_pca(wave):
+    x, _ = wave
+    pca = fit_streaming_pca(shards_of(x), standardize=False)
+    buffer = io.BytesIO()
+    np.savez(buffer, mean=pca.mean, components=pca.components,
+             explained_variance=pca.explained_variance,
+             explained_variance_ratio=pca.explained_variance_ratio,
+             n_samples=np.int64(pca.n_samples), variance_target=np.float64(0.9))
+    old = PcaModel.from_bytes(buffer.getvalue())
+    assert not old.standardized
+    np.testing.assert_allclose(old.transform(x[:50]), pca.transform(x[:50]), atol=1e-5)
 
 
 def test_streaming_pca_equals_one_shot_pca(wave):
