@@ -1,5 +1,6 @@
 """A wave fans out over wave x shard partitions: a corrupt shard fails and retries alone; the
-run plan of a wave per profile (one run over the shards locally, a run per shard on a fleet)."""
+run plan of a wave per profile (locally one `carry_wave` run whose stages are runs in its
+process, a shard stage one run over the shards; on a fleet `ingest_wave`, then a run per shard)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ from mri_assets.core.sample_data import build_sample_data
 from mri_assets.core.slice_shards import manifest_key, slice_keys
 from mri_assets.core.wave_layout import wave_shard_count
 from mri_assets.definitions import build_defs
-from mri_assets.definitions.local_run import QUIET_CONSOLE
+from mri_assets.definitions.local_run import QUIET_CONSOLE, dagster_instance
 from mri_assets.definitions.sensors import AUTOMATION_SENSOR, group_shard_requests
+from mri_assets.definitions.wave_carry import CARRY_STAGES, CARRY_WAVE_JOB, carried_waves
 from mri_assets.resources.landing import land_wave
 from mri_assets.resources.object_store import LocalObjectStore
 from mri_assets.resources.settings import IngestSettings
@@ -172,6 +174,9 @@ def test_the_run_plan_of_a_wave_per_profile(profile, executor, per_shard, tmp_pa
     repository = defs.get_repository_def()
     sensor = _automation(defs)
     assert sensor.shard_runs == ("per_shard" if per_shard else "per_wave")
+    # What a landed wave's marker starts: its stages in one run locally, its manifest elsewhere.
+    assert defs.resolve_sensor_def("wave_sensor").job_name == (
+        "ingest_wave" if per_shard else CARRY_WAVE_JOB)
     assert repository.get_job("wave_shard_assets").executor_def.name == executor
     shards = shard_partitions.get_partition_keys()
     with dg.DagsterInstance.ephemeral() as instance:
@@ -213,3 +218,68 @@ def test_shard_requests_become_one_run_per_span_of_consecutive_shards():
         ("pca_model", WAVE, None, None, None),
         ("slices", f"04|{WAVE}", None, None, "60"),
     ]
+
+
+def _carry_run(defs: dg.Definitions, instance: dg.DagsterInstance, wave: str,
+               status: dg.DagsterRunStatus) -> dg.DagsterRun:
+    return instance.create_run_for_job(job_def=defs.resolve_job_def(CARRY_WAVE_JOB),
+                                       status=status, tags={"dagster/partition": wave})
+
+
+def test_automation_requests_nothing_for_a_wave_its_carry_run_is_carrying(tmp_path):
+    """While a wave's `carry_wave` run is queued or running, the automation sensor leaves that
+    wave to it (it would otherwise request a stage between two of the run's own); other waves,
+    and the wave once its run has ended, are automated as before."""
+    defs = build_defs("local", MriHome(tmp_path / "home"))
+    repository = defs.get_repository_def()
+    sensor = _automation(defs)
+    other = "wave-by-hand"
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions(WAVES, [WAVE, other])
+        first = _tick(sensor, instance, repository, None)
+        run = _carry_run(defs, instance, WAVE, dg.DagsterRunStatus.STARTED)
+        assert carried_waves(instance) == {WAVE}
+        for wave in (WAVE, other):
+            instance.report_runless_asset_event(
+                dg.AssetMaterialization(asset_key="manifest", partition=wave))
+        plan = _tick(sensor, instance, repository, first.cursor).run_requests
+        assert plan, "the wave materialized by hand is automated"
+        assert not any(WAVE in str(r.partition_key) + str(r.tags) for r in plan)
+        assert {r.partition_key for r in plan if r.partition_key} == {other}
+
+        instance.report_run_failed(run)
+        assert carried_waves(instance) == set()
+
+
+@pytest.mark.timeout(600)
+def test_a_carry_wave_run_makes_the_wave_stage_by_stage_queue_before_backbone(mri_home, tmp_path):
+    """The local profile's run for a landed wave: every stage of `CARRY_STAGES` materialized for
+    the wave, each a run of the code location's stage jobs made in this run's process, the
+    shard stages one run over the wave's shards, and the first labeling queue before the
+    backbone (it needs none)."""
+    landing = tmp_path / "landing"
+    build_sample_data(landing, n_slices=40, seed=0)
+    store = LocalObjectStore(root=str(mri_home / "store"))
+    land_wave(LocalObjectStore(root=str(landing)), "", store, WAVE, IngestSettings().salt)
+    defs = build_defs("local", MriHome(mri_home))
+    with dagster_instance(MriHome(mri_home)) as instance:
+        instance.add_dynamic_partitions(WAVES, [WAVE])
+        result = defs.resolve_job_def(CARRY_WAVE_JOB).execute_in_process(
+            partition_key=WAVE, instance=instance, run_config=QUIET_CONSOLE)
+        assert result.success
+        output = result.output_for_node("carry_wave_stages")
+        stage_runs = [instance.get_run_by_id(run_id) for run_id in output["runs"]]
+        assert len(stage_runs) == len(CARRY_STAGES)
+        assert {run.job_name for run in stage_runs} == {"wave_assets", "wave_shard_assets"}
+        assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in stage_runs)
+        last = wave_shard_count(store, WAVE) - 1
+        for run in stage_runs:
+            if run.job_name == "wave_shard_assets":
+                assert run.tags | shard_range_tags(WAVE, 0, last) == run.tags
+        first_seen = {}
+        for stage in CARRY_STAGES:
+            for asset in stage.split():
+                records = instance.fetch_materializations(dg.AssetKey(asset), limit=100).records
+                assert records, f"{asset} was not materialized"
+                first_seen[asset] = min(r.storage_id for r in records)
+        assert first_seen["labeling_queue"] < first_seen["backbone"] < first_seen["embeddings"]

@@ -27,9 +27,10 @@ from mri_assets.definitions.sensors import (
     automation_sensor,
     labels_sensor,
     retrain_sensor,
-    wave_sensor,
+    wave_sensor_for,
 )
 from mri_assets.definitions.smoke_run import nightly_smoke_job, nightly_smoke_schedule
+from mri_assets.definitions.wave_carry import carry_wave_job
 from mri_assets.definitions.wave_status import wave_waits_sensor
 from mri_assets.deployment import Deployment
 
@@ -41,12 +42,17 @@ def build_defs(deployment: Deployment | str | None = None, home: MriHome | None 
     if not isinstance(deployment, Deployment):
         deployment = Deployment.from_env(profile=deployment, home=home)
     assets = wave_assets()
+    shard_runs = shard_runs_for(deployment)
+    # One machine: a landed wave's stages in one run (`wave_carry`); a fleet: `ingest_wave`, then
+    # automation's runs per shard, whose steps the executor fans out.
+    landed = carry_wave_job(deployment) if shard_runs == "per_wave" else ingest_wave_job
     return dg.Definitions(
         assets=assets,
         jobs=[ingest_wave_job, active_learning_job, drift_check_job, label_refresh_job, retrain_job,
-              embed_wave_job, nightly_smoke_job(deployment), *stage_jobs(assets)],
-        sensors=[wave_sensor, ari_drift_sensor, labels_sensor, retrain_sensor,
-                 automation_sensor(shard_runs_for(deployment)), wave_waits_sensor],
+              embed_wave_job, nightly_smoke_job(deployment), *stage_jobs(assets),
+              *([landed] if landed is not ingest_wave_job else [])],
+        sensors=[wave_sensor_for(landed), ari_drift_sensor, labels_sensor, retrain_sensor,
+                 automation_sensor(shard_runs), wave_waits_sensor],
         schedules=[weekly_drift_check, monthly_retrain, nightly_smoke_schedule],
         resources=resources_for(deployment),
         executor=executor_for(deployment),

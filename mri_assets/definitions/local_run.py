@@ -37,6 +37,7 @@ from mri_assets.assets.support.gpu import GPU_POOL
 from mri_assets.assets.support.partitions import (
     WAVES,
     shard_partitions,
+    shard_range_tags,
     wave_shard_key,
     wave_shard_partitions,
 )
@@ -143,8 +144,13 @@ def materialize_wave(
     wave: str,
     selection: str | None = None,
     on_step: Callable[[str], None] | None = None,
+    shard_runs: str = "per_shard",
 ) -> WaveRunReport:
     """Run every selected asset of `wave`: wave assets, then each shard, then the rest.
+
+    `shard_runs="per_shard"` makes a run per shard partition (a bar of shards; a failed shard
+    stops the wave before the next); `"per_wave"` one run over the range of the wave's shards,
+    as the daemon's automation does locally (`partitions.each_shard` steps through them).
 
     SIGTERM or SIGINT (in the main thread of a process that left them at Python's defaults)
     stop the wave: while it waits for a pool slot or between runs at once, during a run by
@@ -165,15 +171,21 @@ def materialize_wave(
                     wave_shard_keys(defs, wave)
                     if kind == "shard" else [wave] if kind == "wave" else [None]
                 )
+                range_tags: dict[str, str] = {}
+                covered = "all"
+                if kind == "shard" and shard_runs == "per_wave" and len(partition_keys) > 1:
+                    range_tags = shard_range_tags(wave, 0, len(partition_keys) - 1)
+                    covered = f"{wave} shards 0-{len(partition_keys) - 1}"
+                    partition_keys = [None]
                 # A run of the code location's stage job where `defs` has it (re-executable
                 # from the UI, see `location_runs`), else the job `dg.materialize` builds.
                 job = location_stage(defs, kind, keys) or _stage_job(defs, keys)
                 pooled = pooled_steps(defs, keys)
                 with _stage_bar(keys, wave, kind, len(partition_keys)) as shown:
                     for partition_key in partition_keys:
-                        label = f"{','.join(k.to_user_string() for k in keys)} [{partition_key or 'all'}]"
+                        label = f"{','.join(k.to_user_string() for k in keys)} [{partition_key or covered}]"
                         stop.check()
-                        result = _execute(job, instance, partition_key, pooled, stop)
+                        result = _execute(job, instance, partition_key, pooled, stop, range_tags)
                         report.runs.append(result.run_id)
                         stop.check()
                         if not result.success:
@@ -417,9 +429,10 @@ def _owners(instance: dg.DagsterInstance) -> Path:
 
 
 def _execute(job: dg.JobDefinition, instance: dg.DagsterInstance, partition_key: str | None,
-             pooled: list[tuple[str, str]], stop: _StopSignals) -> dg.ExecuteInProcessResult:
+             pooled: list[tuple[str, str]], stop: _StopSignals,
+             extra_tags: Mapping[str, str] | None = None) -> dg.ExecuteInProcessResult:
     run_id = str(uuid.uuid4())
-    tags = launcher_tags()
+    tags = {**(extra_tags or {}), **launcher_tags()}
     owner = _owners(instance) / f"{run_id}.json"
     storage = instance.event_log_storage
     try:

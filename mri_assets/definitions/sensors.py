@@ -25,6 +25,7 @@ from mri_assets.definitions.jobs import (
     RETRAIN_JOB,
     ingest_wave_job,
 )
+from mri_assets.definitions.wave_carry import carried_waves, without_carried
 from mri_assets.resources.label_store import LabelStore
 from mri_assets.resources.object_store import ObjectStore
 from mri_assets.resources.settings import ClusteringSettings, RetrainSettings
@@ -42,19 +43,30 @@ def real_waves(instance: dg.DagsterInstance) -> list[str]:
     return [wave for wave in instance.get_dynamic_partitions(WAVES) if wave != SMOKE_WAVE]
 
 
-# On every pass of the sensor daemon's loop (5 s). The loop's passes are not exactly 5 s apart, so
-# a 5 s minimum made every other pass skip the sensor (10 s between looks); 1 s never does.
-@dg.sensor(job=ingest_wave_job, minimum_interval_seconds=1,
-           default_status=dg.DefaultSensorStatus.RUNNING)
-def wave_sensor(context: dg.SensorEvaluationContext, object_store: ObjectStore):
-    """The one way a landed wave starts: for every `raw/WAVE/_READY` marker whose wave has no
-    manifest yet, adds the `waves` partition (when missing) and requests `ingest_wave`.
+def wave_sensor_for(job) -> dg.SensorDefinition:
+    """`wave_sensor`, requesting `job` for each landed wave: `carry_wave` in the local profile
+    (the wave's stages in one run), `ingest_wave` elsewhere (automation carries the rest)."""
 
-    A wave dropped into the bucket and one landed with `mri-assets ingest-wave` take this same
-    path (the command also adds the partition, so the wave can be selected at once; the run
-    still comes from here). The run key is the wave: Dagster launches it once per wave.
-    The smoke wave's landing (`raw/smoke/`) is left to the nightly smoke job.
-    """
+    # On every pass of the sensor daemon's loop (5 s). The loop's passes are not exactly 5 s
+    # apart, so a 5 s minimum made every other pass skip the sensor; 1 s never does.
+    @dg.sensor(name="wave_sensor", job=job, minimum_interval_seconds=1,
+               default_status=dg.DefaultSensorStatus.RUNNING)
+    def wave_sensor(context: dg.SensorEvaluationContext, object_store: ObjectStore):
+        """The one way a landed wave starts: for every `raw/WAVE/_READY` marker whose wave has
+        no manifest yet, adds the `waves` partition (when missing) and requests the wave's run.
+
+        A wave dropped into the bucket and one landed with `mri-assets ingest-wave` take this
+        same path (the command also adds the partition, so the wave can be selected at once; the
+        run still comes from here). The run key is the wave: Dagster launches it once per wave.
+        The smoke wave's landing (`raw/smoke/`) is left to the nightly smoke job.
+        """
+        return landed_wave_requests(context, object_store)
+
+    return wave_sensor
+
+
+def landed_wave_requests(context: dg.SensorEvaluationContext, object_store: ObjectStore):
+    """What `wave_sensor` returns: a run request per landed wave without a manifest."""
     known = set(context.instance.get_dynamic_partitions(WAVES))
     ingested = context.instance.get_materialized_partitions(dg.AssetKey("manifest"))
     waiting, refused = [], []
@@ -76,6 +88,9 @@ def wave_sensor(context: dg.SensorEvaluationContext, object_store: ObjectStore):
         dynamic_partitions_requests=(
             [wave_partitions.build_add_request(new_partitions)] if new_partitions else []),
     )
+
+
+wave_sensor = wave_sensor_for(ingest_wave_job)
 
 
 def clusters_observation(record, drift_k: int) -> ClustersObservation | None:
@@ -260,6 +275,8 @@ class WaveAutomationSensor(dg.AutomationConditionSensorDefinition):
     `shard_runs="per_wave"` (the local profile) turns the shard requests of a tick into one run
     per wave and shard asset over the range of its shards; `"per_shard"` (Celery, Kubernetes)
     keeps a run per shard partition, whose steps the executor fans out to workers or pods.
+    It requests nothing for a wave whose `carry_wave` run is queued or running
+    (`wave_carry.carried_waves`): that run materializes the wave's stages itself.
     """
 
     def __init__(self, name: str, *, shard_runs: str, **kwargs) -> None:
@@ -270,19 +287,22 @@ class WaveAutomationSensor(dg.AutomationConditionSensorDefinition):
             super().__init__(name, use_user_code_server=True, emit_backfills=False, **kwargs)
         self._shard_runs = shard_runs
         self._init_kwargs = kwargs
-        if shard_runs == "per_wave":
-            evaluate = self._raw_fn
+        evaluate = self._raw_fn
 
-            def grouped(context: dg.SensorEvaluationContext):
-                result = evaluate(context)
-                return dg.SensorResult(
-                    run_requests=group_shard_requests(list(result.run_requests or [])),
-                    cursor=result.cursor,
-                    automation_condition_evaluations=result.automation_condition_evaluations,
-                )
+        def grouped(context: dg.SensorEvaluationContext):
+            result = evaluate(context)
+            requests = without_carried(list(result.run_requests or []),
+                                       carried_waves(context.instance))
+            if shard_runs == "per_wave":
+                requests = group_shard_requests(requests)
+            return dg.SensorResult(
+                run_requests=requests,
+                cursor=result.cursor,
+                automation_condition_evaluations=result.automation_condition_evaluations,
+            )
 
-            self._raw_fn = grouped
-            self._evaluation_fn = wrap_sensor_evaluation(self._name, grouped)
+        self._raw_fn = grouped
+        self._evaluation_fn = wrap_sensor_evaluation(self._name, grouped)
 
     @property
     def shard_runs(self) -> str:

@@ -4,8 +4,8 @@ command but the clinicians' labels.
 `dg dev` (the webserver and the daemon, as `make dev` starts them) runs on a fresh home with the
 object store on moto_server (versioned bucket) and the label store on PostgreSQL. The test lands a
 few hundred sample slices into the bucket with the project's landing code (`_LANDED.parquet`,
-then `_READY`) and then only watches: `wave_sensor` and the automation sensor carry the wave to
-`labeling_queue`; two clinicians label the queue over the triage app's JSON API (the page's
+then `_READY`) and then only watches: `wave_sensor`'s `carry_wave` run carries the wave to
+`labeling_queue` and its clusters (the local profile's one run per landed wave); two clinicians label the queue over the triage app's JSON API (the page's
 routes, logged in with accounts made by `mri-assets triage add-user`), from the sample's ground
 truth; `labels_sensor` refreshes the labels and `retrain_sensor` (threshold set low) runs
 `pseudo_labels` (its F1 gate as it is) and `classifier`, whose registered MLflow version names the
@@ -363,7 +363,7 @@ def test_a_wave_dropped_into_the_bucket_reaches_a_registered_classifier_hands_of
         assert (made_by.job_name, _origin(made_by)) == ("retrain", "retrain_sensor")
         assert not watch.failed_runs(), watch.report()
         origins = {(run.job_name, _origin(run)) for run in runs.values()}
-        assert {("ingest_wave", "wave_sensor"), ("label_refresh", "labels_sensor"),
+        assert {("carry_wave", "wave_sensor"), ("label_refresh", "labels_sensor"),
                 ("retrain", "retrain_sensor")} <= origins, origins
         gate = watch.instance.event_log_storage.get_asset_check_execution_history(
             dg.AssetCheckKey(dg.AssetKey("pseudo_labels"), GATE_CHECK), limit=1)[0]
