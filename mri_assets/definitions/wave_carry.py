@@ -25,7 +25,7 @@ import dagster as dg
 from mri_assets.assets.support.partitions import wave_of_partition, wave_partitions
 from mri_assets.definitions.code_location import resources_for, wave_assets
 from mri_assets.definitions.jobs import stage_jobs
-from mri_assets.definitions.local_run import materialize_wave
+from mri_assets.definitions.local_run import materialize_wave, reclaim_dead_runs
 from mri_assets.deployment import Deployment
 
 CARRY_WAVE_JOB = "carry_wave"
@@ -66,6 +66,11 @@ def carry_wave_job(deployment: Deployment) -> dg.JobDefinition:
         """Runs `CARRY_STAGES` of the run's wave in order; fails at the first stage that fails,
         naming it and the runs made so far."""
         wave = context.partition_key
+        # Stage runs left unfinished by a carry run whose process died (they carry its pid)
+        # are marked failed and their pool slots freed, as `mri-assets run` does at its start.
+        reclaimed = reclaim_dead_runs(context.instance)
+        if reclaimed:
+            context.log.info(f"marked {len(reclaimed)} runs of dead processes failed: {reclaimed}")
         defs = carry_location_defs(deployment)
         runs: list[str] = []
         for selection in CARRY_STAGES:
