@@ -23,7 +23,7 @@ decodes them), in this process:
 5. the first batch alone: 200 labels chosen at once by plain random, by the queue's first-batch
    rule (patient-stratified random, `core.selection.stratified_random_batch`) and by the old one
    (cluster entropy + diversity), the probe's holdout macro-F1 on each (`f1_first_batch_200_*`);
-6. the same curves on the harder task the sample carries (`labels.csv` column `level`, 13
+6. the same curves on the harder task the sample carries (`labels.csv` column `level`, 25
    anatomical levels, `core.sample_data.LEVEL_CLASSES`): `f1_at_500_random_hard` (headroom: it
    should stay below 0.9) and `labels_to_match_random_500_hard` (model entropy + diversity,
    goal <= 250); drawn in a second PNG (`*_hard.png`).
