@@ -227,9 +227,9 @@ def _carry_run(defs: dg.Definitions, instance: dg.DagsterInstance, wave: str,
 
 
 def test_automation_requests_nothing_for_a_wave_its_carry_run_is_carrying(tmp_path):
-    """While a wave's `carry_wave` run is queued or running, the automation sensor leaves that
-    wave to it (it would otherwise request a stage between two of the run's own); other waves,
-    and the wave once its run has ended, are automated as before."""
+    """Until a wave's latest `carry_wave` run has succeeded, the automation sensor leaves that
+    wave to it (it would otherwise request a stage between two of the run's own, or go on with a
+    wave whose run was terminated); other waves are automated as before."""
     defs = build_defs("local", MriHome(tmp_path / "home"))
     repository = defs.get_repository_def()
     sensor = _automation(defs)
@@ -247,7 +247,11 @@ def test_automation_requests_nothing_for_a_wave_its_carry_run_is_carrying(tmp_pa
         assert not any(WAVE in str(r.partition_key) + str(r.tags) for r in plan)
         assert {r.partition_key for r in plan if r.partition_key} == {other}
 
+        # Terminated or failed: the wave stays with its run until a re-execution succeeds.
         instance.report_run_failed(run)
+        assert carried_waves(instance) == {WAVE}
+        again = _carry_run(defs, instance, WAVE, dg.DagsterRunStatus.SUCCESS)
+        assert instance.get_run_by_id(again.run_id).status == dg.DagsterRunStatus.SUCCESS
         assert carried_waves(instance) == set()
 
 

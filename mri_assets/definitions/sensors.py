@@ -275,7 +275,7 @@ class WaveAutomationSensor(dg.AutomationConditionSensorDefinition):
     `shard_runs="per_wave"` (the local profile) turns the shard requests of a tick into one run
     per wave and shard asset over the range of its shards; `"per_shard"` (Celery, Kubernetes)
     keeps a run per shard partition, whose steps the executor fans out to workers or pods.
-    It requests nothing for a wave whose `carry_wave` run is queued or running
+    It requests nothing for a wave whose latest `carry_wave` run has not succeeded
     (`wave_carry.carried_waves`): that run materializes the wave's stages itself.
     """
 

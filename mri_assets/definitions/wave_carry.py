@@ -12,10 +12,11 @@ GPU steps take the `gpu` pool's slot, and the shard stages are one run over the 
 
 The stages, in order: the manifest and the GPU budget, the slices, the first labeling queue (it
 needs no backbone, so clinicians label while it trains), the backbone, the embeddings, the PCA
-and the clusters. The automation sensor leaves a wave alone while its `carry_wave` run is
-queued or running (`carried_waves`), so no stage is requested twice; a wave whose manifest is
-materialized by hand is carried by automation as before. Celery and Kubernetes keep
-`ingest_wave` and a run per shard, whose steps their executors fan out.
+and the clusters. The automation sensor leaves a wave alone until its latest `carry_wave` run
+has succeeded (`carried_waves`): no stage is requested twice, and a wave whose run was
+terminated stays stopped until the run is re-executed. A wave whose manifest is materialized by
+hand is carried by automation as before. Celery and Kubernetes keep `ingest_wave` and a run per
+shard, whose steps their executors fan out.
 """
 
 import time
@@ -32,15 +33,19 @@ CARRY_WAVE_JOB = "carry_wave"
 # One `materialize_wave` call each, in this order (the queue before the backbone: issue 20).
 CARRY_STAGES = ("manifest gpu_budget", "slices", "labeling_queue", "backbone", "embeddings",
                 "pca_model clusters")
-_UNFINISHED = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
-               dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED,
-               dg.DagsterRunStatus.CANCELING]
 
 
 def carried_waves(instance: dg.DagsterInstance) -> set[str]:
-    """The waves whose `carry_wave` run is queued or running."""
-    runs = instance.get_runs(filters=dg.RunsFilter(job_name=CARRY_WAVE_JOB, statuses=_UNFINISHED))
-    return {run.tags["dagster/partition"] for run in runs if "dagster/partition" in run.tags}
+    """The waves whose latest `carry_wave` run has not succeeded: queued, running, or stopped
+    (failed, canceled). Such a wave's stages are its carry run's to make: automation would
+    otherwise request a stage between two of the run's own, or carry on a wave whose run a person
+    terminated. Re-executing the carry run (or its failed stage run) finishes the wave."""
+    latest: dict[str, dg.DagsterRun] = {}
+    for run in instance.get_runs(filters=dg.RunsFilter(job_name=CARRY_WAVE_JOB)):  # newest first
+        wave = run.tags.get("dagster/partition")
+        if wave is not None and wave not in latest:
+            latest[wave] = run
+    return {wave for wave, run in latest.items() if run.status != dg.DagsterRunStatus.SUCCESS}
 
 
 def without_carried(requests: list[dg.RunRequest], carried: set[str]) -> list[dg.RunRequest]:
