@@ -260,7 +260,7 @@ def test_a_carry_wave_run_makes_the_wave_stage_by_stage_queue_before_backbone(mr
     """The local profile's run for a landed wave: every stage of `CARRY_STAGES` materialized for
     the wave, each a run of the code location's stage jobs made in this run's process, the
     shard stages one run over the wave's shards, and the first labeling queue before the
-    backbone (it needs none)."""
+    backbone (it needs none); run again, it resumes where the wave stands."""
     landing = tmp_path / "landing"
     build_sample_data(landing, n_slices=40, seed=0)
     store = LocalObjectStore(root=str(mri_home / "store"))
@@ -287,3 +287,12 @@ def test_a_carry_wave_run_makes_the_wave_stage_by_stage_queue_before_backbone(mr
                 assert records, f"{asset} was not materialized"
                 first_seen[asset] = min(r.storage_id for r in records)
         assert first_seen["labeling_queue"] < first_seen["backbone"] < first_seen["embeddings"]
+
+        # Re-executed (after a terminate, say), the run resumes at the first stage not yet
+        # materialized: here none, so no stage runs and no second queue spends the budget.
+        queues = len(instance.fetch_materializations(dg.AssetKey("labeling_queue"), limit=10).records)
+        again = defs.resolve_job_def(CARRY_WAVE_JOB).execute_in_process(
+            partition_key=WAVE, instance=instance, run_config=QUIET_CONSOLE)
+        assert again.success and again.output_for_node("carry_wave_stages")["runs"] == []
+        assert len(instance.fetch_materializations(dg.AssetKey("labeling_queue"), limit=10).records
+                   ) == queues == 1

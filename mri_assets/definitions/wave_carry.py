@@ -23,10 +23,14 @@ import time
 
 import dagster as dg
 
-from mri_assets.assets.support.partitions import wave_of_partition, wave_partitions
+from mri_assets.assets.support.partitions import (
+    wave_of_partition,
+    wave_partitions,
+    wave_shard_partitions,
+)
 from mri_assets.definitions.code_location import resources_for, wave_assets
 from mri_assets.definitions.jobs import stage_jobs
-from mri_assets.definitions.local_run import materialize_wave, reclaim_dead_runs
+from mri_assets.definitions.local_run import materialize_wave, reclaim_dead_runs, wave_shard_keys
 from mri_assets.deployment import Deployment
 
 CARRY_WAVE_JOB = "carry_wave"
@@ -56,6 +60,22 @@ def without_carried(requests: list[dg.RunRequest], carried: set[str]) -> list[dg
             if r.partition_key is None or wave_of_partition(str(r.partition_key)) not in carried]
 
 
+def stage_done(defs: dg.Definitions, instance: dg.DagsterInstance, wave: str,
+               selection: str) -> bool:
+    """True when every asset of the stage has a materialization for each of the wave's
+    partitions (every shard of a shard asset). A carry run re-executed after a failure or a
+    terminate resumes at the first stage that is not: it never builds a second labeling queue
+    for the wave (each batch spends the labeling budget) nor redoes finished work."""
+    graph = defs.resolve_asset_graph()
+    for name in selection.split():
+        key = dg.AssetKey(name)
+        wanted = ({str(k) for k in wave_shard_keys(defs, wave)}
+                  if graph.get(key).partitions_def == wave_shard_partitions else {wave})
+        if not wanted <= set(instance.get_materialized_partitions(key)):
+            return False
+    return True
+
+
 def carry_location_defs(deployment: Deployment) -> dg.Definitions:
     """The deployment's assets, stage jobs and resources, without the jobs that hold this op."""
     assets = wave_assets()
@@ -68,8 +88,9 @@ def carry_wave_job(deployment: Deployment) -> dg.JobDefinition:
 
     @dg.op(name="carry_wave_stages")
     def carry_wave_stages(context: dg.OpExecutionContext) -> dict:
-        """Runs `CARRY_STAGES` of the run's wave in order; fails at the first stage that fails,
-        naming it and the runs made so far."""
+        """Runs `CARRY_STAGES` of the run's wave in order, from the first stage not yet
+        materialized (`stage_done`); fails at the first stage that fails, naming it and the runs
+        made so far."""
         wave = context.partition_key
         # Stage runs left unfinished by a carry run whose process died (they carry its pid)
         # are marked failed and their pool slots freed, as `mri-assets run` does at its start.
@@ -79,6 +100,9 @@ def carry_wave_job(deployment: Deployment) -> dg.JobDefinition:
         defs = carry_location_defs(deployment)
         runs: list[str] = []
         for selection in CARRY_STAGES:
+            if stage_done(defs, context.instance, wave, selection):
+                context.log.info(f"wave {wave}: {selection} already materialized, skipped")
+                continue
             started = time.perf_counter()
             report = materialize_wave(defs, context.instance, wave, selection,
                                       shard_runs="per_wave")
