@@ -289,7 +289,7 @@ class WaveAutomationSensor(dg.AutomationConditionSensorDefinition):
         self._init_kwargs = kwargs
         evaluate = self._raw_fn
 
-        def grouped(context: dg.SensorEvaluationContext):
+        def guarded(context: dg.SensorEvaluationContext):
             result = evaluate(context)
             requests = without_carried(list(result.run_requests or []),
                                        carried_waves(context.instance))
@@ -301,8 +301,8 @@ class WaveAutomationSensor(dg.AutomationConditionSensorDefinition):
                 automation_condition_evaluations=result.automation_condition_evaluations,
             )
 
-        self._raw_fn = grouped
-        self._evaluation_fn = wrap_sensor_evaluation(self._name, grouped)
+        self._raw_fn = guarded
+        self._evaluation_fn = wrap_sensor_evaluation(self._name, guarded)
 
     @property
     def shard_runs(self) -> str:
