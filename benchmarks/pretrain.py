@@ -20,6 +20,7 @@ holdout split), in this process:
 
     .venv/bin/python benchmarks/pretrain.py                          # default budget, 1 seed
     .venv/bin/python benchmarks/pretrain.py --precision fp32 --budgets 60,120,168 --seeds 3
+    .venv/bin/python benchmarks/pretrain.py --seeds 3 --set crop_scale=0.4,1.6   # a variant
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,7 @@ from mri_assets.core.pretrain import (
     resized_base,
     step_loss,
 )
-from mri_assets.core.pretrain_schedule import STEP_BUDGETS, budget_kind
+from mri_assets.core.pretrain_schedule import STEP_BUDGETS, PretrainConfig, budget_kind
 from mri_assets.core.sample_slices import decoded_sample
 
 INPUT_SIZE = 128
@@ -112,7 +113,28 @@ def ari_by_budget(sample, holdout: np.ndarray, config, budgets: list[int], seeds
         "ari_k4_by_budget": table,
         "seconds_by_budget": seconds_table,
         "ari_k4_pilot_min_over_seeds": round(min(at_default), 4) if at_default else None,
+        "ari_k4_pilot_by_seed": [round(float(a), 4) for a in at_default],
     }
+
+
+def schedule_overrides(pairs: list[str]) -> dict:
+    """`FIELD=VALUE` strings -> PretrainConfig fields, each value parsed as the field's default
+    is typed (a tuple from comma-separated numbers)."""
+    defaults = {f.name: f.default for f in fields(PretrainConfig)}
+    overrides = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name not in defaults or not value:
+            raise ValueError(f"--set {pair!r}: use FIELD=VALUE with FIELD one of {sorted(defaults)}")
+        default = defaults[name]
+        if isinstance(default, tuple):
+            overrides[name] = tuple(float(v) for v in value.split(","))
+        elif default is None:
+            overrides[name] = int(value)
+        else:
+            overrides[name] = type(default)(value)
+    PretrainConfig(**overrides)  # checked here, with the schedule's own message
+    return overrides
 
 
 def main() -> dict:
@@ -123,7 +145,15 @@ def main() -> dict:
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--speed-steps", type=int, default=3)
     parser.add_argument("--speed-only", action="store_true", help="measure the step speed only")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="change one field of the schedule (core.pretrain_schedule."
+                        "PretrainConfig), e.g. --set crop_scale=0.4,1.6 --set rotation_weight=4; "
+                        "repeatable")
     args = parser.parse_args()
+    try:
+        overrides = schedule_overrides(args.set)
+    except ValueError as error:
+        parser.error(str(error))
 
     precision = resolve_precision("cpu", args.precision, purpose="training")
     kind = budget_kind("cpu", precision)
@@ -136,7 +166,7 @@ def main() -> dict:
     print(f"pilot: {len(sample)} slices, {len(training)} for training; precision {precision} "
           f"({kind}, default budget {default_steps} steps)", flush=True)
 
-    config = replace(PretrainSettings().config(kind), precision=precision)
+    config = replace(PretrainSettings().config(kind), precision=precision, **overrides)
     plan = plan_pretraining(len(training), config, input_size=INPUT_SIZE)
     flops_per_step = plan.total_flops / plan.steps
     ours = step_seconds(training, config, precision, torch.channels_last, args.speed_steps)
