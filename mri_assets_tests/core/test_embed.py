@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -173,6 +174,9 @@ def test_embedding_twice_in_one_process_writes_identical_bytes(tmp_path, slices,
     assert paths[0].read_bytes() == paths[1].read_bytes()
 
 
+KERNEL_CHOICE = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "NPY_DISABLE_CPU_FEATURES",
+                 "OPENBLAS_CORETYPE", "MKL_ENABLE_INSTRUCTIONS")
+
 _EMBED_IN_A_FRESH_PROCESS = textwrap.dedent(
     """
     import sys, torch
@@ -197,7 +201,10 @@ def test_embedding_in_another_process_writes_identical_bytes(tmp_path, slices, b
         [sys.executable, "-c", _EMBED_IN_A_FRESH_PROCESS, str(npy), str(index), str(there)],
         check=True,
         timeout=300,
-        env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": str(torch.get_num_threads())},
+        env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": str(torch.get_num_threads()),
+             # The same kernels as this process (a machine is one CPU kind): without these a run
+             # that caps torch/oneDNN at AVX2 on an AVX-512 CPU would compare two kinds.
+             **{name: os.environ[name] for name in KERNEL_CHOICE if name in os.environ}},
     )
     assert here.read_bytes() == there.read_bytes()
 
