@@ -199,6 +199,9 @@ class LoopSettings:
     retrain_every: int = field(
         default=500_000, metadata=env("MRI_ASSETS_RETRAIN_EVERY", parse=_whole(1))
     )
+    sensor_interval_s: int = field(
+        default=120, metadata=env("MRI_ASSETS_LOOP_SENSOR_INTERVAL", parse=_whole(5, 86_400))
+    )
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from mri_assets.assets.support.partitions import WAVES
 from mri_assets.core.home import MriHome
 from mri_assets.definitions import build_defs
 from mri_assets.definitions.sensors import ari_drift_sensor, retrain_sensor, wave_sensor
+from mri_assets.deployment import Deployment, DeploymentError
 from mri_assets.resources.settings import ClusteringSettings, RetrainSettings
 
 
@@ -208,3 +209,18 @@ def test_a_due_retraining_waits_for_the_waves_clusters(instance, labels):
                                                                 partition="pilot"))
     done = tick(waiting.cursor)
     assert [(r.partition_key, r.run_key) for r in done.run_requests] == [("pilot", "retrain:1")]
+
+
+def test_the_loop_sensors_look_as_often_as_the_deployment_says(tmp_path):
+    home = MriHome(tmp_path / "home")
+
+    def intervals(environ):
+        defs = build_defs(Deployment.from_env(environ, profile="local", home=home))
+        return {name: defs.get_sensor_def(name).minimum_interval_seconds
+                for name in ("labels_sensor", "retrain_sensor")}
+
+    assert intervals({}) == {"labels_sensor": 120, "retrain_sensor": 120}
+    assert intervals({"MRI_ASSETS_LOOP_SENSOR_INTERVAL": "20"}) == {
+        "labels_sensor": 20, "retrain_sensor": 20}
+    with pytest.raises(DeploymentError, match="MRI_ASSETS_LOOP_SENSOR_INTERVAL='1'.*from 5 to"):
+        Deployment.from_env({"MRI_ASSETS_LOOP_SENSOR_INTERVAL": "1"})

@@ -25,8 +25,7 @@ from mri_assets.definitions.schedules import monthly_retrain, weekly_drift_check
 from mri_assets.definitions.sensors import (
     ari_drift_sensor,
     automation_sensor,
-    labels_sensor,
-    retrain_sensor,
+    loop_sensors,
     wave_sensor_for,
 )
 from mri_assets.definitions.smoke_run import nightly_smoke_job, nightly_smoke_schedule
@@ -51,7 +50,8 @@ def build_defs(deployment: Deployment | str | None = None, home: MriHome | None 
         jobs=[ingest_wave_job, active_learning_job, drift_check_job, label_refresh_job, retrain_job,
               embed_wave_job, nightly_smoke_job(deployment), *stage_jobs(assets),
               *([landed] if landed is not ingest_wave_job else [])],
-        sensors=[wave_sensor_for(landed), ari_drift_sensor, labels_sensor, retrain_sensor,
+        sensors=[wave_sensor_for(landed), ari_drift_sensor,
+                 *loop_sensors(deployment.loop.sensor_interval_s),
                  automation_sensor(shard_runs), wave_waits_sensor],
         schedules=[weekly_drift_check, monthly_retrain, nightly_smoke_schedule],
         resources=resources_for(deployment),

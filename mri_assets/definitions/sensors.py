@@ -147,9 +147,13 @@ def ari_drift_sensor(context: dg.SensorEvaluationContext, clustering: Clustering
     return dg.SensorResult(run_requests=requests, cursor=cursor)
 
 
-@dg.sensor(job_name=LABEL_REFRESH_JOB, minimum_interval_seconds=120,
-           default_status=dg.DefaultSensorStatus.RUNNING)
-def labels_sensor(context: dg.SensorEvaluationContext, label_store: LabelStore):
+# How often `labels_sensor` and `retrain_sensor` look (MRI_ASSETS_LOOP_SENSOR_INTERVAL): they
+# query the label store and the instance, so not every second; a clinician's last label reaches
+# its refresh within this many seconds.
+LOOP_SENSOR_INTERVAL_S = 120
+
+
+def labels_tick(context: dg.SensorEvaluationContext, label_store: LabelStore):
     """New clinicians' labels in a wave request its refresh (snapshot, clusters' ARI, pseudo-labels)."""
     seen: dict[str, int] = json.loads(context.cursor) if context.cursor else {}
     counts = label_counts_by_wave(label_store.labels_snapshot(None))
@@ -168,9 +172,7 @@ def _metadata_value(record, name: str):
     return None if entry is None else entry.value
 
 
-@dg.sensor(job_name=RETRAIN_JOB, minimum_interval_seconds=120,
-           default_status=dg.DefaultSensorStatus.RUNNING)
-def retrain_sensor(context: dg.SensorEvaluationContext, retrain: RetrainSettings,
+def retrain_tick(context: dg.SensorEvaluationContext, retrain: RetrainSettings,
                    label_store: LabelStore):
     """Requests retraining for the latest wave each time `every_slices` more slices are ingested,
     once the clinicians are done with that wave's queue: it has first reads and no expert or
@@ -220,6 +222,19 @@ def retrain_sensor(context: dg.SensorEvaluationContext, retrain: RetrainSettings
     request = dg.RunRequest(run_key=run_key, partition_key=wave,
                             tags={"mri_assets/trigger": "slices_ingested"})
     return dg.SensorResult(run_requests=[request], cursor=watch.to_cursor())
+
+
+def loop_sensors(interval_s: int = LOOP_SENSOR_INTERVAL_S) -> tuple[dg.SensorDefinition, ...]:
+    """`labels_sensor` and `retrain_sensor`, evaluated at most every `interval_s` seconds."""
+    return tuple(
+        dg.sensor(name=name, job_name=job, minimum_interval_seconds=interval_s,
+                  default_status=dg.DefaultSensorStatus.RUNNING)(tick)
+        for name, job, tick in (("labels_sensor", LABEL_REFRESH_JOB, labels_tick),
+                                ("retrain_sensor", RETRAIN_JOB, retrain_tick))
+    )
+
+
+labels_sensor, retrain_sensor = loop_sensors()
 
 
 SHARD_RUNS = ("per_wave", "per_shard")
