@@ -90,10 +90,12 @@ def _trainer():
     return ClassifierModel, train_two_stage
 
 
-def train_config(training: TrainingSettings) -> "TrainConfig":
+def train_config(training: TrainingSettings, precision: str = "auto") -> "TrainConfig":
+    """The two-stage schedule of `training`, at the deployment's requested `precision`
+    (`compute.precision`, MRI_ASSETS_PRECISION: `auto` picks per device as every loop does)."""
     from mri_assets.core.training.two_stage import TrainConfig
 
-    return TrainConfig(seed=training.seed, head_epochs=training.head_epochs,
+    return TrainConfig(seed=training.seed, precision=precision, head_epochs=training.head_epochs,
                        finetune_epochs=training.finetune_epochs, head_lr=training.head_lr,
                        lr_head=training.lr_head, lr_layer4=training.lr_layer4,
                        lr_layer3=training.lr_layer3, batch_size=training.batch_size)
@@ -148,7 +150,7 @@ def pseudo_labels(
                               classes, seed=training.seed)
     data = _expert_data(wave_slice_rows(object_store, wave), np.array(ids), codes, classes,
                         embeddings, model_id, reference, evaluation)
-    config = train_config(training)
+    config = train_config(training, compute.precision)
     with Progress(f"pseudo_labels {wave}: supervised baseline, stage 2", "steps",
                   log=context.log.info) as shown:
         report = train_two_stage(teacher, data, config, device, progress=shown)
@@ -334,7 +336,7 @@ def classifier(
     device, _, _ = compute.device_and_precision()
     model = ClassifierModel(embedding_backbone(WaveStore(object_store), compute, wave, backbone)[0],
                             classes, seed=training.seed)
-    config = train_config(training)
+    config = train_config(training, compute.precision)
     with Progress(f"classifier {wave}: stage 2", "steps", log=context.log.info) as shown:
         semi = train_two_stage(model, data, config, device, progress=shown)
     baseline = WaveStore(object_store).baseline(wave)
@@ -354,7 +356,7 @@ def classifier(
     yield dg.Output(value, metadata={
         **classifier_metadata(semi, baseline_f1, counts, png), "embedding_model_id": model_id,
         "seconds": round(time.perf_counter() - started, 1), "device": str(device),
-        "checkpoint": stored_at(object_store, key), **mlflow_run_metadata(mlflow, run_id),
+        "precision": semi.precision, "checkpoint": stored_at(object_store, key), **mlflow_run_metadata(mlflow, run_id),
         "registered_model": f"{REGISTERED_MODEL} v{version}"})
     yield dg.AssetCheckResult(check_name=BASELINE_CHECK, passed=bool(semi.macro_f1 >= baseline_f1),
                               metadata={"macro_f1": semi.macro_f1, "baseline_macro_f1": baseline_f1,

@@ -10,6 +10,7 @@ from mri_assets.cli.operations import label_from_csv
 from mri_assets.core.home import MriHome
 from mri_assets.core.selection import ENTROPY_SELECTION, FIRST_BATCH_SELECTION, MODEL_ENTROPY
 from mri_assets.definitions import build_defs
+from mri_assets.resources.compute import ComputeResource
 from mri_assets.definitions.local_run import dagster_instance, materialize_wave
 from mri_assets.deployment import Deployment
 from mri_assets.resources.settings import LabelingSettings, PseudoLabelSettings, TrainingSettings
@@ -93,11 +94,19 @@ def test_classifier_is_registered_and_compared_with_the_baseline(labeled_wave):
     # 60 expert labels on a seeded backbone: the teacher is right more often than sure, so the
     # rule's confidence is lowered with the F1 threshold to let the classifier run at all.
     lenient = PseudoLabelSettings(f1_threshold=0.01, min_promoted_holdout=1, confidence_threshold=0.5)
-    defs = _defs(home, pseudo=lenient)
+    # MRI_ASSETS_PRECISION=fp32 (compute.precision) holds for the training loops too: on a CPU
+    # with native bf16 they used to autocast to bf16 whatever the deployment asked.
+    local = build_defs("local", MriHome(home)).resources["compute"]
+    compute = ComputeResource(**{**{name: getattr(local, name)
+                                     for name in ComputeResource.model_fields}, "precision": "fp32"})
+    defs = _defs(home, pseudo=lenient, compute=compute)
     report = materialize_wave(defs, instance, "pilot", "expert_labels pseudo_labels classifier")
     assert report.success, report.failed
     record = instance.fetch_materializations(dg.AssetKey("classifier"), limit=1).records[0]
     metadata = {k: v.value for k, v in record.asset_materialization.metadata.items()}
+    assert metadata["precision"] == "fp32"
+    baseline = WaveStore(defs.resources["object_store"]).baseline("pilot")
+    assert baseline["precision"] == "fp32", "the supervised baseline trains at that precision too"
     assert 0.0 <= metadata["macro_f1"] <= 1.0 and 0.0 <= metadata["baseline_macro_f1"] <= 1.0
     tracking = defs.resources["mlflow"]
     versions = MlflowClient(tracking_uri=tracking.tracking_uri).search_model_versions(
