@@ -55,8 +55,21 @@ def test_auto_on_a_cpu_is_bf16_only_with_native_bf16(purpose):
 def test_auto_on_a_cpu_follows_the_native_bf16_probe(monkeypatch, native):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     assert cpu_has_native_bf16() is native
     assert resolve_precision("cpu") == ("bf16" if native else "fp32")
+
+
+@pytest.mark.parametrize(("kernels", "native"), [("AVX512", True), ("AVX2", False),
+                                                 ("DEFAULT", False)])
+def test_bf16_hardware_under_kernels_capped_below_avx512_is_not_native(monkeypatch, kernels,
+                                                                         native):
+    # ATEN_CPU_CAPABILITY=avx2 on a bf16 CPU: torch's kernels cannot use the bf16 units.
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: kernels)
+    assert cpu_has_native_bf16() is native
+    assert resolve_precision("cpu", "auto", "training") == ("bf16" if native else "fp32")
 
 
 def test_a_missing_or_failing_probe_means_no_native_bf16(monkeypatch):
