@@ -216,8 +216,8 @@ def test_the_loop_sensors_look_as_often_as_the_deployment_says(tmp_path):
 
     def intervals(environ):
         defs = build_defs(Deployment.from_env(environ, profile="local", home=home))
-        return {name: defs.get_sensor_def(name).minimum_interval_seconds
-                for name in ("labels_sensor", "retrain_sensor")}
+        return {sensor.name: sensor.minimum_interval_seconds for sensor in defs.sensors
+                if sensor.name in ("labels_sensor", "retrain_sensor")}
 
     assert intervals({}) == {"labels_sensor": 120, "retrain_sensor": 120}
     assert intervals({"MRI_ASSETS_LOOP_SENSOR_INTERVAL": "20"}) == {
