@@ -199,6 +199,8 @@ class LoopSettings:
     retrain_every: int = field(
         default=500_000, metadata=env("MRI_ASSETS_RETRAIN_EVERY", parse=_whole(1))
     )
+    # How often labels_sensor and retrain_sensor look: they query the label store and the
+    # instance, so not every second; a clinician's last label reaches its refresh within it.
     sensor_interval_s: int = field(
         default=120, metadata=env("MRI_ASSETS_LOOP_SENSOR_INTERVAL", parse=_whole(5, 86_400))
     )

@@ -356,7 +356,7 @@ def classifier(
     yield dg.Output(value, metadata={
         **classifier_metadata(semi, baseline_f1, counts, png), "embedding_model_id": model_id,
         "seconds": round(time.perf_counter() - started, 1), "device": str(device),
-        "precision": semi.precision, "checkpoint": stored_at(object_store, key), **mlflow_run_metadata(mlflow, run_id),
+        "checkpoint": stored_at(object_store, key), **mlflow_run_metadata(mlflow, run_id),
         "registered_model": f"{REGISTERED_MODEL} v{version}"})
     yield dg.AssetCheckResult(check_name=BASELINE_CHECK, passed=bool(semi.macro_f1 >= baseline_f1),
                               metadata={"macro_f1": semi.macro_f1, "baseline_macro_f1": baseline_f1,

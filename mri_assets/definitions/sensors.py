@@ -26,6 +26,7 @@ from mri_assets.definitions.jobs import (
     ingest_wave_job,
 )
 from mri_assets.definitions.wave_carry import carried_waves, without_carried
+from mri_assets.deployment import LoopSettings
 from mri_assets.resources.label_store import LabelStore
 from mri_assets.resources.object_store import ObjectStore
 from mri_assets.resources.settings import ClusteringSettings, RetrainSettings
@@ -147,12 +148,6 @@ def ari_drift_sensor(context: dg.SensorEvaluationContext, clustering: Clustering
     return dg.SensorResult(run_requests=requests, cursor=cursor)
 
 
-# How often `labels_sensor` and `retrain_sensor` look (MRI_ASSETS_LOOP_SENSOR_INTERVAL): they
-# query the label store and the instance, so not every second; a clinician's last label reaches
-# its refresh within this many seconds.
-LOOP_SENSOR_INTERVAL_S = 120
-
-
 def labels_tick(context: dg.SensorEvaluationContext, label_store: LabelStore):
     """New clinicians' labels in a wave request its refresh (snapshot, clusters' ARI, pseudo-labels)."""
     seen: dict[str, int] = json.loads(context.cursor) if context.cursor else {}
@@ -173,7 +168,7 @@ def _metadata_value(record, name: str):
 
 
 def retrain_tick(context: dg.SensorEvaluationContext, retrain: RetrainSettings,
-                   label_store: LabelStore):
+                 label_store: LabelStore):
     """Requests retraining for the latest wave each time `every_slices` more slices are ingested,
     once the clinicians are done with that wave's queue: it has first reads and no expert or
     hold-out item is still queued or leased. Until then the crossing waits (it is not used up):
@@ -224,8 +219,10 @@ def retrain_tick(context: dg.SensorEvaluationContext, retrain: RetrainSettings,
     return dg.SensorResult(run_requests=[request], cursor=watch.to_cursor())
 
 
-def loop_sensors(interval_s: int = LOOP_SENSOR_INTERVAL_S) -> tuple[dg.SensorDefinition, ...]:
-    """`labels_sensor` and `retrain_sensor`, evaluated at most every `interval_s` seconds."""
+def loop_sensors(interval_s: int = LoopSettings.sensor_interval_s
+                 ) -> tuple[dg.SensorDefinition, ...]:
+    """`labels_sensor` and `retrain_sensor`, evaluated at most every `interval_s` seconds
+    (`LoopSettings.sensor_interval_s`, MRI_ASSETS_LOOP_SENSOR_INTERVAL)."""
     return tuple(
         dg.sensor(name=name, job_name=job, minimum_interval_seconds=interval_s,
                   default_status=dg.DefaultSensorStatus.RUNNING)(tick)

@@ -10,9 +10,9 @@ from mri_assets.cli.operations import label_from_csv
 from mri_assets.core.home import MriHome
 from mri_assets.core.selection import ENTROPY_SELECTION, FIRST_BATCH_SELECTION, MODEL_ENTROPY
 from mri_assets.definitions import build_defs
-from mri_assets.resources.compute import ComputeResource
 from mri_assets.definitions.local_run import dagster_instance, materialize_wave
 from mri_assets.deployment import Deployment
+from mri_assets.resources.compute import ComputeResource
 from mri_assets.resources.settings import LabelingSettings, PseudoLabelSettings, TrainingSettings
 from mri_assets.resources.wave_store import WaveStore
 from mri_assets_tests.assets.wave_fixtures import land_sample_wave

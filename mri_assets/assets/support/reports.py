@@ -44,6 +44,7 @@ def classifier_metadata(semi, baseline_f1: float, counts: dict, png: bytes) -> d
         "stage1_macro_f1": round(semi.stage1_eval.macro_f1, 4),
         "stage2_gain_macro_f1": round(semi.stage2_gain, 4),
         "stage2_kept": semi.stage2_kept,
+        "precision": semi.precision,
         "stage2_selection": dg.MetadataValue.json(
             {k: round(v, 4) if isinstance(v, float) else v
              for k, v in semi.stage2_selection.items()}),
