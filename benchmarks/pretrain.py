@@ -93,8 +93,9 @@ def step_seconds(images: np.ndarray, config, precision: str, layout: torch.memor
 def ari_by_budget(sample, holdout: np.ndarray, config, budgets: list[int], seeds: int,
                   default_steps: int) -> dict:
     """ARI at k = 4 of the pilot (every slice) after pretraining `config` for each step budget
-    and seed: `ari_k4_by_budget` (mean over seeds), `seconds_by_budget`, and
-    `ari_k4_pilot_min_over_seeds` at the default budget."""
+    and seed: `ari_k4_by_budget` (mean over seeds), `seconds_by_budget`, and at the default
+    budget `ari_k4_pilot_min_over_seeds`, `ari_k4_pilot_by_seed` and
+    `knn10_class_agreement_by_seed`."""
     table, seconds_table, at_default, agreements = {}, {}, [], []
     for steps in budgets:
         scores, seconds, agreement_by_seed = [], [], []
