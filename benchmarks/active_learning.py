@@ -133,14 +133,16 @@ class PilotEmbeddings:
     pretrain_cpu_minutes: float | None
 
 
-def default_config(precision: str):
-    """The `backbone` asset's default schedule for this CPU at `precision` (auto|fp32|bf16)."""
+def default_config(precision: str, overrides: dict | None = None):
+    """The `backbone` asset's default schedule for this CPU at `precision` (auto|fp32|bf16),
+    with `--set` overrides (`pretrain.schedule_overrides`)."""
     from dataclasses import replace
 
     from mri_assets.core.pretrain_schedule import budget_kind
 
     resolved = resolve_precision("cpu", precision, purpose="training")
-    return replace(PretrainSettings().config(budget_kind("cpu", resolved)), precision=resolved)
+    return replace(PretrainSettings().config(budget_kind("cpu", resolved)), precision=resolved,
+                   **(overrides or {}))
 
 
 def pilot_embeddings(sample: SampleSlices, holdout: np.ndarray, args: argparse.Namespace
@@ -156,7 +158,7 @@ def pilot_embeddings(sample: SampleSlices, holdout: np.ndarray, args: argparse.N
         if args.backbone is not None:
             checkpoint = args.backbone.read_bytes()
         else:
-            config = default_config(args.precision)  # the `backbone` asset's defaults
+            config = default_config(args.precision, args.overrides)  # defaults + --set
             training = IndexedSlices(sample.images[~holdout])
             result = pretrain_backbone(
                 training, config, "cpu", input_size=INPUT_SIZE,
@@ -254,7 +256,13 @@ def main() -> dict:
                         help="pretraining seeds for ari_k4_pilot_min_over_seeds (0: skip)")
     parser.add_argument("--budgets", default="60,120,240",
                         help="step budgets for ari_k4_by_budget (one seed each; empty: skip)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a PretrainConfig field for every pretraining here, as in "
+                        "benchmarks/pretrain.py, e.g. --set drop_nearest_negatives=8")
     args = parser.parse_args()
+    from pretrain import schedule_overrides
+
+    args.overrides = schedule_overrides(args.set)
 
     with tempfile.TemporaryDirectory(prefix="mri-al-bench-") as scratch:
         started = time.perf_counter()
@@ -287,7 +295,7 @@ def main() -> dict:
     if not args.seeded and (args.ari_seeds or args.budgets):
         from pretrain import ari_by_budget
 
-        config = default_config(args.precision)
+        config = default_config(args.precision, args.overrides)
         default_steps = config.steps
         if args.ari_seeds:
             budget_figures.update(ari_by_budget(sample, holdout, config, [default_steps],

@@ -100,6 +100,13 @@ class PretrainSettings(dg.ConfigurableResource):
         default=2.0, description="weight of the quarter-turn pretext (0 = contrastive only): "
         "predicting a view's rotation keeps orientation in the features, which the contrastive "
         "views alone teach the network to ignore")
+    drop_nearest_negatives: int = Field(
+        default=0, description="per view, leave out this many of its most similar other views "
+        "from the contrastive negatives (0, the default: every other view is one). In a wave of "
+        "many patients a slice's nearest other slices are mostly the same anatomy in another "
+        "patient. It is a trade, measured on the demo's pilot (benchmarks/pretrain.py, "
+        "benchmarks/active_learning.py): 8 raised the pilot ARI at k=4 (the coarse layout) and "
+        "lowered the 25-level task's active-learning gain (the fine detail)")
     seed: int = 0
 
     def config(self, budget_kind: str = "cpu-fp32") -> PretrainConfig:
@@ -112,6 +119,9 @@ class PretrainSettings(dg.ConfigurableResource):
         if self.steps < 0 or self.epochs < 0:
             raise ValueError(f"pretrain.steps={self.steps}, pretrain.epochs={self.epochs}: use 0 "
                              "(the device's budget) or a positive number")
+        if self.drop_nearest_negatives < 0:
+            raise ValueError(f"pretrain.drop_nearest_negatives={self.drop_nearest_negatives}: use 0 "
+                             "(every other view is a negative, the default) or a positive number")
         if not 0 < self.crop_min_area <= 1:
             raise ValueError(f"pretrain.crop_min_area={self.crop_min_area}: use a share of the "
                              "slice's area above 0 and at most 1 (default 0.4)")
@@ -121,6 +131,7 @@ class PretrainSettings(dg.ConfigurableResource):
                               temperature=self.temperature, view_fraction=self.view_fraction,
                               crop_scale=(self.crop_min_area, 1.0),
                               rotation_weight=self.rotation_weight,
+                              drop_nearest_negatives=self.drop_nearest_negatives,
                               bn_recalibration_slices=BN_RECALIBRATION_SLICES)
 
     def sample_limit(self, config: PretrainConfig) -> int:

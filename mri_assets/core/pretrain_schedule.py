@@ -68,6 +68,7 @@ class PretrainConfig:
     rotation_weight: float = 0.0
     rotation_view_fraction: float = 0.5
     contrastive_weight: float = 1.0
+    drop_nearest_negatives: int = 0
 
     def __post_init__(self) -> None:
         checks = (
@@ -87,6 +88,8 @@ class PretrainConfig:
             (self.steps >= 0, f"steps must be >= 0 (0: epochs decide), got {self.steps}"),
             (self.rotation_weight >= 0, f"rotation_weight must be >= 0, got {self.rotation_weight}"),
             (self.contrastive_weight >= 0, f"contrastive_weight must be >= 0, got {self.contrastive_weight}"),
+            (self.drop_nearest_negatives >= 0,
+             f"drop_nearest_negatives must be >= 0, got {self.drop_nearest_negatives}"),
             (self.contrastive_weight > 0 or self.rotation_weight > 0,
              "contrastive_weight and rotation_weight are both 0: nothing to learn"),
             (0.25 <= self.rotation_view_fraction <= 1,

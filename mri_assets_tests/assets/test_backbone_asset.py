@@ -126,3 +126,10 @@ def test_the_crop_setting_reaches_the_schedule_and_a_bad_one_names_the_setting()
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match=r"pretrain.crop_min_area=.*above 0 and at most 1"):
             PretrainSettings(crop_min_area=bad).config("cpu-fp32")
+
+
+def test_the_false_negative_setting_reaches_the_schedule_and_a_bad_one_names_the_setting():
+    assert PretrainSettings().config("cpu-fp32").drop_nearest_negatives == 0
+    assert PretrainSettings(drop_nearest_negatives=8).config("cpu-bf16").drop_nearest_negatives == 8
+    with pytest.raises(ValueError, match=r"pretrain.drop_nearest_negatives=-2: use 0"):
+        PretrainSettings(drop_nearest_negatives=-2).config("cpu-fp32")

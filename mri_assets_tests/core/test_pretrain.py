@@ -101,6 +101,38 @@ def test_contrastive_loss_is_low_for_matching_views_and_high_for_mismatched_ones
     torch.testing.assert_close(contrastive_loss(a, b, 0.5), expected)
 
 
+def test_dropping_the_nearest_negatives_masks_each_views_most_similar_others_never_its_partner():
+    generator = torch.Generator().manual_seed(3)
+    a, b = torch.randn(5, 4, generator=generator), torch.randn(5, 4, generator=generator)
+    b[2] = a[2] + 0.01 * torch.randn(4, generator=generator)  # slice 2's views match closely
+    a[1] = a[0] + 0.01 * torch.randn(4, generator=generator)  # slice 1 looks like slice 0
+    both = nn.functional.normalize(torch.cat([a, b]), dim=1)
+    similarity = both @ both.T
+    partner = torch.tensor([5, 6, 7, 8, 9, 0, 1, 2, 3, 4])
+    expected_rows = []
+    for row in range(10):
+        negatives = [c for c in range(10) if c not in (row, int(partner[row]))]
+        kept = sorted(negatives, key=lambda c: -float(similarity[row, c]))[2:]
+        logits = similarity[row, [int(partner[row]), *kept]] / 0.5
+        expected_rows.append(-torch.log_softmax(logits, dim=0)[0])
+    dropped = contrastive_loss(a, b, 0.5, drop_nearest=2)
+    torch.testing.assert_close(dropped, torch.stack(expected_rows).mean())
+    # slice 0's view 0 no longer has slice 1's look-alike among its negatives: its loss falls
+    assert float(dropped) < float(contrastive_loss(a, b, 0.5))
+    # slice 2's partner is its most similar view: it stays the target, never a dropped negative
+    assert float(contrastive_loss(a[2:], b[2:], 0.5, drop_nearest=1)) < 10
+    # a step too small to drop that many keeps one negative per view
+    tiny = contrastive_loss(a[:2], b[:2], 0.5, drop_nearest=50)
+    pair = nn.functional.normalize(torch.cat([a[:2], b[:2]]), dim=1)
+    sims = pair @ pair.T / 0.5
+    keep_one = []
+    for row, other in enumerate([2, 3, 0, 1]):
+        negatives = [c for c in range(4) if c not in (row, other)]
+        lowest = min(negatives, key=lambda c: float(sims[row, c]))
+        keep_one.append(-torch.log_softmax(sims[row, [other, lowest]], dim=0)[0])
+    torch.testing.assert_close(tiny, torch.stack(keep_one).mean())
+
+
 def test_learning_rate_warms_up_then_decays_to_zero():
     config = PretrainConfig(lr=1e-3, warmup_fraction=0.1)
     rates = [learning_rate(step, 100, config) for step in range(100)]
@@ -168,6 +200,8 @@ def test_bad_settings_are_refused_naming_them():
         PretrainConfig(batch_size=1)
     with pytest.raises(PretrainError, match="max_rotation_deg"):
         PretrainConfig(max_rotation_deg=90)
+    with pytest.raises(PretrainError, match="drop_nearest_negatives must be >= 0"):
+        PretrainConfig(drop_nearest_negatives=-1)
     with pytest.raises(PretrainError, match="at least 2 slices"):
         plan_pretraining(1, PretrainConfig(), flops_per_view=1)
 
