@@ -35,11 +35,11 @@ the detached similarities; the partner is never one of them). It is off by defau
 a trade, not a gain. On the demo's pilot (seeds 0-2, `benchmarks/pretrain.py`) dropping 8 of the
 126 raised the pilot ARI at k = 4, the coarse layout, from 0.286 / 0.386 / 0.303 to 0.429 /
 0.415 / 0.341 in bf16 and from 0.395 / 0.431 / 0.263 to 0.387 / 0.419 / 0.388 in fp32 (4 gave
-0.341 / 0.396 / 0.345 and 0.285 / 0.458 / 0.380). On the bf16 seed-0 backbone, model
-entropy's lead on the 25-level task (`benchmarks/active_learning.py`) fell: 258 labels matched
-random selection's macro-F1 at 500 before, 492 after. Similar-looking neighbours are also the
-neighbouring levels, and without them as negatives the features lose the fine detail the
-classifier learns from.
+0.341 / 0.396 / 0.345 and 0.285 / 0.458 / 0.380; 2 gave 0.403 / 0.376 / 0.241 in bf16). On the
+bf16 seed-0 backbone, model entropy's lead on the 25-level task (`benchmarks/active_learning.py`)
+fell: 258 labels matched random selection's macro-F1 at 500 before, 291 with 2, 492 with 8.
+Similar-looking neighbours are also the neighbouring levels, and without them as negatives the
+features lose the fine detail the classifier learns from.
 
 After training the BatchNorm running statistics are measured again on clean slices at the input
 side (no augmentation), the way the backbone will see them when it embeds; the augmented views'
