@@ -15,6 +15,7 @@ from mri_assets.cli.simulated_clinician import SimulatedLabeling, label_queue_fr
 from mri_assets.core.manifest import validate_wave_key
 from mri_assets.core.slice_shards import manifest_key
 from mri_assets.definitions import build_defs
+from mri_assets.definitions.executors import shard_runs_for
 from mri_assets.definitions.local_run import WaveRunReport, dagster_instance, materialize_wave
 from mri_assets.deployment import Deployment
 from mri_assets.resources.deployed import label_store_for, object_store_for, source_store_for
@@ -46,9 +47,11 @@ def ingest_wave(deployment: Deployment, wave: str, source: str,
 
 def run_wave(deployment: Deployment, wave: str, selection: str | None,
              on_step: Callable[[str], None] | None = None) -> WaveRunReport:
-    """Materialize the selected assets of `wave` in this process (see `local_run`)."""
+    """Materialize the selected assets of `wave` in this process (see `local_run`): under the
+    local profile a wave's shards in one range run per shard asset, as its automation runs them
+    (one process start, one `dvc add` and `dvc push` for the range), else a run per shard."""
     return materialize_wave(build_defs(deployment), instance_for(deployment), wave, selection,
-                            on_step=on_step)
+                            on_step=on_step, shard_runs=shard_runs_for(deployment))
 
 
 def label_from_csv(deployment: Deployment, wave: str, labels_csv: Path, limit: int | None = None,

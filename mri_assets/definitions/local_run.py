@@ -15,6 +15,7 @@ Crash safety (no daemon runs beside these runs, so this module does what it woul
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ from mri_assets.assets.support.partitions import (
     WAVES,
     shard_partitions,
     shard_range_tags,
+    shards_done,
     wave_shard_key,
     wave_shard_partitions,
 )
@@ -173,25 +175,33 @@ def materialize_wave(
                 )
                 range_tags: dict[str, str] = {}
                 covered = "all"
+                units = len(partition_keys)
                 if kind == "shard" and shard_runs == "per_wave" and len(partition_keys) > 1:
                     range_tags = shard_range_tags(wave, 0, len(partition_keys) - 1)
                     covered = f"{wave} shards 0-{len(partition_keys) - 1}"
+                    units = len(partition_keys) * len(keys)  # each asset steps through them
                     partition_keys = [None]
                 # A run of the code location's stage job where `defs` has it (re-executable
                 # from the UI, see `location_runs`), else the job `dg.materialize` builds.
                 job = location_stage(defs, kind, keys) or _stage_job(defs, keys)
                 pooled = pooled_steps(defs, keys)
-                with _stage_bar(keys, wave, kind, len(partition_keys)) as shown:
+                with _stage_bar(keys, wave, kind, units) as shown:
                     for partition_key in partition_keys:
                         label = f"{','.join(k.to_user_string() for k in keys)} [{partition_key or covered}]"
                         stop.check()
-                        result = _execute(job, instance, partition_key, pooled, stop, range_tags)
+                        # a range run advances the bar shard by shard (`each_shard`)
+                        listening = (shards_done(lambda _shard: shown.advance()) if range_tags
+                                     else contextlib.nullcontext())
+                        with listening:
+                            result = _execute(job, instance, partition_key, pooled, stop,
+                                              range_tags)
                         report.runs.append(result.run_id)
                         stop.check()
                         if not result.success:
                             report.failed.append(label)
                             return report
-                        shown.advance()
+                        if not range_tags:
+                            shown.advance()
                         if on_step is not None:
                             on_step(label)
         except StopRequested as stopped:

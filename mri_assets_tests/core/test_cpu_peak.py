@@ -41,13 +41,12 @@ def test_a_onednn_isa_cap_gives_the_peak_of_the_capped_kernels(monkeypatch):
     assert module.cpu_peak().gflops("bf16") == capped.cores * 2.0 * 1024
 
 
-def test_the_expected_share_of_an_avx2_peak_is_larger_than_of_an_avx512_peak_in_fp32():
+def test_the_time_estimate_of_an_avx2_cpu_matches_the_pretraining_measured_on_one():
+    """A 2-core AMD EPYC (AVX2 + FMA, 2.45 GHz) trained the demo's 160 steps (47.5 TFLOP) in
+    647 s; the estimate logged before training must say so within a quarter, not the 6.3 min the
+    share measured under an AVX2-capped oneDNN on a Xeon (0.8) gave."""
     from mri_assets.core.pretrain_schedule import expected_share_of_peak
 
-    avx2 = peak_from_flags({"avx", "avx2", "fma"}, "AuthenticAMD", 3.0, 2)
-    avx512 = peak_from_flags({"avx", "avx2", "fma", "avx512f", "avx512_bf16"}, "GenuineIntel", 3.0, 2)
-    assert expected_share_of_peak("fp32", avx2.isa) > expected_share_of_peak("fp32", avx512.isa)
-    # The estimate's rate: the AVX2 CPU's lower peak is partly made up by its larger share.
-    ratio = (avx512.gflops("fp32") * expected_share_of_peak("fp32", avx512.isa)
-             / (avx2.gflops("fp32") * expected_share_of_peak("fp32", avx2.isa)))
-    assert 1 < ratio < 2
+    avx2 = peak_from_flags({"avx", "avx2", "fma"}, "AuthenticAMD", 2.45, 2)
+    estimate = 47.5e12 / (avx2.gflops("fp32") * 1e9 * expected_share_of_peak("fp32", avx2.isa))
+    assert abs(estimate - 647) / 647 < 0.25, estimate

@@ -90,6 +90,20 @@ class _OneShard:
         return getattr(self._context, name)
 
 
+_SHARD_LISTENERS: list = []  # callables told each shard a range run has finished, in this process
+
+
+@contextlib.contextmanager
+def shards_done(listener):
+    """Call `listener(shard_key)` each time a range run in this process (`each_shard`) finishes a
+    shard, while inside: how `mri-assets run` advances its bar of shards during one range run."""
+    _SHARD_LISTENERS.append(listener)
+    try:
+        yield
+    finally:
+        _SHARD_LISTENERS.remove(listener)
+
+
 def each_shard(compute):
     """Let a per-shard asset run over a range of shard partitions in one step.
 
@@ -118,6 +132,8 @@ def each_shard(compute):
                     context.add_asset_metadata(dict(output.metadata or {}), partition_key=str(key))
                     output = output.value
                 values[str(key)] = output
+                for listener in _SHARD_LISTENERS:
+                    listener(str(key))
         return dg.Output(values)
 
     return run
