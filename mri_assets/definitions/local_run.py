@@ -15,7 +15,6 @@ Crash safety (no daemon runs beside these runs, so this module does what it woul
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -190,9 +189,7 @@ def materialize_wave(
                         label = f"{','.join(k.to_user_string() for k in keys)} [{partition_key or covered}]"
                         stop.check()
                         # a range run advances the bar shard by shard (`each_shard`)
-                        listening = (shards_done(lambda _shard: shown.advance()) if range_tags
-                                     else contextlib.nullcontext())
-                        with listening:
+                        with shards_done(lambda _shard: shown.advance()):
                             result = _execute(job, instance, partition_key, pooled, stop,
                                               range_tags)
                         report.runs.append(result.run_id)
